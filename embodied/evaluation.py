@@ -1,0 +1,273 @@
+"""The evaluation harness: a policy on a named suite, through gymnasium vector envs.
+
+Writes `results.json` (the platform's results schema, Wilson 95% intervals, versions),
+`results.md`, `success_rates.png`, `episodes.jsonl` and videos of the first episodes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from envs.suites import get_suite
+
+
+class VectorPolicy(Protocol):
+    """What the harness needs of a policy: batched observations in, (N, 7) actions out."""
+
+    name: str
+
+    def reset(self, env_indices: list[int]) -> None: ...
+
+    def act(self, observations: dict[str, Any], envs) -> np.ndarray: ...
+
+
+class ScriptedPolicy:
+    """The task's state-based expert, run inside each env worker (it needs privileged state)."""
+
+    name = "scripted"
+
+    def reset(self, env_indices):
+        pass
+
+    def act(self, observations, envs):
+        return np.stack(envs.call("expert_action")).astype(np.float32)
+
+
+class RandomPolicy:
+    """Uniform random actions within the action bounds, seeded."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+
+    def reset(self, env_indices):
+        pass
+
+    def act(self, observations, envs):
+        space = envs.single_action_space
+        n = envs.num_envs
+        return self.rng.uniform(space.low, space.high, size=(n, *space.shape)).astype(np.float32)
+
+
+def make_baseline_policy(name: str, seed: int = 0) -> VectorPolicy:
+    if name == "scripted":
+        return ScriptedPolicy()
+    if name == "random":
+        return RandomPolicy(seed)
+    raise ValueError(f"unknown policy {name!r}; valid: 'scripted', 'random' (or a checkpoint directory)")
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion."""
+    if trials == 0:
+        return (0.0, 1.0)
+    p = successes / trials
+    denom = 1 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denom
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for package in ("embodied", "mujoco", "pybullet", "gymnasium", "numpy", "torch"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+@dataclass
+class EvalConfig:
+    suite: str = "tabletop10"
+    backend: str = "mujoco"
+    episodes_per_task: int = 10
+    tasks: list[str] | None = None
+    num_envs: int = 2
+    seed: int = 0
+    randomization: Any = "default"
+    image_size: int = 224
+    wrist_camera: bool = False
+    videos_per_task: int = 1
+    vector: str = "async"  # "async" (one process per env) or "sync"
+    env_kwargs: dict = field(default_factory=dict)
+
+
+def _make_env_fn(task: str, cfg: EvalConfig):
+    def make():
+        import envs  # noqa: F401  (registers the ids in worker processes)
+        return envs.make_env(task, backend=cfg.backend, randomization=cfg.randomization, image_size=cfg.image_size,
+                             wrist_camera=cfg.wrist_camera, **cfg.env_kwargs)
+    return make
+
+
+def make_vector_env(task: str, cfg: EvalConfig, num_envs: int):
+    import gymnasium as gym
+    from gymnasium.vector import AutoresetMode
+
+    fns = [_make_env_fn(task, cfg) for _ in range(num_envs)]
+    if cfg.vector == "sync" or num_envs == 1:
+        return gym.vector.SyncVectorEnv(fns, autoreset_mode=AutoresetMode.DISABLED)
+    return gym.vector.AsyncVectorEnv(fns, autoreset_mode=AutoresetMode.DISABLED, context="spawn" if cfg.vector == "spawn" else None)
+
+
+def run_task(task: str, policy: VectorPolicy, cfg: EvalConfig, seeds: list[int], progress=None) -> list[dict]:
+    """Run one episode per seed; episodes are refilled into whichever env finishes first."""
+    num_envs = max(1, min(cfg.num_envs, len(seeds)))
+    envs = make_vector_env(task, cfg, num_envs)
+    queue = list(enumerate(seeds))
+    records: list[dict] = []
+    current: list[tuple[int, int] | None] = [None] * num_envs
+    lengths = np.zeros(num_envs, dtype=int)
+    frames: dict[int, list[np.ndarray]] = {}
+    try:
+        first = [queue.pop(0) for _ in range(num_envs)]
+        obs, _ = envs.reset(seed=[s for _, s in first])
+        current = list(first)
+        policy.reset(list(range(num_envs)))
+        instructions = list(obs["instruction"])
+        for i, (episode, _) in enumerate(current):
+            if episode < cfg.videos_per_task:
+                frames[episode] = [obs["image"][i].copy()]
+        while any(c is not None for c in current):
+            actions = policy.act(obs, envs)
+            obs, _, terminated, truncated, info = envs.step(actions)
+            lengths += 1
+            done = np.zeros(num_envs, dtype=bool)
+            next_seeds = [0] * num_envs
+            for i, slot in enumerate(current):
+                if slot is None:
+                    continue
+                episode, seed = slot
+                if episode in frames:
+                    frames[episode].append(obs["image"][i].copy())
+                if terminated[i] or truncated[i]:
+                    records.append({"task": task, "episode": episode, "seed": int(seed), "success": bool(terminated[i]),
+                                    "length": int(lengths[i]), "instruction": str(instructions[i])})
+                    if progress is not None:
+                        progress.update(1)
+                    current[i] = queue.pop(0) if queue else None
+                    if current[i] is not None:
+                        done[i] = True
+                        next_seeds[i] = current[i][1]
+                    lengths[i] = 0
+            if done.any():
+                seeds_arg = [int(s) if d else None for s, d in zip(next_seeds, done)]
+                # With autoreset disabled, envs outside the mask keep their last observation.
+                obs, _ = envs.reset(seed=seeds_arg, options={"reset_mask": done})
+                policy.reset([int(i) for i in np.flatnonzero(done)])
+                for i in np.flatnonzero(done):
+                    instructions[i] = obs["instruction"][i]
+                    episode = current[i][0]
+                    if episode < cfg.videos_per_task:
+                        frames[episode] = [obs["image"][i].copy()]
+    finally:
+        envs.close()
+    records.sort(key=lambda r: r["episode"])
+    for record in records:
+        record["frames"] = frames.get(record["episode"])
+    return records
+
+
+def summarize(records: list[dict], tasks: list[str]) -> dict:
+    out = {}
+    for task in tasks:
+        rs = [r for r in records if r["task"] == task]
+        wins = sum(r["success"] for r in rs)
+        out[task] = {"success_rate": wins / len(rs) if rs else 0.0, "ci95": list(wilson_interval(wins, len(rs))),
+                     "episodes": len(rs), "mean_length": float(np.mean([r["length"] for r in rs])) if rs else 0.0}
+    wins, n = sum(r["success"] for r in records), len(records)
+    return {"tasks": out, "overall": {"success_rate": wins / n if n else 0.0, "ci95": list(wilson_interval(wins, n)),
+                                      "episodes": n}}
+
+
+def write_video(path: Path, frames: list[np.ndarray], fps: int = 10) -> None:
+    import imageio.v2 as imageio
+
+    with imageio.get_writer(path, fps=fps, codec="libx264", quality=7, macro_block_size=8) as writer:
+        for frame in frames:
+            writer.append_data(frame)
+
+
+def write_plot(path: Path, results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(results["tasks"])
+    rates = [results["tasks"][t]["success_rate"] for t in tasks]
+    low = [r - results["tasks"][t]["ci95"][0] for t, r in zip(tasks, rates)]
+    high = [results["tasks"][t]["ci95"][1] - r for t, r in zip(tasks, rates)]
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(tasks) + 2), 4))
+    ax.bar(tasks, rates, yerr=[low, high], capsize=3, color="#4878cf")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("success rate (Wilson 95% CI)")
+    overall = results["overall"]
+    ax.set_title(f"{results['policy']} on {results['suite']} ({results['backend']}): "
+                 f"{overall['success_rate']:.1%} over {overall['episodes']} episodes")
+    plt.setp(ax.get_xticklabels(), rotation=35, ha="right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def results_markdown(results: dict) -> str:
+    lines = [f"# {results['policy']} on {results['suite']} ({results['backend']}, seed {results['seed']})", "",
+             "| task | success | 95% CI | episodes | mean length |", "|---|---|---|---|---|"]
+    rows = list(results["tasks"].items()) + [("**overall**", results["overall"])]
+    for task, r in rows:
+        lo, hi = r["ci95"]
+        length = f"{r['mean_length']:.1f}" if "mean_length" in r else ""
+        lines.append(f"| {task} | {r['success_rate']:.1%} | [{lo:.2f}, {hi:.2f}] | {r['episodes']} | {length} |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(policy: VectorPolicy, cfg: EvalConfig, output_dir: str | os.PathLike, policy_name: str | None = None,
+             show_progress: bool = True) -> dict:
+    from envs.backends import BACKENDS
+
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"unknown backend {cfg.backend!r}; valid backends: {', '.join(BACKENDS)}")
+    suite = get_suite(cfg.suite)
+    tasks = list(cfg.tasks) if cfg.tasks else list(suite.tasks)
+    for task in tasks:
+        if task not in suite.tasks:
+            raise ValueError(f"task {task!r} is not in suite {suite.name!r}; its tasks: {', '.join(suite.tasks)}")
+    if cfg.episodes_per_task < 1:
+        raise ValueError(f"episodes_per_task must be >= 1, got {cfg.episodes_per_task}")
+    output_dir = Path(output_dir)
+    (output_dir / "videos").mkdir(parents=True, exist_ok=True)
+    records = []
+    total = cfg.episodes_per_task * len(tasks)
+    with tqdm(total=total, desc=f"eval {cfg.suite}/{cfg.backend}", unit="ep", disable=not show_progress) as bar:
+        for task in tasks:
+            bar.set_postfix_str(task)
+            seeds = suite.episode_seeds(task, cfg.episodes_per_task, seed=cfg.seed)
+            records.extend(run_task(task, policy, cfg, seeds, progress=bar))
+    summary = summarize(records, tasks)
+    results = {"suite": cfg.suite, "backend": cfg.backend, "policy": policy_name or policy.name, "seed": cfg.seed,
+               **summary, "versions": package_versions()}
+    with open(output_dir / "results.json", "w") as f:
+        json.dump(results, f, indent=2)
+    (output_dir / "results.md").write_text(results_markdown(results))
+    write_plot(output_dir / "success_rates.png", results)
+    with open(output_dir / "episodes.jsonl", "w") as f:
+        for r in records:
+            frames = r.pop("frames", None)
+            if frames:
+                name = f"{r['task']}_ep{r['episode']:03d}_{'success' if r['success'] else 'failure'}.mp4"
+                write_video(output_dir / "videos" / name, frames)
+                r["video"] = f"videos/{name}"
+            f.write(json.dumps(r) + "\n")
+    return results

@@ -1,0 +1,156 @@
+"""`TabletopEnv`: one language-conditioned task on a Franka Panda, on MuJoCo or PyBullet.
+
+Action (7,), float32, the Open X-Embodiment convention: [dx, dy, dz, droll, dpitch, dyaw,
+gripper]. Deltas move the tool centre point in the robot base frame per control step
+(metres; radians as extrinsic roll-pitch-yaw applied on the left of the current
+orientation); gripper 1 = open, 0 = closed. Values outside `ACTION_LOW`..`ACTION_HIGH`
+are clipped to those bounds; a wrong shape, NaN or inf raises ValueError.
+"""
+from __future__ import annotations
+
+import string
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from envs.backends import BACKENDS, make_backend
+from envs.experts import ScriptedExpert
+from envs.randomization import RandomizationConfig, apply_randomization
+from envs.scene import GRIPPER_MAX_WIDTH, euler_to_matrix, matrix_to_quat, quat_to_matrix
+from envs.tasks import PlacementError, make_task
+
+ACTION_LOW = np.array([-0.05, -0.05, -0.05, -0.25, -0.25, -0.25, 0.0], dtype=np.float32)
+ACTION_HIGH = np.array([0.05, 0.05, 0.05, 0.25, 0.25, 0.25, 1.0], dtype=np.float32)
+STATE_DIM = 8  # tcp position 3, tcp quaternion xyzw 4, gripper opening in [0, 1] 1
+INSTRUCTION_CHARSET = string.ascii_letters + string.digits + " ,.'-"
+INSTRUCTION_MAX_LENGTH = 256
+
+
+def _image_shape(image_size) -> tuple[int, int]:
+    if isinstance(image_size, int):
+        return (image_size, image_size)
+    h, w = image_size
+    return (int(h), int(w))
+
+
+class TabletopEnv(gym.Env):
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
+
+    def __init__(self, task: str, backend: str = "mujoco", randomization: Any = "default",
+                 image_size: int | tuple[int, int] = 224, wrist_camera: bool = False, control_hz: float = 10.0,
+                 render_mode: str | None = None, max_episode_steps: int | None = None):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"unsupported render_mode {render_mode!r}; valid: 'rgb_array' or None")
+        self.task = make_task(task)
+        self.backend_name = backend
+        self.randomization = RandomizationConfig.from_any(randomization)
+        self.image_shape = _image_shape(image_size)
+        self.wrist_camera = wrist_camera
+        self.control_hz = float(control_hz)
+        self.render_mode = render_mode
+        self.max_episode_steps = int(max_episode_steps or self.task.max_steps)
+        self.sim = make_backend(backend, image_size=self.image_shape, wrist_camera=wrist_camera, control_hz=self.control_hz)
+        self.sim.build(self.task.scene)
+
+        h, w = self.image_shape
+        obs = {"image": spaces.Box(0, 255, (h, w, 3), np.uint8)}
+        if wrist_camera:
+            obs["wrist_image"] = spaces.Box(0, 255, (h, w, 3), np.uint8)
+        obs["state"] = spaces.Box(-np.inf, np.inf, (STATE_DIM,), np.float32)
+        obs["instruction"] = spaces.Text(INSTRUCTION_MAX_LENGTH, min_length=1, charset=INSTRUCTION_CHARSET)
+        self.observation_space = spaces.Dict(obs)
+        self.action_space = spaces.Box(ACTION_LOW, ACTION_HIGH, dtype=np.float32)
+
+        self.instruction = ""
+        self.episode = None
+        self.seed_used: int | None = None
+        self._steps = 0
+        self._expert: ScriptedExpert | None = None
+        self._last_image: np.ndarray | None = None
+
+    # -- gymnasium API -------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        # Every episode is identified by one integer; unseeded resets draw it from the env's rng.
+        self.seed_used = int(seed) if seed is not None else int(self.np_random.integers(2**62))
+        # Separate streams keep the layout independent of the randomization config.
+        layout_rng, random_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(self.seed_used).spawn(2))
+        try:
+            layout = self.task.sample_layout(layout_rng)
+        except PlacementError as err:
+            raise PlacementError(f"task {self.task.name}, seed {self.seed_used}: {err}") from None
+        self.episode = apply_randomization(layout.episode(), self.task.scene, self.randomization, random_rng)
+        self.instruction = self.task.instruction(layout)
+        self.task.reset()
+        self.sim.reset(self.episode)
+        self._steps = 0
+        self._expert = ScriptedExpert(self.task, self.sim)
+        obs = self._observation()
+        return obs, self._info(success=False)
+
+    def step(self, action):
+        action = self.validate_action(action)
+        pos, quat = self.sim.ee_pose()
+        target_pos = pos + action[:3]
+        target_rot = euler_to_matrix(*action[3:6]) @ quat_to_matrix(quat)
+        self.sim.apply_action(target_pos, matrix_to_quat(target_rot), float(action[6]))
+        self.task.update(self.sim)
+        self._steps += 1
+        success = bool(self.task.success(self.sim))
+        obs = self._observation()
+        truncated = self._steps >= self.max_episode_steps and not success
+        return obs, float(success), success, truncated, self._info(success)
+
+    def render(self):
+        if self.render_mode != "rgb_array":
+            return None
+        return self._last_image if self._last_image is not None else self.sim.render("front")
+
+    def close(self):
+        self.sim.close()
+
+    # -- helpers -------------------------------------------------------------------------
+    @staticmethod
+    def validate_action(action) -> np.ndarray:
+        """Check shape and finiteness, then clip to the documented bounds."""
+        arr = np.asarray(action, dtype=np.float64)
+        if arr.shape != (7,):
+            raise ValueError(f"action must have shape (7,) = [dx, dy, dz, droll, dpitch, dyaw, gripper]; got shape {arr.shape}")
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"action of shape (7,) contains NaN or inf: {arr.tolist()}")
+        return np.clip(arr, ACTION_LOW, ACTION_HIGH)
+
+    def expert_action(self) -> np.ndarray:
+        """The scripted expert's next action from privileged state (call after `reset`)."""
+        if self._expert is None:
+            raise RuntimeError("call reset() before expert_action()")
+        return self._expert.act()
+
+    def state(self) -> np.ndarray:
+        pos, quat = self.sim.ee_pose()
+        grip = self.sim.gripper_opening() / GRIPPER_MAX_WIDTH
+        return np.concatenate([pos, quat, [grip]]).astype(np.float32)
+
+    def _observation(self) -> dict:
+        image = self.sim.render("front")
+        self._last_image = image
+        obs = {"image": image}
+        if self.wrist_camera:
+            obs["wrist_image"] = self.sim.render("wrist")
+        obs["state"] = self.state()
+        obs["instruction"] = self.instruction
+        return obs
+
+    def _info(self, success: bool) -> dict:
+        return {"success": success, "is_success": success, "task": self.task.name, "instruction": self.instruction,
+                "steps": self._steps}
+
+    def episode_metadata(self) -> dict:
+        """What identifies this episode exactly: for RLDS metadata and result files."""
+        return {"task": self.task.name, "backend": self.backend_name, "seed": self.seed_used,
+                "instruction": self.instruction, "randomization": self.randomization.to_dict(),
+                "control_hz": self.control_hz}

@@ -1,0 +1,1 @@
+"""Real and simulated arms behind the Robot interface, over the rosbridge protocol."""

@@ -1,0 +1,1 @@
+"""World models: frame tokenizer and action-conditioned dynamics for imagined rollouts."""
