@@ -118,7 +118,9 @@ def make_vector_env(task: str, cfg: EvalConfig, num_envs: int):
     fns = [_make_env_fn(task, cfg) for _ in range(num_envs)]
     if cfg.vector == "sync" or num_envs == 1:
         return gym.vector.SyncVectorEnv(fns, autoreset_mode=AutoresetMode.DISABLED)
-    return gym.vector.AsyncVectorEnv(fns, autoreset_mode=AutoresetMode.DISABLED, context="spawn" if cfg.vector == "spawn" else None)
+    # gymnasium's shared memory cannot hold Text spaces (instructions come back as placeholder
+    # characters), so observations travel through the pipes.
+    return gym.vector.AsyncVectorEnv(fns, autoreset_mode=AutoresetMode.DISABLED, shared_memory=False)
 
 
 def run_task(task: str, policy: VectorPolicy, cfg: EvalConfig, seeds: list[int], progress=None) -> list[dict]:

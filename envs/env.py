@@ -24,6 +24,8 @@ from envs.tasks import PlacementError, make_task
 ACTION_LOW = np.array([-0.05, -0.05, -0.05, -0.25, -0.25, -0.25, 0.0], dtype=np.float32)
 ACTION_HIGH = np.array([0.05, 0.05, 0.05, 0.25, 0.25, 0.25, 1.0], dtype=np.float32)
 STATE_DIM = 8  # tcp position 3, tcp quaternion xyzw 4, gripper opening in [0, 1] 1
+STATE_LOW = np.array([-2, -2, -2, -1, -1, -1, -1, 0], dtype=np.float32)
+STATE_HIGH = np.array([2, 2, 2, 1, 1, 1, 1, 1], dtype=np.float32)
 INSTRUCTION_CHARSET = string.ascii_letters + string.digits + " ,.'-"
 INSTRUCTION_MAX_LENGTH = 256
 
@@ -60,7 +62,7 @@ class TabletopEnv(gym.Env):
         obs = {"image": spaces.Box(0, 255, (h, w, 3), np.uint8)}
         if wrist_camera:
             obs["wrist_image"] = spaces.Box(0, 255, (h, w, 3), np.uint8)
-        obs["state"] = spaces.Box(-np.inf, np.inf, (STATE_DIM,), np.float32)
+        obs["state"] = spaces.Box(STATE_LOW, STATE_HIGH, dtype=np.float32)
         obs["instruction"] = spaces.Text(INSTRUCTION_MAX_LENGTH, min_length=1, charset=INSTRUCTION_CHARSET)
         self.observation_space = spaces.Dict(obs)
         self.action_space = spaces.Box(ACTION_LOW, ACTION_HIGH, dtype=np.float32)

@@ -177,7 +177,7 @@ def stack_cube(sim, m, task) -> Iterator[Action]:
 def open_drawer(sim, m, task) -> Iterator[Action]:
     yaw = np.pi / 2  # fingers close along x, around the bar
     for _ in range(3):
-        yield from m.grip(0.6, steps=2)
+        yield from m.grip(0.35, steps=2)  # 28 mm: the 26 mm-thick finger bases clear the cabinet top
         yield from m.goto(lambda: handle_position(sim, "drawer") + np.array([0.0, 0.0, 0.08]), yaw, tol=0.01)
         yield from m.goto(lambda: handle_position(sim, "drawer"), yaw, tol=0.005, max_step=0.02)
         yield from m.grip(CLOSED, steps=5)
