@@ -16,7 +16,7 @@ class RenderingUnavailable(RuntimeError):
 
 
 def gpu_present() -> bool:
-    return os.path.exists("/dev/nvidia0") or os.path.exists("/dev/dri/renderD128") and os.path.exists("/dev/nvidiactl")
+    return os.path.exists("/dev/nvidia0") or os.path.exists("/dev/nvidiactl")
 
 
 def _have_library(name: str) -> bool:

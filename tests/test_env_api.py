@@ -100,3 +100,17 @@ def test_placement_failure_names_task_and_seed(monkeypatch):
             env.reset(seed=17)
     finally:
         env.close()
+
+
+def test_missing_gl_library_names_the_package(monkeypatch):
+    import sys
+
+    from envs import rendering
+
+    monkeypatch.delenv("MUJOCO_GL", raising=False)
+    monkeypatch.delitem(sys.modules, "mujoco", raising=False)
+    monkeypatch.setattr(rendering, "_have_library", lambda name: False)
+    with pytest.raises(rendering.RenderingUnavailable, match="libosmesa6"):
+        rendering.configure_mujoco_gl()
+    monkeypatch.setattr(rendering, "_have_library", lambda name: name == "OSMesa")
+    assert rendering.configure_mujoco_gl() == "osmesa"
