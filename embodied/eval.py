@@ -20,7 +20,9 @@ def config_from_hydra(cfg: DictConfig) -> EvalConfig:
                       videos_per_task=int(cfg.videos_per_task), vector=cfg.vector)
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+# Apps that take a policy checkpoint path (eval, deploy, serve) live in conf/rollout: Hydra would
+# read `policy=PATH` as a choice of the training config group `policy` in conf/.
+@hydra.main(version_base="1.3", config_path="conf/rollout", config_name="eval")
 def main(cfg: DictConfig) -> dict:
     output_dir = HydraConfig.get().runtime.output_dir
     eval_cfg = config_from_hydra(cfg)

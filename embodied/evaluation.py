@@ -5,6 +5,8 @@ Writes `results.json` (the platform's results schema, Wilson 95% intervals, vers
 """
 from __future__ import annotations
 
+import functools
+
 import json
 import math
 import os
@@ -103,24 +105,26 @@ class EvalConfig:
     env_kwargs: dict = field(default_factory=dict)
 
 
-def _make_env_fn(task: str, cfg: EvalConfig):
-    def make():
-        import envs  # noqa: F401  (registers the ids in worker processes)
-        return envs.make_env(task, backend=cfg.backend, randomization=cfg.randomization, image_size=cfg.image_size,
-                             wrist_camera=cfg.wrist_camera, **cfg.env_kwargs)
-    return make
+def _make_env(task: str, cfg: EvalConfig):
+    import envs  # registers the ids in worker processes
+
+    return envs.make_env(task, backend=cfg.backend, randomization=cfg.randomization, image_size=cfg.image_size,
+                         wrist_camera=cfg.wrist_camera, **cfg.env_kwargs)
 
 
 def make_vector_env(task: str, cfg: EvalConfig, num_envs: int):
     import gymnasium as gym
     from gymnasium.vector import AutoresetMode
 
-    fns = [_make_env_fn(task, cfg) for _ in range(num_envs)]
+    fns = [functools.partial(_make_env, task, cfg) for _ in range(num_envs)]
     if cfg.vector == "sync" or num_envs == 1:
         return gym.vector.SyncVectorEnv(fns, autoreset_mode=AutoresetMode.DISABLED)
     # gymnasium's shared memory cannot hold Text spaces (instructions come back as placeholder
     # characters), so observations travel through the pipes.
-    return gym.vector.AsyncVectorEnv(fns, autoreset_mode=AutoresetMode.DISABLED, shared_memory=False)
+    # Workers start from a fresh forkserver process, never by forking this one: a process that has
+    # already opened a GL context (a MuJoCo renderer) deadlocks its forked children's renderers.
+    return gym.vector.AsyncVectorEnv(fns, autoreset_mode=AutoresetMode.DISABLED, shared_memory=False,
+                                     context="forkserver")
 
 
 def run_task(task: str, policy: VectorPolicy, cfg: EvalConfig, seeds: list[int], progress=None) -> list[dict]:

@@ -132,6 +132,7 @@ def push_cube(sim, m, task) -> Iterator[Action]:
         direction = (goal - cube) / (np.linalg.norm(goal - cube) + 1e-9)
         behind = cube - direction * (CUBE_HALF + 0.045)
         yaw = float(np.arctan2(direction[1], direction[0]))  # fingers side by side across the push
+        yaw = _wrap(yaw, np.pi)  # the same for the symmetric gripper; keeps the wrist (joint 7) off its limits
         yield from m.goto(np.array([*behind, 0.1]), yaw, tol=0.01)
         yield from m.goto(np.array([*behind, 0.025]), yaw, tol=0.008, max_step=0.02)
         for _ in range(80):

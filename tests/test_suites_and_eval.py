@@ -55,17 +55,20 @@ def test_harness_writes_results_with_vector_envs(tmp_path):
     assert all(e["instruction"].startswith(("reach the ", "press the ")) for e in episodes)
 
 
+@pytest.mark.timeout(120)
 def test_vector_env_matches_single_env():
     """An AsyncVectorEnv worker reproduces a single env's episode exactly."""
     from embodied.evaluation import make_vector_env
     from envs.env import TabletopEnv
 
     cfg = EvalConfig(backend="mujoco", image_size=32)
-    vec = make_vector_env("PushCube", cfg, 2)
+    # The single env renders first, so this process holds a GL context when the workers start
+    # (forked workers would deadlock in their renderer then).
     single = TabletopEnv("PushCube", backend="mujoco", image_size=32)
+    ref, _ = single.reset(seed=5)
+    vec = make_vector_env("PushCube", cfg, 2)
     try:
         obs, _ = vec.reset(seed=[4, 5])
-        ref, _ = single.reset(seed=5)
         np.testing.assert_array_equal(obs["image"][1], ref["image"])
         assert obs["instruction"][1] == ref["instruction"]
         actions = np.stack(vec.call("expert_action"))

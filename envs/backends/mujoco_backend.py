@@ -8,7 +8,9 @@ and one renderer serve every episode.
 """
 from __future__ import annotations
 
+import atexit
 import os
+import weakref
 
 import numpy as np
 
@@ -93,6 +95,17 @@ MULTISAMPLES = 0
 
 def _fmt(values) -> str:
     return " ".join(f"{float(v):.9g}" for v in values)
+
+
+_OPEN_BACKENDS: "weakref.WeakSet[MujocoBackend]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_renderers() -> None:
+    # A renderer left to the garbage collector at interpreter exit fails noisily in its GL
+    # teardown (the GL bindings are gone by then), so close the open ones first.
+    for backend in list(_OPEN_BACKENDS):
+        backend.close()
 
 
 def _mesh_dir() -> str | None:
@@ -668,6 +681,7 @@ class MujocoBackend(PhysicsBackend):
         if self._renderer is None:
             h, w = self.image_size
             self._renderer = mujoco.Renderer(self.model, height=h, width=w)
+            _OPEN_BACKENDS.add(self)
         self._renderer.update_scene(self.data, camera=cam)
         return self._renderer.render()
 

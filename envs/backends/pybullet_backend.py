@@ -10,7 +10,7 @@ from scratch (`resetSimulation`) whenever it has been stepped since the last bui
 sorted overlapping pairs, the same episode and actions then give the same states and images
 bit for bit, whatever ran before.
 
-Rendering uses the CPU TinyRenderer (the EGL plugin where a GPU is present). The arm's visual
+Rendering uses the CPU TinyRenderer (the EGL plugin on request, see EGL_ENV_VAR). The arm's visual
 meshes are simplified once (vertex clustering, cached under the temp folder) since they
 dominate the render time; collision meshes, masses and kinematics are the URDF's.
 """
@@ -85,6 +85,10 @@ LIGHT_TARGET = np.array([0.45, 0.0, 0.0])  # the light shines from light_pos tow
 LIGHT_AMBIENT = 0.45
 LIGHT_SPECULAR = 0.05
 RENDER_SHADOWS = 0  # TinyRenderer shadows double the render time
+# Hardware rendering through pybullet's EGL plugin is opt-in (EMBODIED_PYBULLET_EGL=1, and a GPU):
+# the plugin supports one instance per process (bullet3 issues 2507, 3318), and mixing it with
+# TinyRenderer in one process would give different images for the same episode.
+EGL_ENV_VAR = "EMBODIED_PYBULLET_EGL"
 SIMPLIFY_ARM_MESHES = True
 MESH_CELL = 0.008  # vertex-clustering cell (m) for the arm's visual meshes
 
@@ -253,7 +257,7 @@ class PybulletBackend(PhysicsBackend):
         if self.client < 0 or self._ik_client < 0:
             raise RuntimeError("could not start a pybullet DIRECT client")
         self._renderer = p.ER_TINY_RENDERER
-        if gpu_present():
+        if os.environ.get(EGL_ENV_VAR) == "1" and gpu_present():
             self._try_egl()
         self.scene: SceneSpec | None = None
         self._stepped = False
@@ -283,7 +287,7 @@ class PybulletBackend(PhysicsBackend):
         self._texture_paths = _texture_files()
 
         ik = self._ik_client
-        self._ik_robot = p.loadURDF(self._urdf, useFixedBase=True, physicsClientId=ik)
+        self._ik_robot = p.loadURDF(self._urdf, useFixedBase=True, flags=p.URDF_IGNORE_VISUAL_SHAPES, physicsClientId=ik)
         info = [p.getJointInfo(self._ik_robot, j, physicsClientId=ik) for j in range(p.getNumJoints(self._ik_robot, physicsClientId=ik))]
         movable = [i for i in info if i[2] != p.JOINT_FIXED]
         if [i[0] for i in movable] != list(ARM_JOINTS + FINGER_JOINTS) or info[TCP_LINK][12] != b"panda_grasptarget":
