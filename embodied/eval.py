@@ -6,17 +6,18 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from embodied.evaluation import EvalConfig, evaluate, make_baseline_policy, results_markdown
+from embodied.evaluation import EvalConfig, evaluate, make_eval_policy, results_markdown
 
 
-def config_from_hydra(cfg: DictConfig) -> EvalConfig:
+def config_from_hydra(cfg: DictConfig, image_size: int = 224) -> EvalConfig:
+    """`image_size` is used when the config leaves it null (a checkpoint's own training size)."""
     randomization = cfg.randomization
     if isinstance(randomization, DictConfig):
         randomization = OmegaConf.to_container(randomization)
     tasks = list(cfg.tasks) if cfg.tasks else None
     return EvalConfig(suite=cfg.suite, backend=cfg.backend, episodes_per_task=int(cfg.episodes_per_task), tasks=tasks,
                       num_envs=int(cfg.num_envs), seed=int(cfg.seed), randomization=randomization,
-                      image_size=int(cfg.image_size), wrist_camera=bool(cfg.wrist_camera),
+                      image_size=int(cfg.image_size or image_size), wrist_camera=bool(cfg.wrist_camera),
                       videos_per_task=int(cfg.videos_per_task), vector=cfg.vector)
 
 
@@ -25,8 +26,9 @@ def config_from_hydra(cfg: DictConfig) -> EvalConfig:
 @hydra.main(version_base="1.3", config_path="conf/rollout", config_name="eval")
 def main(cfg: DictConfig) -> dict:
     output_dir = HydraConfig.get().runtime.output_dir
-    eval_cfg = config_from_hydra(cfg)
-    policy = make_baseline_policy(str(cfg.policy), seed=eval_cfg.seed)
+    policy = make_eval_policy(str(cfg.policy), seed=int(cfg.seed))
+    trained = getattr(policy, "policy", None)
+    eval_cfg = config_from_hydra(cfg, getattr(getattr(trained, "config", None), "observation_image_size", 224))
     results = evaluate(policy, eval_cfg, output_dir)
     print(results_markdown(results))
     print(f"wrote results.json, results.md, success_rates.png and videos/ to {output_dir}")

@@ -60,12 +60,49 @@ class RandomPolicy:
         return self.rng.uniform(space.low, space.high, size=(n, *space.shape)).astype(np.float32)
 
 
-def make_baseline_policy(name: str, seed: int = 0) -> VectorPolicy:
-    if name == "scripted":
+class CheckpointPolicy:
+    """A trained policy driving N envs: one batched forward pass for every env that needs actions.
+
+    A chunked policy (K actions per prediction) runs its chunk open-loop, as OpenVLA-OFT does;
+    each env keeps its own queue, emptied when that env starts a new episode.
+    """
+
+    def __init__(self, policy, name: str | None = None):
+        self.policy = policy
+        self.name = name or str(getattr(policy, "name_or_path", type(policy).__name__))
+        self.queues: dict[int, list[np.ndarray]] = {}
+
+    def reset(self, env_indices):
+        for i in env_indices:
+            self.queues[int(i)] = []
+
+    def act(self, observations, envs):
+        n = envs.num_envs
+        need = [i for i in range(n) if not self.queues.get(i)]
+        if need:
+            batch = [{"image": observations["image"][i]} for i in need]
+            predicted = np.asarray(self.policy.predict_actions(batch, [str(observations["instruction"][i]) for i in need]))
+            if predicted.ndim == 2:  # (B, 7): one action per prediction
+                predicted = predicted[:, None]
+            for row, i in enumerate(need):
+                self.queues[i] = list(predicted[row])
+        return np.stack([self.queues[i].pop(0) for i in range(n)]).astype(np.float32)
+
+
+def make_eval_policy(spec: str, seed: int = 0, device: str = "cpu") -> VectorPolicy:
+    """`scripted`, `random`, or a checkpoint directory / hub id (any policy `policies` can load)."""
+    if spec == "scripted":
         return ScriptedPolicy()
-    if name == "random":
+    if spec == "random":
         return RandomPolicy(seed)
-    raise ValueError(f"unknown policy {name!r}; valid: 'scripted', 'random' (or a checkpoint directory)")
+    import policies
+
+    try:
+        policy = policies.load_pretrained(spec, device=device)
+    except (FileNotFoundError, OSError) as error:
+        raise FileNotFoundError(f"policy {spec!r} is neither 'scripted', 'random' nor a loadable checkpoint: "
+                                f"{error}") from error
+    return CheckpointPolicy(policy, name=spec)
 
 
 def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
@@ -76,12 +113,13 @@ def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[f
     denom = 1 + z * z / trials
     centre = (p + z * z / (2 * trials)) / denom
     half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    low = 0.0 if successes == 0 else max(0.0, centre - half)  # exact ends: rounding leaves 1 - 1e-16
+    return (low, 1.0 if successes == trials else min(1.0, centre + half))
 
 
 def package_versions() -> dict[str, str]:
     versions = {}
-    for package in ("embodied", "mujoco", "pybullet", "gymnasium", "numpy", "torch"):
+    for package in ("embodied", "mujoco", "pybullet", "gymnasium", "numpy", "torch", "transformers"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -213,8 +251,9 @@ def write_plot(path: Path, results: dict) -> None:
 
     tasks = list(results["tasks"])
     rates = [results["tasks"][t]["success_rate"] for t in tasks]
-    low = [r - results["tasks"][t]["ci95"][0] for t, r in zip(tasks, rates)]
-    high = [results["tasks"][t]["ci95"][1] - r for t, r in zip(tasks, rates)]
+    # max(0, ...): at a rate of 0 or 1 the interval's end equals the rate up to rounding
+    low = [max(0.0, r - results["tasks"][t]["ci95"][0]) for t, r in zip(tasks, rates)]
+    high = [max(0.0, results["tasks"][t]["ci95"][1] - r) for t, r in zip(tasks, rates)]
     fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(tasks) + 2), 4))
     ax.bar(tasks, rates, yerr=[low, high], capsize=3, color="#4878cf")
     ax.set_ylim(0, 1.05)
@@ -263,7 +302,9 @@ def evaluate(policy: VectorPolicy, cfg: EvalConfig, output_dir: str | os.PathLik
             records.extend(run_task(task, policy, cfg, seeds, progress=bar))
     summary = summarize(records, tasks)
     results = {"suite": cfg.suite, "backend": cfg.backend, "policy": policy_name or policy.name, "seed": cfg.seed,
-               **summary, "versions": package_versions()}
+               **summary, "episode_seeds": {t: [r["seed"] for r in records if r["task"] == t] for t in tasks},
+               "randomization": cfg.randomization if isinstance(cfg.randomization, str) else dict(cfg.randomization),
+               "versions": package_versions()}
     with open(output_dir / "results.json", "w") as f:
         json.dump(results, f, indent=2)
     (output_dir / "results.md").write_text(results_markdown(results))

@@ -38,7 +38,9 @@ def test_harness_writes_results_with_vector_envs(tmp_path):
     results = evaluate(ScriptedPolicy(), cfg, tmp_path, show_progress=False)
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results))
-    assert set(on_disk) == {"suite", "backend", "policy", "seed", "tasks", "overall", "versions"}
+    assert set(on_disk) == {"suite", "backend", "policy", "seed", "tasks", "overall", "versions", "episode_seeds",
+                            "randomization"}
+    assert on_disk["episode_seeds"]["ReachTarget"] == get_suite("tabletop10").episode_seeds("ReachTarget", 3)
     assert on_disk["overall"]["episodes"] == 6
     for task in ("ReachTarget", "PressButton"):
         r = on_disk["tasks"][task]
