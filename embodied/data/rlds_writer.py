@@ -37,10 +37,8 @@ STATE_DIM = 8
 ACTION_DIM = 7
 
 
-def _tfds():
-    import tensorflow_datasets as tfds
-
-    return tfds
+from embodied.data._tensorflow import tf as _tf
+from embodied.data._tensorflow import tfds as _tfds
 
 
 def _image_shape(image_size) -> tuple[int, int]:
@@ -180,8 +178,7 @@ class RLDSWriter:
         """Encode (tfds feature connectors) and append one episode."""
         if self._closed:
             raise RuntimeError("the writer is closed")
-        import tensorflow as tf
-
+        tf = _tf()
         record = self.features.serialize_example(episode)
         if self._writer is not None and self._shard_bytes + len(record) > self.max_shard_bytes:
             self._close_shard()

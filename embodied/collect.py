@@ -1,0 +1,253 @@
+"""`python -m embodied.collect suite=tabletop10 backend=mujoco episodes_per_task=N output_dir=PATH`
+
+Runs each task's scripted expert (with domain randomization) in gymnasium vector-env workers,
+keeps the successful episodes and writes them as an RLDS dataset in Open X-Embodiment layout:
+`<output_dir>/<dataset_name>/<version>/` (`dataset_info.json`, `features.json`, TFRecord
+shards), readable by plain `tfds.builder_from_directory`. Each episode's metadata records its
+task, instruction, suite, backend, seed and randomization config.
+
+Seeds come from `suite.episode_seeds(task, ..., seed=cfg.seed)`. `seed=0` gives the suite's
+evaluation initial states, so collection defaults to `seed=1`: demonstrations never start
+from an evaluation state. Episodes are written in seed order and the first
+`episodes_per_task` successes per task are kept, so a run is reproducible whatever the
+number of workers; at most `max_attempts_per_episode * episodes_per_task` seeds are tried.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+DEFAULT_VERSION = "1.0.0"
+
+
+@dataclass
+class CollectConfig:
+    suite: str = "tabletop10"
+    backend: str = "mujoco"
+    episodes_per_task: int = 10  # successful episodes kept per task
+    tasks: list[str] | None = None
+    num_envs: int = 2  # parallel env workers
+    vector: str = "async"  # async | sync
+    seed: int = 1  # 0 would reuse the suite's evaluation initial states
+    randomization: Any = "default"
+    image_size: int = 224
+    wrist_camera: bool = False
+    image_encoding: str = "jpeg"  # jpeg | png
+    dataset_name: str | None = None  # default: embodied_<suite>_<backend>
+    version: str = DEFAULT_VERSION
+    max_attempts_per_episode: int = 3
+    max_shard_mb: int = 256
+    overwrite: bool = False
+    env_kwargs: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.dataset_name or f"embodied_{self.suite}_{self.backend}"
+
+
+def _eval_config(cfg: CollectConfig):
+    from embodied.evaluation import EvalConfig
+
+    return EvalConfig(suite=cfg.suite, backend=cfg.backend, episodes_per_task=cfg.episodes_per_task,
+                      tasks=cfg.tasks, num_envs=cfg.num_envs, seed=cfg.seed, randomization=cfg.randomization,
+                      image_size=cfg.image_size, wrist_camera=cfg.wrist_camera, videos_per_task=0, vector=cfg.vector,
+                      env_kwargs=dict(cfg.env_kwargs))
+
+
+class _Recording:
+    """One episode in progress in one env worker."""
+
+    def __init__(self, index: int, seed: int, obs: dict, i: int, wrist: bool, metadata: dict):
+        self.index, self.seed, self.metadata = index, seed, metadata
+        self.instruction = str(obs["instruction"][i])
+        self.images = [obs["image"][i].copy()]
+        self.wrist = [obs["wrist_image"][i].copy()] if wrist else None
+        self.states = [obs["state"][i].copy()]
+        self.actions: list[np.ndarray] = []
+
+    def add(self, action: np.ndarray, obs: dict | None, i: int) -> None:
+        self.actions.append(action.copy())
+        if obs is not None:  # the next observation (not after the last action)
+            self.images.append(obs["image"][i].copy())
+            if self.wrist is not None:
+                self.wrist.append(obs["wrist_image"][i].copy())
+            self.states.append(obs["state"][i].copy())
+
+    def observations(self) -> dict[str, np.ndarray]:
+        out = {"image": np.stack(self.images), "state": np.stack(self.states).astype(np.float32)}
+        if self.wrist is not None:
+            out["wrist_image"] = np.stack(self.wrist)
+        return out
+
+
+def collect_task(task: str, cfg: CollectConfig, writer, progress=None) -> dict:
+    """Run the expert on `task` until `episodes_per_task` successes are written (or seeds run out)."""
+    from embodied.data.rlds_writer import make_episode
+    from embodied.evaluation import make_vector_env
+    from envs.env import ACTION_HIGH, ACTION_LOW
+    from envs.suites import get_suite
+
+    needed = cfg.episodes_per_task
+    seeds = get_suite(cfg.suite).episode_seeds(task, needed * max(1, cfg.max_attempts_per_episode), seed=cfg.seed)
+    num_envs = max(1, min(cfg.num_envs, len(seeds)))
+    envs = make_vector_env(task, _eval_config(cfg), num_envs)
+    queue = list(enumerate(seeds))
+    pending: dict[int, tuple[int, int]] = {}  # env slot -> (episode index, seed) being started
+    finished: dict[int, tuple[bool, _Recording]] = {}  # completed, waiting to be written in seed order
+    slots: list[_Recording | None] = [None] * num_envs
+    next_index, written, attempts, successes, lengths, kept_seeds = 0, 0, 0, 0, [], []
+
+    def optimistic_successes() -> int:
+        # successes already known plus every episode still running: schedule no more than could be needed
+        return written + sum(ok for ok, _ in finished.values()) + sum(s is not None for s in slots)
+
+    def start(indices: list[int], obs: dict) -> None:
+        metadata = envs.call("episode_metadata")
+        for i in indices:
+            slots[i] = _Recording(pending[i][0], pending[i][1], obs, i, cfg.wrist_camera, dict(metadata[i]))
+
+    def flush() -> None:
+        nonlocal next_index, written
+        while next_index in finished:
+            ok, rec = finished.pop(next_index)
+            next_index += 1
+            if ok and written < needed:
+                meta = {**rec.metadata, "suite": cfg.suite, "episode_id": writer.num_episodes, "seed": rec.seed}
+                writer.write(make_episode(rec.observations(), np.stack(rec.actions), rec.instruction, meta))
+                written += 1
+                kept_seeds.append(rec.seed)
+                lengths.append(len(rec.actions))
+                if progress is not None:
+                    progress.update(1)
+
+    try:
+        pending.update({i: queue.pop(0) for i in range(num_envs)})
+        obs, _ = envs.reset(seed=[s for _, s in pending.values()])
+        start(list(range(num_envs)), obs)
+        while any(s is not None for s in slots):
+            actions = np.clip(np.stack(envs.call("expert_action")).astype(np.float32), ACTION_LOW, ACTION_HIGH)
+            obs, _, terminated, truncated, _ = envs.step(actions)
+            restart = np.zeros(num_envs, dtype=bool)
+            for i, rec in enumerate(slots):
+                if rec is None:
+                    continue
+                done = bool(terminated[i] or truncated[i])
+                rec.add(actions[i], None if done else obs, i)
+                if not done:
+                    continue
+                attempts += 1
+                successes += bool(terminated[i])
+                finished[rec.index] = (bool(terminated[i]), rec)
+                slots[i] = None
+                if progress is not None:
+                    progress.set_postfix_str(f"{task}: expert {successes}/{attempts}", refresh=False)
+                if queue and optimistic_successes() < needed:
+                    pending[i] = queue.pop(0)
+                    restart[i] = True
+            flush()
+            if restart.any():
+                seeds_arg = [int(pending[i][1]) if restart[i] else None for i in range(num_envs)]
+                obs, _ = envs.reset(seed=seeds_arg, options={"reset_mask": restart})
+                start([int(i) for i in np.flatnonzero(restart)], obs)
+            if written >= needed:
+                break
+    finally:
+        envs.close()
+    return {"episodes": written, "attempts": attempts, "successes": successes,
+            "expert_success_rate": successes / attempts if attempts else 0.0,
+            "mean_length": float(np.mean(lengths)) if lengths else 0.0, "seeds": kept_seeds,
+            "shortfall": needed - written}
+
+
+def collect(cfg: CollectConfig, output_dir: str | os.PathLike, show_progress: bool = True) -> dict:
+    """Collect every task of the suite into one RLDS dataset under `output_dir`; returns a summary."""
+    from embodied.data.errors import EmptyDatasetError
+    from embodied.data.rlds_writer import RLDSWriter, episode_features
+    from embodied.evaluation import package_versions
+    from envs.backends import BACKENDS
+    from envs.randomization import RandomizationConfig
+    from envs.suites import get_suite
+
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"unknown backend {cfg.backend!r}; valid backends: {', '.join(BACKENDS)}")
+    suite = get_suite(cfg.suite)
+    tasks = list(cfg.tasks) if cfg.tasks else list(suite.tasks)
+    for task in tasks:
+        if task not in suite.tasks:
+            raise ValueError(f"task {task!r} is not in suite {suite.name!r}; its tasks: {', '.join(suite.tasks)}")
+    if cfg.episodes_per_task < 1:
+        raise ValueError(f"episodes_per_task must be >= 1, got {cfg.episodes_per_task}")
+    output_dir = Path(output_dir)
+    randomization = RandomizationConfig.from_any(cfg.randomization).to_dict()
+    config = {**asdict(cfg), "randomization": randomization, "tasks": tasks}
+    versions = package_versions()
+    features = episode_features(cfg.image_size, wrist_image=cfg.wrist_camera, image_encoding=cfg.image_encoding)
+    description = (f"Scripted-expert demonstrations of the {cfg.suite} suite on {cfg.backend} "
+                   f"({len(tasks)} tasks, domain randomization {'on' if any(randomization.values()) else 'off'}).")
+    writer = RLDSWriter(output_dir, cfg.name, features, version=cfg.version, description=description,
+                        metadata={"collect_config": config, "versions": versions},
+                        max_shard_bytes=cfg.max_shard_mb * 2**20, overwrite=cfg.overwrite)
+    started = time.time()
+    per_task = {}
+    with tqdm(total=cfg.episodes_per_task * len(tasks), desc=f"collect {cfg.suite}/{cfg.backend}", unit="ep",
+              disable=not show_progress) as bar:
+        try:
+            for task in tasks:
+                per_task[task] = collect_task(task, cfg, writer, progress=bar)
+        except BaseException:
+            writer.abort()
+            raise
+    try:
+        builder_dir = writer.close()
+    except EmptyDatasetError:
+        rates = ", ".join(f"{t} {r['successes']}/{r['attempts']}" for t, r in per_task.items())
+        raise EmptyDatasetError(f"no successful episodes to write (expert successes: {rates}); "
+                                "nothing was saved") from None
+    summary = {"dataset": cfg.name, "builder_dir": str(builder_dir), "data_dir": str(output_dir),
+               "episodes": writer.num_episodes, "steps": writer.num_steps, "tasks": per_task,
+               "seconds": round(time.time() - started, 1), "config": config, "versions": versions}
+    (output_dir / "collect_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def config_from_hydra(cfg) -> CollectConfig:
+    from omegaconf import OmegaConf
+
+    values = OmegaConf.to_container(cfg, resolve=True)
+    values.pop("output_dir", None)
+    values.pop("hydra", None)
+    return CollectConfig(**values)
+
+
+def _main(cfg) -> dict:
+    from hydra.core.hydra_config import HydraConfig
+
+    output_dir = HydraConfig.get().runtime.output_dir
+    collect_cfg = config_from_hydra(cfg)
+    summary = collect(collect_cfg, output_dir)
+    for task, r in summary["tasks"].items():
+        note = f" (short by {r['shortfall']})" if r["shortfall"] else ""
+        print(f"{task}: {r['episodes']} episodes kept, expert {r['successes']}/{r['attempts']} successful{note}")
+    print(f"wrote {summary['episodes']} episodes ({summary['steps']} steps) of {summary['dataset']} "
+          f"to {summary['builder_dir']}")
+    return summary
+
+
+def main() -> None:
+    import hydra
+
+    from envs.rendering import configure_mujoco_gl
+
+    configure_mujoco_gl()
+    hydra.main(version_base="1.3", config_path="conf", config_name="collect")(_main)()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""TensorFlow transforms of the reading pipeline: normalization, action chunks, image decode/resize/augment.
+
+Augmentation follows OpenVLA's published settings: random-resized crop keeping 90% of the
+area (aspect ratio 1), brightness ±0.2, contrast and saturation in [0.8, 1.2], hue ±0.05,
+in that order. A policy trained with augmentation is evaluated on the centre crop of the same
+area (`center_crop=True`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from embodied.data.statistics import EPS, NormalizationMode
+
+
+from embodied.data._tensorflow import tf as _tf
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    crop_scale: float = 0.9
+    brightness: float = 0.2
+    contrast: tuple[float, float] = (0.8, 1.2)
+    saturation: tuple[float, float] = (0.8, 1.2)
+    hue: float = 0.05
+
+
+OPENVLA_AUGMENT = AugmentConfig()
+
+
+def normalize_tf(x, entry: Mapping[str, Any], mode: NormalizationMode):
+    """TF twin of `statistics.normalize` (broadcasts over leading axes)."""
+    tf = _tf()
+    mask = tf.constant(np.asarray(entry["mask"], dtype=bool))
+    f = {k: tf.constant(np.asarray(entry[k], dtype=np.float32)) for k in ("mean", "std", "min", "max", "q01", "q99")}
+    if mode is NormalizationMode.NORMAL:
+        return tf.where(mask, (x - f["mean"]) / (f["std"] + EPS), x)
+    low, high = (f["q01"], f["q99"]) if mode is NormalizationMode.BOUNDS_Q99 else (f["min"], f["max"])
+    out = tf.where(mask, tf.clip_by_value(2 * (x - low) / (high - low + EPS) - 1, -1, 1), x)
+    return tf.where(tf.equal(f["min"], f["max"]), tf.zeros_like(out), out)
+
+
+def chunk_actions(action, horizon: int):
+    """(T, D) actions → (T, K, D) windows of the K actions from t on, and a (T, K) validity mask.
+
+    Past the episode's end the window repeats the last action and the mask is False there.
+    """
+    tf = _tf()
+    length = tf.shape(action)[0]
+    index = tf.range(length)[:, None] + tf.range(horizon)[None, :]
+    mask = index < length
+    return tf.gather(action, tf.minimum(index, length - 1)), mask
+
+
+def _crop_box(scale: float, center: bool, seed=None):
+    tf = _tf()
+    side = float(np.sqrt(scale))
+    if center:
+        offset = tf.fill([2], (1.0 - side) / 2.0)
+    elif seed is None:
+        offset = tf.random.uniform([2], 0.0, 1.0 - side)
+    else:
+        offset = tf.random.stateless_uniform([2], seed, 0.0, 1.0 - side)
+    return tf.concat([offset, offset + side], axis=0)[None]  # [y1, x1, y2, x2]
+
+
+def decode_image(encoded, size: tuple[int, int], augment: AugmentConfig | None = None, center_crop: bool = False,
+                 crop_scale: float = 0.9, method: str = "bilinear", seed=None):
+    """Encoded JPEG/PNG bytes → uint8 (H, W, 3) at `size`, optionally cropped and colour-jittered.
+
+    `seed` (an int tensor of shape [2]) makes the augmentation a pure function of the seed
+    (stateless random ops), so a seeded stream draws the same augmentations on every run.
+    """
+    tf = _tf()
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    if augment is None and not center_crop:
+        def resize():
+            resized = tf.image.resize(image, size, method=method, antialias=True)
+            return tf.cast(tf.round(tf.clip_by_value(resized, 0.0, 255.0)), tf.uint8)
+
+        same = tf.reduce_all(tf.equal(tf.shape(image)[:2], tf.constant(size, tf.int32)))
+        out = tf.cond(same, lambda: image, resize)
+        out.set_shape([size[0], size[1], 3])
+        return out
+    scale = augment.crop_scale if augment is not None else crop_scale
+    seeds = None if seed is None else tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 5)
+    box = _crop_box(scale, center=augment is None, seed=None if seeds is None else seeds[0])
+    image = tf.image.crop_and_resize(tf.cast(image[None], tf.float32), box, [0], size, method=method)[0] / 255.0
+    if augment is not None and seeds is None:
+        image = tf.image.random_brightness(image, augment.brightness)
+        image = tf.image.random_contrast(image, *augment.contrast)
+        image = tf.image.random_saturation(image, *augment.saturation)
+        image = tf.image.random_hue(image, augment.hue)
+    elif augment is not None:
+        image = tf.image.stateless_random_brightness(image, augment.brightness, seeds[1])
+        image = tf.image.stateless_random_contrast(image, *augment.contrast, seed=seeds[2])
+        image = tf.image.stateless_random_saturation(image, *augment.saturation, seed=seeds[3])
+        image = tf.image.stateless_random_hue(image, augment.hue, seeds[4])
+    image = tf.clip_by_value(image, 0.0, 1.0)
+    out = tf.cast(tf.round(image * 255.0), tf.uint8)
+    out.set_shape([size[0], size[1], 3])
+    return out

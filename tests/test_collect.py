@@ -1,0 +1,141 @@
+"""`python -m embodied.collect`: scripted experts → RLDS builder dirs that plain tfds reads."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS = ("ReachTarget", "PressButton")
+IMAGE = 32
+
+# Reads builder dirs with nothing but tensorflow-datasets, and proves no project code was imported.
+PLAIN_TFDS_READER = textwrap.dedent("""
+    import json, sys
+    import tensorflow_datasets as tfds
+    import tensorflow as tf
+    paths = sys.stdin.read().split()  # sent once the datasets exist: the import overlaps the collection
+    out = {}
+    for path in paths:
+        builder = tfds.builder_from_directory(path)
+        episodes = []
+        for episode in builder.as_dataset(split="train"):
+            meta = {k: (v.numpy().decode() if v.dtype.name == "string" else v.numpy().item())
+                    for k, v in episode["episode_metadata"].items()}
+            steps = list(episode["steps"].as_numpy_iterator())
+            episodes.append({"metadata": meta, "length": len(steps),
+                             "image_shape": list(steps[0]["observation"]["image"].shape),
+                             "state_shape": list(steps[0]["observation"]["state"].shape),
+                             "actions": [s["action"].tolist() for s in steps],
+                             "instruction": steps[0]["language_instruction"].decode(),
+                             "is_first": [bool(s["is_first"]) for s in steps],
+                             "is_last": [bool(s["is_last"]) for s in steps],
+                             "reward": [float(s["reward"]) for s in steps]})
+        out[builder.info.name] = {"episodes": episodes,
+                                  "num_shards": len(builder.info.splits["train"].shard_lengths)}
+    project = sorted(m for m in sys.modules if m.split(".")[0] in ("embodied", "envs", "policies", "worldmodel"))
+    print(json.dumps({"datasets": out, "project_modules": project}))
+""")
+
+
+def _clean_env():
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    return env
+
+
+@pytest.fixture(scope="module")
+def collected(tmp_path_factory):
+    """MuJoCo through the CLI (2 envs stepped as one vector env; `vector=sync` keeps them in one process,
+    which is cheaper than worker processes here) while PyBullet is collected in-process alongside."""
+    from embodied.collect import CollectConfig, collect
+
+    outputs = {b: tmp_path_factory.mktemp(f"collect_{b}") for b in ("mujoco", "pybullet")}
+    reader = subprocess.Popen([sys.executable, "-c", PLAIN_TFDS_READER], cwd=outputs["pybullet"], env=_clean_env(),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, "-m", "embodied.collect", "suite=tabletop10", "backend=mujoco", "episodes_per_task=1",
+               f"tasks=[{','.join(TASKS)}]", f"image_size={IMAGE}", "num_envs=2", "vector=sync",
+               f"output_dir={outputs['mujoco']}"]
+    cli = subprocess.Popen(command, cwd=REPO, env={**_clean_env(), "PYTHONPATH": str(REPO)},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        collect(CollectConfig(backend="pybullet", episodes_per_task=1, tasks=list(TASKS), image_size=IMAGE,
+                              num_envs=1), outputs["pybullet"], show_progress=False)
+    finally:
+        stdout, stderr = cli.communicate(timeout=400)
+    assert cli.returncode == 0, f"collect failed:\n{stdout}\n{stderr[-4000:]}"
+    builder_dirs = [str(outputs[b] / f"embodied_tabletop10_{b}" / "1.0.0") for b in ("mujoco", "pybullet")]
+    read_out, read_err = reader.communicate("\n".join(builder_dirs), timeout=300)
+    assert reader.returncode == 0, read_err[-4000:]
+    return {"outputs": outputs, "cli": (stdout, stderr), "plain": json.loads(read_out.strip().splitlines()[-1])}
+
+
+def test_cli_reports_progress_and_where_it_wrote(collected):
+    stdout, stderr = collected["cli"]
+    builder_dir = collected["outputs"]["mujoco"] / "embodied_tabletop10_mujoco" / "1.0.0"
+    assert f"to {builder_dir}" in stdout
+    assert "collect tabletop10/mujoco" in stderr and "100%" in stderr  # the progress bar
+    for task in TASKS:
+        assert f"{task}: 1 episodes kept" in stdout
+    assert (collected["outputs"]["mujoco"] / ".hydra" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("backend", ["mujoco", "pybullet"])
+def test_collect_writes_rlds_that_plain_tfds_reads(collected, backend):
+    from envs.suites import get_suite
+
+    out = collected["outputs"][backend]
+    name = f"embodied_tabletop10_{backend}"
+    builder_dir = out / name / "1.0.0"
+    assert (builder_dir / "dataset_info.json").exists() and (builder_dir / "features.json").exists()
+    shards = sorted(p.name for p in builder_dir.glob("*.tfrecord-*"))
+    assert shards and all(s.startswith(f"{name}-train.tfrecord-") and s.endswith(f"-of-{len(shards):05d}")
+                          for s in shards)
+    assert collected["plain"]["project_modules"] == []  # read with tfds alone
+    episodes = collected["plain"]["datasets"][name]["episodes"]
+    assert sorted(e["metadata"]["task"] for e in episodes) == sorted(TASKS)
+    suite = get_suite("tabletop10")
+    for episode in episodes:
+        meta = episode["metadata"]
+        assert (meta["suite"], meta["backend"], meta["success"]) == ("tabletop10", backend, 1)
+        assert meta["seed"] in suite.episode_seeds(meta["task"], 3, seed=1)  # never an evaluation state
+        randomization = json.loads(meta["randomization"])
+        assert randomization and "friction" in json.dumps(randomization)
+        assert meta["instruction"] == episode["instruction"] and episode["instruction"]
+        assert episode["image_shape"] == [IMAGE, IMAGE, 3] and episode["state_shape"] == [8]
+        n = episode["length"]
+        assert episode["is_first"] == [True] + [False] * (n - 1) and episode["is_last"] == [False] * (n - 1) + [True]
+        assert episode["reward"][-1] == 1.0
+        actions = np.asarray(episode["actions"])
+        assert actions.shape == (n, 7) and np.all(np.abs(actions[:, :3]) <= 0.05 + 1e-6)
+        assert set(np.unique(actions[:, 6])) <= {0.0, 1.0}
+    summary = json.loads((out / "collect_summary.json").read_text())
+    assert summary["episodes"] == len(episodes) == len(TASKS)
+    assert summary["steps"] == sum(e["length"] for e in episodes)
+
+
+def test_the_project_loader_reads_what_tfds_reads(collected):
+    from embodied.data import RLDSSource
+
+    path = collected["outputs"]["pybullet"] / "embodied_tabletop10_pybullet"
+    ours = list(RLDSSource(path, split="train[:100%]").episodes())
+    plain = collected["plain"]["datasets"]["embodied_tabletop10_pybullet"]["episodes"]
+    assert len(ours) == len(plain)
+    for got, expected in zip(ours, plain):
+        np.testing.assert_array_equal(got["action"], np.asarray(expected["actions"], np.float32))
+        assert got["image"].shape == (expected["length"], IMAGE, IMAGE, 3)
+        assert got["instruction"][0] == expected["instruction"]
+
+
+def test_collect_rejects_bad_arguments(tmp_path):
+    from embodied.collect import CollectConfig, collect
+
+    with pytest.raises(ValueError, match="task 'Juggle' is not in suite 'tabletop10'"):
+        collect(CollectConfig(tasks=["Juggle"]), tmp_path, show_progress=False)
+    with pytest.raises(ValueError, match="unknown backend 'bullet'"):
+        collect(CollectConfig(backend="bullet"), tmp_path, show_progress=False)
