@@ -31,10 +31,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from embodied.checkpointing import (CHECKPOINT_DIR, latest_checkpoint, load_training_state, save_checkpoint,
-                                    save_training_state)
+from embodied.checkpointing import (TRAINER_STATE, latest_checkpoint, load_training_state, read_counters,
+                                    save_checkpoint, save_training_state)
 
-FINAL_DIR, ADAPTER_DIR, METRICS_FILE = "final", "adapter", "metrics.jsonl"
+CHECKPOINT_DIR, FINAL_DIR, ADAPTER_DIR, METRICS_FILE = "checkpoints", "final", "adapter", "metrics.jsonl"
 SIM_DATASET_PREFIX = "embodied_"
 
 
@@ -160,7 +160,8 @@ def base_policy(model):
 
 def architecture(policy) -> dict[str, Any]:
     config = policy.config.to_dict()
-    return {k: config.get(k) for k in ("policy_type", "towers", "llm", "action_chunk", "decoding", "action_dim")}
+    return {k: config.get(k) for k in ("policy_type", "size", "vision_towers", "llm", "action_chunk", "decoding",
+                                       "action_dim")}
 
 
 def check_same_architecture(checkpoint: Path, policy) -> None:
@@ -271,8 +272,8 @@ def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
     path = Path(str(cfg.resume))
     if (path / CHECKPOINT_DIR).is_dir():
         path = latest_checkpoint(path / CHECKPOINT_DIR) or path
-    if not (path / "trainer_state.pt").exists():
-        raise FileNotFoundError(f"resume={cfg.resume}: {path} is not a training checkpoint (no trainer_state.pt)")
+    if not (path / TRAINER_STATE).exists():
+        raise FileNotFoundError(f"resume={cfg.resume}: {path} is not a training checkpoint (no {TRAINER_STATE})")
     return path
 
 
@@ -379,7 +380,7 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, dist: Distribut
     resume_from = find_resume_checkpoint(cfg, run_dir)
     counters = {"step": 0, "frames": 0, "wandb_id": None}
     if resume_from is not None:
-        counters.update(torch.load(resume_from / "trainer_state.pt", map_location="cpu", weights_only=True)["counters"])
+        counters.update(read_counters(resume_from))
 
     dataset = RLDSDataset(data_config(cfg, dist.rank, skip_frames=int(counters["frames"])))
     if dist.main:
@@ -439,7 +440,7 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, dist: Distribut
                 with context:
                     loss, metrics = model(batch)
                     if not torch.isfinite(loss):
-                        raise NonFiniteLossError(f"loss is {float(loss)} at step {step + 1}; the last good checkpoint "
+                        raise NonFiniteLossError(f"loss is {float(loss.detach())} at step {step + 1}; the last good checkpoint "
                                                  f"is {last_saved or latest_checkpoint(run_dir / CHECKPOINT_DIR)}")
                     (loss / accum).backward()
                 metrics_acc.append(metrics)

@@ -1,0 +1,527 @@
+"""OpenVLA: fused DINOv2 + SigLIP patch features → MLP projector → a causal LM that speaks action tokens.
+
+    image ─┬─ DINOv2 (second-to-last layer, patch tokens) ─┐
+           └─ SigLIP (second-to-last layer, patch tokens) ─┴─ concat channels ─ projector ─┐
+    [BOS] + projected patches + "In: What action should the robot take to {instruction}?\\nOut:" ─ LLM ─ action tokens
+
+- Actions: 256 uniform bins over [-1, 1] of BOUNDS_Q99-normalized actions, each bin one of the
+  last 256 ids of the vocabulary (`ActionTokenizer`); loss on the action tokens and the stop token.
+- Decoding, selectable per call:
+  "autoregressive" — OpenVLA's: greedy, one token per LLM step (KV cache), constrained to action ids;
+  "parallel" — OpenVLA-OFT's: K*7 action slots (learned embeddings) after the prompt attend to each
+  other bidirectionally and all K actions come out of a single forward pass.
+- Preprocessing (image resize and normalization per tower, prompt, action tokens, statistics) lives
+  in one `VLAProcessor`, shared by `forward()` and `predict_action()`.
+
+`RT2Policy` (rt2.py) is the same model with one SigLIP tower, a linear projector and RT-2's prompt.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from embodied.data.statistics import STATISTICS_FILENAME, load_dataset_statistics, save_dataset_statistics
+from policies.processor import DECODING_MODES, VLAProcessor
+from policies.sizes import get_size
+
+OPENVLA_PROMPT = "In: What action should the robot take to {instruction}?\nOut:"
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class VLAConfig:
+    policy_type: str = "openvla"
+    size: str = "tiny"
+    vision_towers: list[dict] = field(default_factory=list)  # name, image_size, image_mean/std, model_config
+    llm: dict = field(default_factory=dict)  # a transformers causal-LM config (model_type + fields)
+    projector: str = "fused_gelu_mlp"  # | "linear"
+    prompt: str = OPENVLA_PROMPT
+    action_dim: int = 7
+    n_action_bins: int = 256
+    action_chunk: int = 1  # K actions per prediction
+    decoding: str = "autoregressive"  # | "parallel"
+    observation_image_size: int = 224  # the camera images the policy is trained on (resized to each tower's size)
+    normalization: str = "bounds_q99"
+    unnorm_key: str | None = None
+    autocast: str = "auto"  # "auto": bf16 on CUDA, none on CPU | "bfloat16" | "float16" | "none"
+    gradient_checkpointing: bool = False
+    train_vision: bool = True  # full training updates the towers (OpenVLA does); LoRA freezes them by default
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "VLAConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown policy config key(s) {unknown}; valid keys: {sorted(known)}")
+        return cls(**values)
+
+    def validate(self) -> None:
+        if self.decoding not in DECODING_MODES:
+            raise ValueError(f"unknown decoding {self.decoding!r}; valid: {', '.join(DECODING_MODES)}")
+        if self.action_chunk < 1:
+            raise ValueError(f"action_chunk must be >= 1, got {self.action_chunk}")
+        if "{instruction}" not in self.prompt:
+            raise ValueError(f"prompt {self.prompt!r} has no {{instruction}} field")
+        if self.projector not in PROJECTORS:
+            raise ValueError(f"unknown projector {self.projector!r}; valid: {', '.join(PROJECTORS)}")
+
+
+def _hf_config(values: Mapping[str, Any]):
+    from transformers import AutoConfig
+
+    values = dict(values)
+    if "model_type" not in values:
+        raise ValueError(f"a model config needs a model_type, got keys {sorted(values)}")
+    return AutoConfig.for_model(values.pop("model_type"), **values)
+
+
+# -- vision ------------------------------------------------------------------------------------------
+
+class VisionBackbone(nn.Module):
+    """Transformers vision towers; patch features of the second-to-last layer, concatenated on channels."""
+
+    def __init__(self, towers: Sequence[Mapping[str, Any]], modules: Mapping[str, nn.Module] | None = None):
+        super().__init__()
+        from transformers import AutoModel
+
+        self.towers = nn.ModuleDict()
+        self.prefix_tokens: dict[str, int] = {}  # CLS and register tokens to drop
+        grids = {}
+        for spec in towers:
+            name = spec["name"]
+            model = (modules or {}).get(name)
+            if model is None:
+                model = AutoModel.from_config(_hf_config(spec["model_config"]))
+            self.towers[name] = model
+            config = model.config
+            self.prefix_tokens[name] = (1 + getattr(config, "num_register_tokens", 0)
+                                        if "dinov2" in config.model_type else 0)
+            grids[name] = int(spec["image_size"]) // int(config.patch_size)
+        if len(set(grids.values())) != 1:
+            raise ValueError(f"vision towers give different patch grids {grids}; pick image sizes so that "
+                             "image_size / patch_size agree")
+        self.num_patches = next(iter(grids.values())) ** 2
+        self.feature_dim = sum(m.config.hidden_size for m in self.towers.values())
+
+    def forward(self, pixel_values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        features = []
+        for name, tower in self.towers.items():
+            hidden = tower(pixel_values=pixel_values[name].to(tower.dtype), output_hidden_states=True).hidden_states
+            features.append(hidden[-2][:, self.prefix_tokens[name]:])
+        return torch.cat(features, dim=-1)
+
+
+def fused_gelu_mlp(in_dim: int, out_dim: int) -> nn.Module:
+    """OpenVLA's projector for fused features: in → 4·in → LLM width → LLM width."""
+    return nn.Sequential(nn.Linear(in_dim, 4 * in_dim), nn.GELU(), nn.Linear(4 * in_dim, out_dim), nn.GELU(),
+                         nn.Linear(out_dim, out_dim))
+
+
+PROJECTORS = {"fused_gelu_mlp": fused_gelu_mlp, "linear": nn.Linear}
+
+
+# -- the policy ----------------------------------------------------------------------------------------
+
+class OpenVLAPolicy(nn.Module):
+    policy_type = "openvla"
+    tower_names: tuple[str, ...] = ("dinov2", "siglip")
+    default_projector = "fused_gelu_mlp"
+    default_prompt = OPENVLA_PROMPT
+
+    def __init__(self, config: VLAConfig, tokenizer=None, statistics: Mapping[str, Any] | None = None,
+                 vision_modules: Mapping[str, nn.Module] | None = None, llm: nn.Module | None = None):
+        super().__init__()
+        from transformers import AutoModelForCausalLM
+
+        config.validate()
+        self.config = config
+        self.vision = VisionBackbone(config.vision_towers, vision_modules)
+        if llm is None:
+            llm_config = _hf_config(config.llm)
+            llm_config._attn_implementation = "sdpa"  # boolean 4-D masks (prefix-causal + bidirectional slots)
+            llm = AutoModelForCausalLM.from_config(llm_config)
+        self.llm = llm
+        width = self.llm.get_input_embeddings().embedding_dim
+        self.projector = PROJECTORS[config.projector](self.vision.feature_dim, width)
+        # One learned embedding per action slot of parallel decoding (K*7 slots).
+        self.action_slots = nn.Embedding(config.action_chunk * config.action_dim, width)
+        nn.init.normal_(self.action_slots.weight, std=0.02)
+        self.tokenizer = tokenizer
+        self._processor = VLAProcessor(config, tokenizer, statistics) if tokenizer is not None else None
+        if tokenizer is not None and tokenizer.vocab_size > self.llm.get_input_embeddings().num_embeddings:
+            raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the LLM only "
+                             f"{self.llm.get_input_embeddings().num_embeddings} embeddings")
+        self.set_trainable(vision=config.train_vision)
+        if config.gradient_checkpointing:
+            self.enable_gradient_checkpointing()
+        self._queue: list[np.ndarray] = []
+        self.name_or_path: str | None = None
+
+    # -- construction ------------------------------------------------------------------------------
+    @classmethod
+    def default_config(cls, size: str = "tiny", **overrides) -> VLAConfig:
+        spec = get_size(size, cls.tower_names)
+        values = dict(policy_type=cls.policy_type, size=size, vision_towers=spec["towers"],
+                      llm=spec["llm"]["model_config"], projector=cls.default_projector, prompt=cls.default_prompt)
+        values.update(overrides)
+        return VLAConfig.from_dict(values)
+
+    @classmethod
+    def from_size(cls, size: str = "tiny", statistics: Mapping[str, Any] | None = None, pretrained: bool = False,
+                  components: Mapping[str, str] | None = None, tokenizer=None,
+                  device: str | torch.device | None = None, tower_image_size: int | None = None,
+                  **overrides) -> "OpenVLAPolicy":
+        """A policy of a named size: pretrained parts by hub id / local dir, or random weights from the architecture.
+
+        `pretrained=True` loads the size's vision towers, LLM and tokenizer with `from_pretrained`
+        from their hub ids; `components` replaces some of them by hub ids or local directories
+        (keys: the tower names, "llm", "tokenizer") and implies `pretrained`.
+        `pretrained=False` builds everything from the size's architecture with random weights and
+        the project's tiny tokenizer (unless `tokenizer=` is given).
+        `device="meta"` builds the module tree without allocating weights (parameter counts).
+        `tower_image_size` overrides every tower's input size (e.g. smaller images for quick tests).
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from policies.tiny_tokenizer import build_tiny_tokenizer
+
+        config = cls.default_config(size, **overrides)
+        spec = get_size(size, cls.tower_names)
+        sources = {**{t["name"]: t["pretrained"] for t in config.vision_towers}, "llm": spec["llm"]["pretrained"],
+                   "tokenizer": spec["tokenizer"]}
+        unknown = sorted(set(components or {}) - set(sources))
+        if unknown:
+            raise ValueError(f"unknown component(s) {unknown}; valid: {', '.join(sources)}")
+        sources.update({k: str(v) for k, v in (components or {}).items()})
+        pretrained = pretrained or bool(components)
+        if tower_image_size is not None:
+            for tower in config.vision_towers:
+                tower["image_size"] = tower["model_config"]["image_size"] = int(tower_image_size)
+        vision_modules, llm = None, None
+        if pretrained:
+            for name, source in sources.items():
+                if source is None:
+                    raise ValueError(f"size {size!r} has no pretrained {name}; pass components={{{name!r}: PATH}} "
+                                     "or build with pretrained=False")
+            if tokenizer is None:
+                tokenizer = _load(AutoTokenizer.from_pretrained, sources["tokenizer"], "tokenizer")
+            vision_modules = {}
+            for tower in config.vision_towers:
+                siglip = "siglip" in tower["model_config"]["model_type"]
+                extra = {"vision_use_head": False} if siglip else {}  # the pooled vector is never used
+                model = _load(_tower_class(tower).from_pretrained, sources[tower["name"]], f"{tower['name']} tower",
+                              **extra)
+                if siglip and model.config.image_size != tower["image_size"]:  # DINOv2 interpolates; SigLIP does not
+                    raise ValueError(f"SigLIP tower {sources[tower['name']]!r} takes {model.config.image_size} px "
+                                     f"images, the policy feeds it {tower['image_size']} px")
+                tower["pretrained"] = sources[tower["name"]]
+                tower["model_config"] = model.config.to_dict()
+                vision_modules[tower["name"]] = model
+            llm = _load(AutoModelForCausalLM.from_pretrained, sources["llm"], "LLM", attn_implementation="sdpa")
+        elif tokenizer is None and device != "meta":
+            tokenizer = build_tiny_tokenizer()
+        if tokenizer is not None and tokenizer.pad_token is None:
+            tokenizer.add_special_tokens({"pad_token": "<PAD>"})  # as OpenVLA does for Llama-2
+        # Embedding rows: the tokenizer's ids (the hub vocabulary plus PAD when building on meta), padded to 64.
+        rows = len(tokenizer) if tokenizer is not None else config.llm["vocab_size"] + 1
+        rows = -(-rows // 64) * 64
+        if llm is not None:
+            if llm.get_input_embeddings().num_embeddings != rows:
+                llm.resize_token_embeddings(rows, mean_resizing=False)
+            config.llm = llm.config.to_dict()
+        else:
+            config.llm = {**config.llm, "vocab_size": rows}
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            policy = cls(config, tokenizer, statistics, vision_modules, llm)
+        return policy
+
+    # -- parts ---------------------------------------------------------------------------------------
+    @property
+    def processor(self) -> VLAProcessor:
+        if self._processor is None:
+            raise RuntimeError("this policy was built without a tokenizer (e.g. on the meta device); "
+                               "it cannot process inputs")
+        return self._processor
+
+    @property
+    def statistics(self):
+        return self.processor.statistics
+
+    def set_statistics(self, statistics: Mapping[str, Any]) -> None:
+        self.processor.set_statistics(statistics)
+
+    @property
+    def device(self) -> torch.device:
+        return self.action_slots.weight.device
+
+    def set_trainable(self, vision: bool = True, projector: bool = True, llm: bool = True) -> None:
+        for module, flag in ((self.vision, vision), (self.projector, projector), (self.llm, llm),
+                             (self.action_slots, projector)):
+            module.requires_grad_(flag)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute activations in the backward pass (LLM and towers): memory for compute."""
+        for model in (self.llm, *self.vision.towers.values()):
+            if not getattr(model, "supports_gradient_checkpointing", False):
+                continue
+            if hasattr(model, "activation_checkpointing_enable"):  # the transformers >= 5.x name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.config.gradient_checkpointing = True
+
+    def _autocast(self):
+        mode = self.config.autocast
+        if mode == "auto":
+            mode = "bfloat16" if self.device.type == "cuda" else "none"
+        if mode == "none":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=getattr(torch, mode))
+
+    # -- the shared forward pass --------------------------------------------------------------------------
+    def _embed(self, inputs: Mapping[str, Any]):
+        """Token embeddings with image patches after BOS and slot embeddings on the parallel slots."""
+        embed = self.llm.get_input_embeddings()
+        text = embed(inputs["input_ids"])
+        if inputs["decoding"] == "parallel":
+            n = inputs["n_slots"]
+            text = torch.cat([text[:, :-n], self.action_slots.weight[:n].to(text.dtype).expand(len(text), -1, -1)], 1)
+        train_vision = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision.parameters())
+        with torch.set_grad_enabled(train_vision):
+            features = self.vision(inputs["pixel_values"])
+        patches = self.projector(features.to(self.projector_dtype)).to(text.dtype)
+        embeds = torch.cat([text[:, :1], patches, text[:, 1:]], dim=1)
+        mask = inputs["attention_mask"]
+        valid = torch.cat([mask[:, :1], mask.new_ones(patches.shape[:2]), mask[:, 1:]], dim=1).bool()
+        positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+        return embeds, valid, positions
+
+    @property
+    def projector_dtype(self) -> torch.dtype:
+        return next(self.projector.parameters()).dtype
+
+    @staticmethod
+    def _attention(valid: torch.Tensor, bidirectional: int = 0) -> torch.Tensor:
+        """(B, 1, L, L) boolean mask: causal, padding masked, the last `bidirectional` positions see each other."""
+        length = valid.shape[1]
+        allowed = torch.ones(length, length, dtype=torch.bool, device=valid.device).tril()
+        if bidirectional:
+            allowed[-bidirectional:, -bidirectional:] = True
+        return allowed[None, None] & valid[:, None, None, :]
+
+    def _slot_logits(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """Logits that predict the slot tokens: (B, n_slots, vocab)."""
+        embeds, valid, positions = self._embed(inputs)
+        n = inputs["n_slots"]
+        parallel = inputs["decoding"] == "parallel"
+        out = self.llm(inputs_embeds=embeds, attention_mask=self._attention(valid, n if parallel else 0),
+                       position_ids=positions, use_cache=False, logits_to_keep=n if parallel else n + 1)
+        # Parallel: each slot predicts its own token. Autoregressive: position t predicts token t+1.
+        return out.logits if parallel else out.logits[:, :-1]
+
+    def forward(self, batch: Mapping[str, Any], decoding: str | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss (cross-entropy on action tokens and the stop token) and metrics on a reader batch.
+
+        `batch`: image uint8 (B, H, W, 3), instruction list[str], action (B, 7) or (B, K, 7) normalized,
+        optional action_mask (B, K).
+        """
+        for key in ("image", "instruction", "action"):
+            if key not in batch:
+                raise KeyError(f"batch has no {key!r} key (keys: {', '.join(batch)})")
+        inputs = self.processor(batch["image"], batch["instruction"], actions=batch["action"],
+                                action_mask=batch.get("action_mask"), decoding=decoding, device=self.device)
+        with self._autocast():
+            logits = self._slot_logits(inputs)
+        targets, weights = inputs["target_ids"], inputs["target_weights"]
+        losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+        loss = (losses * weights.flatten()).sum() / weights.sum().clamp(min=1)
+        with torch.no_grad():
+            n_act = inputs["chunk"] * self.config.action_dim  # the stop token (autoregressive) is not an action
+            tok = self.processor.action_tokenizer
+            predicted = tok.logits_to_bins(logits[:, :n_act]).argmax(-1) + tok.first_id
+            w = weights[:, :n_act]
+            correct = ((predicted == targets[:, :n_act]).float() * w).sum() / w.sum().clamp(min=1)
+            l1 = ((tok.decode(predicted) - tok.decode(targets[:, :n_act])).abs() * w).sum() / w.sum().clamp(min=1)
+        metrics = {"loss": float(loss.detach()), "action_accuracy": float(correct), "action_l1": float(l1)}
+        return loss, metrics
+
+    # -- inference ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def predict_action_tokens(self, inputs: Mapping[str, Any], num_actions: int | None = None) -> torch.Tensor:
+        """(B, K*7) action token ids, decoding constrained to the action ids."""
+        tok = self.processor.action_tokenizer
+        with self._autocast():
+            if inputs["decoding"] == "parallel":
+                return tok.logits_to_bins(self._slot_logits(inputs)).argmax(-1) + tok.first_id
+            return self._generate(inputs, (num_actions or inputs["chunk"]) * self.config.action_dim)
+
+    def _generate(self, inputs: Mapping[str, Any], n_tokens: int) -> torch.Tensor:
+        """Greedy autoregressive decoding with a KV cache, one action token per LLM step."""
+        from transformers import DynamicCache
+
+        tok = self.processor.action_tokenizer
+        embeds, valid, positions = self._embed(inputs)
+        cache = DynamicCache(config=self.llm.config)
+        out = self.llm(inputs_embeds=embeds, attention_mask=self._attention(valid), position_ids=positions,
+                       past_key_values=cache, use_cache=True, logits_to_keep=1)
+        embed = self.llm.get_input_embeddings()
+        position = positions[:, -1:]
+        generated = []
+        for step in range(n_tokens):
+            token = tok.logits_to_bins(out.logits[:, -1]).argmax(-1) + tok.first_id
+            generated.append(token)
+            if step == n_tokens - 1:
+                break
+            valid = torch.cat([valid, valid.new_ones(len(valid), 1)], dim=1)
+            position = position + 1
+            out = self.llm(inputs_embeds=embed(token[:, None]), attention_mask=valid[:, None, None, :],
+                           position_ids=position, past_key_values=cache, use_cache=True)
+        return torch.stack(generated, dim=1)
+
+    def predict_actions(self, observations: Sequence[Mapping[str, Any]], instructions: Sequence[str] | None = None,
+                        decoding: str | None = None, num_actions: int | None = None,
+                        unnorm_key: str | None = None) -> np.ndarray:
+        """Un-normalized float32 actions (B, K, 7) for a batch of raw observations.
+
+        K is the config's action_chunk; autoregressive decoding may ask for another `num_actions`.
+        """
+        decoding = decoding or self.config.decoding
+        if decoding == "parallel" and num_actions not in (None, self.config.action_chunk):
+            raise ValueError(f"parallel decoding predicts action_chunk={self.config.action_chunk} actions, "
+                             f"not num_actions={num_actions}")
+        inputs = self.processor.from_observations(observations, instructions, decoding=decoding, device=self.device)
+        ids = self.predict_action_tokens(inputs, num_actions)
+        return self.processor.decode_actions(ids, unnorm_key)
+
+    def predict_action_chunk(self, observation: Mapping[str, Any], instruction: str | None = None,
+                             **kwargs) -> np.ndarray:
+        """(K, 7) float32 un-normalized actions."""
+        return self.predict_actions([observation], None if instruction is None else [instruction], **kwargs)[0]
+
+    def predict_action(self, observation: Mapping[str, Any], instruction: str | None = None, **kwargs) -> np.ndarray:
+        """(7,) float32 un-normalized action: the first of the predicted chunk."""
+        return self.predict_action_chunk(observation, instruction, **kwargs)[0]
+
+    def reset(self) -> None:
+        self._queue.clear()
+
+    def select_action(self, observation: Mapping[str, Any], instruction: str | None = None) -> np.ndarray:
+        """(7,) action, executing each predicted chunk open-loop before predicting the next (call reset() per episode)."""
+        if not self._queue:
+            self._queue.extend(self.predict_action_chunk(observation, instruction))
+        return self._queue.pop(0)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """config.json, model.safetensors, the tokenizer and dataset_statistics.json."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from safetensors.torch import save_model
+
+        if any(isinstance(m, BaseTunerLayer) for m in self.modules()):
+            raise RuntimeError("the policy carries LoRA adapters: save the adapter alone with "
+                               "PeftModel.save_pretrained, or merge it first (policies.lora.merge_lora)")
+        if self.statistics is None:
+            raise RuntimeError("the policy has no dataset statistics to save; set them with set_statistics() first")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2))
+        save_model(self, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        self.tokenizer.save_pretrained(directory)
+        save_dataset_statistics(self.statistics, directory)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | os.PathLike, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None, **overrides) -> "OpenVLAPolicy":
+        """Load a checkpoint directory (or hub id) written by save_pretrained; safetensors only."""
+        from safetensors.torch import load_model
+        from transformers import AutoTokenizer
+
+        directory = resolve_checkpoint(path_or_id)
+        values = read_config(directory)
+        if values.get("policy_type") != cls.policy_type:
+            raise ValueError(f"{directory} holds a {values.get('policy_type')!r} policy, not {cls.policy_type!r}; "
+                             "use policies.load_pretrained to load any policy")
+        config = VLAConfig.from_dict({**values, **overrides})
+        weights = directory / WEIGHTS_NAME
+        if not weights.exists():
+            pickled = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
+            note = f" (found {', '.join(pickled)}: pickled weights are never loaded)" if pickled else ""
+            raise FileNotFoundError(f"no weights ({WEIGHTS_NAME}) in {directory}{note}")
+        if not (directory / STATISTICS_FILENAME).exists():
+            raise FileNotFoundError(f"checkpoint {directory} has no {STATISTICS_FILENAME}: without the statistics of "
+                                    "its training data its actions cannot be un-normalized")
+        statistics = load_dataset_statistics(directory)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        with torch.device(device):
+            policy = cls(config, tokenizer, statistics)
+        missing, unexpected = load_model(policy, str(weights), strict=False, device=str(device))
+        if missing or unexpected:
+            raise ValueError(f"weights in {weights} do not match the config: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        if dtype is not None:
+            policy.to(dtype)
+        policy.name_or_path = str(path_or_id)
+        return policy.eval()
+
+
+def _tower_class(tower: Mapping[str, Any]):
+    """The transformers class of a vision tower; SigLIP's vision half loads from full SigLIP checkpoints too."""
+    import transformers
+
+    classes = {"dinov2_with_registers": "Dinov2WithRegistersModel", "dinov2": "Dinov2Model",
+               "siglip_vision_model": "SiglipVisionModel", "siglip": "SiglipVisionModel"}
+    model_type = tower["model_config"]["model_type"]
+    if model_type not in classes:
+        raise ValueError(f"unsupported vision tower type {model_type!r} ({tower['name']}); "
+                         f"supported: {', '.join(classes)}")
+    return getattr(transformers, classes[model_type])
+
+
+def _load(loader, name: str, what: str, **kwargs):
+    try:
+        return loader(name, **kwargs)
+    except (OSError, ValueError) as err:
+        raise OSError(f"could not load the {what} {name!r}: {err}") from err
+
+
+def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
+    """A local checkpoint directory, or a hub id fetched (safetensors and JSON only) into the hub cache."""
+    path = Path(path_or_id).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(f"policy checkpoint {path} is not a directory")
+        return path
+    text = os.fspath(path_or_id)
+    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"policy checkpoint {text!r} does not exist (not a directory, not a hub id)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as err:  # network errors, unknown repos, offline mode: all name the id
+        raise FileNotFoundError(f"could not find policy {text!r}: not a local directory and not available from "
+                                f"the hub ({type(err).__name__}: {err})") from err
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in policy checkpoint {directory}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err

@@ -1,0 +1,215 @@
+"""One preprocessing path for training and inference: images, prompt, action tokens, (un)normalization.
+
+`VLAProcessor.__call__` turns a batch of uint8 images, instructions and (optionally) normalized
+actions into model inputs. `forward()` calls it on reader batches; `predict_action()` calls
+`from_observations()`, which checks raw observations and then calls the very same `__call__`.
+
+Token layout of one sample (left-aligned BOS, prompt padding after it, so that the action
+positions line up across the batch):
+
+    [BOS] [PAD ... PAD] [prompt tokens] [action slots]
+           ^ attention mask 0
+
+The model inserts the projected image patches right after BOS. Action slots are, by decoding mode:
+- "autoregressive", training: the K*7 action token ids then EOS (the stop token);
+  inference: none (tokens are generated one at a time);
+- "parallel": K*7 placeholders replaced by learned slot embeddings, decoded in one pass.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from embodied.data.statistics import NormalizationMode, normalize, unnormalize
+from policies.action_tokenizer import ActionTokenizer
+
+DECODING_MODES = ("autoregressive", "parallel")
+
+
+class VLAProcessor:
+    def __init__(self, config, tokenizer, statistics: Mapping[str, Any] | None = None):
+        self.config = config
+        self.tokenizer = tokenizer
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(tokenizer, name) is None:
+                raise ValueError(f"the tokenizer has no {name[:-9]} token; the policy needs BOS, EOS and PAD")
+        self.action_tokenizer = ActionTokenizer(tokenizer.vocab_size, config.n_action_bins)
+        self.towers = [(t["name"], int(t["image_size"]), torch.tensor(t["image_mean"]).view(1, 3, 1, 1),
+                        torch.tensor(t["image_std"]).view(1, 3, 1, 1)) for t in config.vision_towers]
+        self.statistics: dict[str, Any] | None = None
+        if statistics is not None:
+            self.set_statistics(statistics)
+        self._warned_sizes: set[tuple[int, int]] = set()
+
+    # -- statistics ------------------------------------------------------------------------------
+    def set_statistics(self, statistics: Mapping[str, Any]) -> None:
+        """{dataset name: statistics} as in `dataset_statistics.json`; checks the action dimension."""
+        if not statistics:
+            raise ValueError("dataset statistics are empty; a policy needs the statistics of its training data")
+        for name, entry in statistics.items():
+            if "action" not in entry or "q01" not in entry["action"]:
+                raise ValueError(f"dataset statistics for {name!r} have no action q01/q99 entry")
+            dim = len(entry["action"]["q01"])
+            if dim != self.config.action_dim:
+                raise ValueError(f"dataset statistics for {name!r} have {dim}-D actions but the policy's "
+                                 f"action_dim is {self.config.action_dim}")
+        if self.config.unnorm_key is not None and self.config.unnorm_key not in statistics:
+            raise ValueError(f"unnorm_key {self.config.unnorm_key!r} is not in the dataset statistics "
+                             f"(have: {', '.join(statistics)})")
+        self.statistics = {k: dict(v) for k, v in statistics.items()}
+
+    def action_statistics(self, unnorm_key: str | None = None) -> Mapping[str, Any]:
+        if self.statistics is None:
+            raise RuntimeError("the policy has no dataset statistics; set them with set_statistics() "
+                               "(or load a checkpoint that carries dataset_statistics.json)")
+        key = unnorm_key or self.config.unnorm_key
+        if key is None:
+            if len(self.statistics) > 1:
+                raise ValueError(f"the policy was trained on several datasets ({', '.join(self.statistics)}); "
+                                 "pass unnorm_key= to pick the one whose action statistics to use")
+            key = next(iter(self.statistics))
+        if key not in self.statistics:
+            raise ValueError(f"unnorm_key {key!r} not in the dataset statistics (have: {', '.join(self.statistics)})")
+        return self.statistics[key]["action"]
+
+    def normalize_actions(self, actions: np.ndarray, unnorm_key: str | None = None) -> np.ndarray:
+        return normalize(actions, self.action_statistics(unnorm_key), NormalizationMode.parse(self.config.normalization))
+
+    def unnormalize_actions(self, normalized: np.ndarray, unnorm_key: str | None = None) -> np.ndarray:
+        return unnormalize(normalized, self.action_statistics(unnorm_key),
+                           NormalizationMode.parse(self.config.normalization))
+
+    def decode_actions(self, token_ids: torch.Tensor | np.ndarray, unnorm_key: str | None = None) -> np.ndarray:
+        """(B, K*D) action token ids → (B, K, D) float32 un-normalized actions."""
+        ids = token_ids.detach().cpu().numpy() if isinstance(token_ids, torch.Tensor) else np.asarray(token_ids)
+        normalized = self.action_tokenizer.decode(ids).reshape(len(ids), -1, self.config.action_dim)
+        return self.unnormalize_actions(normalized, unnorm_key).astype(np.float32)
+
+    # -- text --------------------------------------------------------------------------------------
+    def prompt(self, instruction: str) -> str:
+        if not isinstance(instruction, str):
+            raise TypeError(f"instruction must be a str, got {type(instruction).__name__}")
+        text = instruction.strip().rstrip(".").strip().lower()
+        if not text:
+            raise ValueError(f"empty instruction {instruction!r}: the policy needs a task description")
+        return self.config.prompt.format(instruction=text)
+
+    def _prompt_ids(self, instructions: Sequence[str]) -> list[list[int]]:
+        texts = [self.prompt(i) for i in instructions]
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    # -- images ------------------------------------------------------------------------------------
+    def _check_images(self, images: torch.Tensor, what: str) -> torch.Tensor:
+        """uint8 (B, H, W, 3); another H x W is resized to the training size with a warning."""
+        size = int(self.config.observation_image_size)
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"{what} must be uint8 images of shape (H, W, 3) (trained on ({size}, {size}, 3)), "
+                             f"got dtype {str(images.dtype).replace('torch.', '')} and shape {tuple(images.shape[1:])}")
+        hw = (int(images.shape[1]), int(images.shape[2]))
+        if hw != (size, size):
+            if hw not in self._warned_sizes:
+                self._warned_sizes.add(hw)
+                warnings.warn(f"{what} is {hw[0]}x{hw[1]}, the policy was trained on {size}x{size} images; "
+                              "resizing", stacklevel=3)
+            resized = F.interpolate(images.permute(0, 3, 1, 2).float(), size=(size, size), mode="bilinear",
+                                    antialias=True, align_corners=False)
+            images = resized.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        return images
+
+    def pixel_values(self, images: torch.Tensor, device=None) -> dict[str, torch.Tensor]:
+        """uint8 (B, H, W, 3) → per tower float (B, 3, S, S): naive resize to the tower's size, its mean/std."""
+        x = images.to(device).permute(0, 3, 1, 2).float() / 255.0
+        out = {}
+        for name, size, mean, std in self.towers:
+            y = x if tuple(x.shape[-2:]) == (size, size) else F.interpolate(
+                x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            out[name] = (y - mean.to(y.device)) / std.to(y.device)
+        return out
+
+    # -- the one entry point -------------------------------------------------------------------------
+    def __call__(self, images, instructions: Sequence[str], actions=None, action_mask=None,
+                 decoding: str | None = None, chunk: int | None = None, device=None) -> dict[str, Any]:
+        """Model inputs. `actions` are normalized (B, D) or (B, K, D), as the data reader yields them."""
+        decoding = decoding or self.config.decoding
+        if decoding not in DECODING_MODES:
+            raise ValueError(f"unknown decoding {decoding!r}; valid: {', '.join(DECODING_MODES)}")
+        images = torch.as_tensor(images)
+        if images.ndim == 3:
+            images = images[None]
+        if isinstance(instructions, str):
+            instructions = [instructions]
+        instructions = list(instructions)
+        if len(instructions) != len(images):
+            raise ValueError(f"{len(images)} images but {len(instructions)} instructions")
+        images = self._check_images(images, "image")
+        dim = self.config.action_dim
+        target_ids = target_weights = None
+        if actions is not None:
+            actions = torch.as_tensor(actions, dtype=torch.float32)
+            if actions.ndim == 2:
+                actions = actions[:, None]
+            if actions.ndim != 3 or actions.shape[-1] != dim or len(actions) != len(images):
+                raise ValueError(f"actions must be (B, {dim}) or (B, K, {dim}) for B={len(images)}, "
+                                 f"got {tuple(actions.shape)}")
+            chunk = actions.shape[1]
+            weights = torch.ones(actions.shape[:2]) if action_mask is None else torch.as_tensor(action_mask).float()
+            target_ids = self.action_tokenizer.encode(actions).reshape(len(actions), -1)
+            target_weights = weights.repeat_interleave(dim, dim=1)
+        chunk = int(chunk or self.config.action_chunk)
+        n_slots = chunk * dim
+
+        prompts = self._prompt_ids(instructions)
+        if decoding == "autoregressive" and target_ids is not None:
+            eos = torch.full((len(images), 1), self.tokenizer.eos_token_id, dtype=torch.long)
+            slots = torch.cat([target_ids, eos], dim=1)
+            target_ids, target_weights = slots, torch.cat([target_weights, torch.ones(len(images), 1)], dim=1)
+        elif decoding == "parallel":
+            slots = torch.full((len(images), n_slots), self.tokenizer.pad_token_id, dtype=torch.long)
+        else:
+            slots = torch.zeros((len(images), 0), dtype=torch.long)
+        width = max(len(p) for p in prompts)
+        pad, bos = self.tokenizer.pad_token_id, self.tokenizer.bos_token_id
+        input_ids = torch.full((len(images), 1 + width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(images), 1 + width), dtype=torch.long)
+        input_ids[:, 0], attention_mask[:, 0] = bos, 1
+        for row, ids in enumerate(prompts):
+            input_ids[row, 1 + width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, 1 + width - len(ids):] = 1
+        input_ids = torch.cat([input_ids, slots], dim=1)
+        attention_mask = torch.cat([attention_mask, torch.ones_like(slots)], dim=1)
+        out = {"pixel_values": self.pixel_values(images, device), "input_ids": input_ids.to(device),
+               "attention_mask": attention_mask.to(device), "decoding": decoding, "chunk": chunk,
+               "n_slots": slots.shape[1]}
+        if target_ids is not None:
+            out["target_ids"] = target_ids.to(device)
+            out["target_weights"] = target_weights.to(device)
+        return out
+
+    def from_observations(self, observations: Sequence[Mapping[str, Any]], instructions: Sequence[str] | None = None,
+                          **kwargs) -> dict[str, Any]:
+        """Raw observations (dicts with a uint8 (H, W, 3) `image`) → the same inputs as training."""
+        if isinstance(observations, Mapping):
+            observations = [observations]
+        if instructions is None:
+            instructions = [obs.get("instruction") for obs in observations]
+        elif isinstance(instructions, str):
+            instructions = [instructions]
+        images = []
+        for i, obs in enumerate(observations):
+            if "image" not in obs:
+                raise KeyError(f"observation {i} has no 'image' key (keys: {', '.join(obs)})")
+            image = np.asarray(obs["image"])
+            size = int(self.config.observation_image_size)
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+                raise ValueError(f"observation['image'] must be uint8 of shape (H, W, 3) (trained on "
+                                 f"({size}, {size}, 3)), got dtype {image.dtype} and shape {image.shape}")
+            images.append(self._check_images(torch.from_numpy(np.ascontiguousarray(image))[None],
+                                             "observation['image']")[0])
+        for i, text in enumerate(instructions):
+            if text is None:
+                raise ValueError(f"no instruction for observation {i}: pass instruction= or set obs['instruction']")
+        return self(torch.stack(images), list(instructions), **kwargs)

@@ -1,0 +1,291 @@
+"""OpenVLA and RT-2 policies on tiny configs: action tokens, overfitting, decoding, checkpoints, bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import policies
+from embodied.data.statistics import normalize, unnormalize
+from policies import ActionTokenizer, OpenVLAPolicy, RT2Policy
+from policy_helpers import single_thread, IMAGE, batch, observations, statistics, tiny, train_until_exact  # noqa: F401 (autouse fixture)
+
+
+# -- action tokens ---------------------------------------------------------------------------------
+
+def test_action_tokens_round_trip_within_half_a_bin_on_the_last_256_ids():
+    tok = ActionTokenizer(vocab_size=32000)
+    x = np.concatenate([np.linspace(-1, 1, 5001), [-1.0, 1.0, -1.5, 2.0]]).astype(np.float32).reshape(-1, 7)
+    ids = tok.encode(x)
+    assert ids.min() == 32000 - 256 and ids.max() == 32000 - 1  # exactly the last 256 ids, all used
+    assert len(np.unique(ids)) == 256
+    error = np.abs(tok.decode(ids) - np.clip(x, -1, 1))
+    assert error.max() <= tok.bin_width / 2 + 1e-6
+    # the torch path is the same map
+    assert torch.equal(tok.encode(torch.from_numpy(x)), torch.from_numpy(ids))
+    assert np.allclose(tok.decode(torch.from_numpy(ids)).numpy(), tok.decode(ids))
+    # OpenVLA's formula: id = vocab_size - digitize(x, linspace(-1, 1, 256))
+    assert np.array_equal(ids, 32000 - np.digitize(np.clip(x, -1, 1), np.linspace(-1, 1, 256)))
+
+
+def test_raw_actions_round_trip_through_statistics_and_tokens():
+    stats = statistics()["sim_tabletop10"]["action"]
+    tok = ActionTokenizer(1024)
+    rng = np.random.default_rng(1)
+    raw = rng.uniform(stats["q01"], stats["q99"], size=(200, 7)).astype(np.float32)
+    raw[:, -1] = rng.integers(0, 2, 200)  # the gripper is not normalized (mask)
+    back = unnormalize(tok.decode(tok.encode(normalize(raw, stats))), stats)
+    half_bin = tok.bin_width / 2 * (np.asarray(stats["q99"]) - np.asarray(stats["q01"])) / 2
+    half_bin[-1] = tok.bin_width / 2
+    assert np.all(np.abs(back - raw) <= half_bin + 1e-6)
+
+
+def test_tiny_tokenizer_text_never_uses_action_ids():
+    from policies.tiny_tokenizer import build_tiny_tokenizer, corpus
+
+    tokenizer = build_tiny_tokenizer()
+    first_action_id = ActionTokenizer(tokenizer.vocab_size).first_id
+    texts = corpus() + ["Zebra crossing ☃ 123 xylophone", "In: What action should the robot take to fly?\nOut:"]
+    ids = [i for row in tokenizer(texts, add_special_tokens=False)["input_ids"] for i in row]
+    assert max(ids) < first_action_id
+    assert tokenizer.decode(tokenizer("pick up the red cube", add_special_tokens=False)["input_ids"]) \
+        == "pick up the red cube"
+
+
+# -- training and decoding ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_openvla():
+    policy = tiny(OpenVLAPolicy)
+    data = batch()
+    metrics = train_until_exact(policy, data)
+    return policy, data, metrics
+
+
+def expected_actions(policy, data):
+    """The batch's actions after the token round trip, un-normalized: what a perfect policy returns."""
+    tok = policy.processor.action_tokenizer
+    normalized = tok.decode(tok.encode(data["action"].numpy()))
+    return policy.processor.unnormalize_actions(normalized)
+
+
+def test_openvla_overfits_a_batch_and_predicts_its_actions(trained_openvla):
+    policy, data, metrics = trained_openvla
+    assert metrics["action_accuracy"] == 1.0 and metrics["action_l1"] == 0.0
+    assert len(policy.vision.towers) == 2 and policy.vision.num_patches == 16
+    actions = policy.predict_actions(observations(data))
+    assert actions.shape == (4, 1, 7) and actions.dtype == np.float32
+    np.testing.assert_allclose(actions[:, 0], expected_actions(policy, data), atol=1e-6)
+    single = policy.predict_action(observations(data)[1], data["instruction"][1])
+    assert single.shape == (7,) and single.dtype == np.float32
+    np.testing.assert_allclose(single, actions[1, 0], atol=1e-6)
+
+
+def test_save_then_load_gives_identical_actions(trained_openvla, tmp_path):
+    policy, data, _ = trained_openvla
+    policy.save_pretrained(tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "config.json", "dataset_statistics.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    loaded = policies.load_pretrained(tmp_path / "ckpt")
+    assert type(loaded) is OpenVLAPolicy
+    assert loaded.config == policy.config
+    assert np.array_equal(loaded.predict_actions(observations(data)), policy.predict_actions(observations(data)))
+    with torch.no_grad():
+        assert loaded(data)[0].item() == policy(data)[0].item()
+    with pytest.raises(ValueError, match="'openvla' policy, not 'rt2'"):
+        RT2Policy.from_pretrained(tmp_path / "ckpt")
+    # the Hydra path: policy.pretrained=<dir> loads the checkpoint
+    again = policies.make_policy({"name": "openvla", "pretrained": str(tmp_path / "ckpt"), "decoding": None})
+    assert np.array_equal(again.predict_actions(observations(data)), policy.predict_actions(observations(data)))
+
+
+def test_rt2_overfits_and_loads_as_rt2(tmp_path):
+    policy = tiny(RT2Policy)
+    assert list(policy.vision.towers) == ["siglip"] and isinstance(policy.projector, torch.nn.Linear)
+    assert policy.processor.prompt("Open the drawer.") == "Q: What action should the robot take to open the drawer? A:"
+    data = batch(seed=1)
+    assert train_until_exact(policy, data)["action_accuracy"] == 1.0
+    np.testing.assert_allclose(policy.predict_actions(observations(data))[:, 0], expected_actions(policy, data),
+                               atol=1e-6)
+    policy.save_pretrained(tmp_path)
+    loaded = policies.load_pretrained(tmp_path)
+    assert type(loaded) is RT2Policy
+    assert np.array_equal(loaded.predict_actions(observations(data)), policy.predict_actions(observations(data)))
+
+
+def test_parallel_chunk_decoding_overfits_with_masked_steps():
+    policy = tiny(OpenVLAPolicy, decoding="parallel", action_chunk=3)
+    data = batch(chunk=3, seed=2)
+    data["action_mask"][0, 2] = False  # past the episode's end: no loss there
+    metrics = train_until_exact(policy, data)
+    assert metrics["action_accuracy"] == 1.0
+    actions = policy.predict_actions(observations(data))
+    assert actions.shape == (4, 3, 7)
+    expected = expected_actions(policy, data)
+    mask = data["action_mask"].numpy()
+    np.testing.assert_allclose(actions[mask], expected[mask], atol=1e-6)
+    # the same weights decode autoregressively too (a different, untrained path: only shapes agree)
+    assert policy.predict_actions(observations(data)[:1], decoding="autoregressive", num_actions=2).shape == (1, 2, 7)
+    with pytest.raises(ValueError, match="parallel decoding predicts action_chunk=3 actions, not num_actions=2"):
+        policy.predict_actions(observations(data)[:1], num_actions=2)
+    # select_action executes a chunk open-loop before predicting again
+    policy.reset()
+    first = [policy.select_action(observations(data)[1]) for _ in range(3)]
+    np.testing.assert_allclose(np.stack(first), actions[1], atol=1e-6)
+
+
+def test_prompt_and_shared_preprocessing():
+    policy = tiny(OpenVLAPolicy)
+    proc = policy.processor
+    assert proc.prompt("Pick up the red cube.") == "In: What action should the robot take to pick up the red cube?\nOut:"
+    data = batch(size=2)
+    train_inputs = proc(data["image"], data["instruction"], actions=data["action"])
+    eval_inputs = proc.from_observations(observations(data))
+    for name in train_inputs["pixel_values"]:
+        assert torch.equal(train_inputs["pixel_values"][name], eval_inputs["pixel_values"][name])
+    n = train_inputs["n_slots"]
+    assert n == 8  # 7 action tokens + the stop token
+    assert torch.equal(train_inputs["input_ids"][:, :-n], eval_inputs["input_ids"])
+    assert (train_inputs["input_ids"][:, 0] == policy.tokenizer.bos_token_id).all()
+    assert (train_inputs["input_ids"][:, -1] == policy.tokenizer.eos_token_id).all()
+
+
+# -- bad input ------------------------------------------------------------------------------------------
+
+def test_bad_observations_are_refused_or_resized():
+    policy = tiny(RT2Policy)
+    image = np.zeros((IMAGE, IMAGE, 3), np.uint8)
+    with pytest.raises(ValueError, match="empty instruction"):
+        policy.predict_action({"image": image}, "   ")
+    with pytest.raises(ValueError, match=r"uint8 of shape \(H, W, 3\) \(trained on \(32, 32, 3\)\), got dtype float32"):
+        policy.predict_action({"image": image.astype(np.float32)}, "open the drawer")
+    with pytest.raises(ValueError, match=r"got dtype uint8 and shape \(32, 32\)"):
+        policy.predict_action({"image": image[..., 0]}, "open the drawer")
+    with pytest.raises(KeyError, match="no 'image' key"):
+        policy.predict_action({"state": np.zeros(8)}, "open the drawer")
+    with pytest.warns(UserWarning, match="is 48x40, the policy was trained on 32x32 images; resizing"):
+        action = policy.predict_action({"image": np.zeros((48, 40, 3), np.uint8)}, "open the drawer")
+    assert action.shape == (7,)
+    with pytest.raises(ValueError, match=r"actions must be \(B, 7\) or \(B, K, 7\) for B=4, got \(4, 1, 6\)"):
+        policy({"image": batch()["image"], "instruction": batch()["instruction"], "action": torch.zeros(4, 6)})
+
+
+def test_checkpoint_errors_name_what_is_wrong(tmp_path, monkeypatch):
+    policy = tiny(RT2Policy)
+    ckpt = tmp_path / "ckpt"
+    policy.save_pretrained(ckpt)
+
+    no_stats = tmp_path / "no_stats"
+    shutil.copytree(ckpt, no_stats)
+    (no_stats / "dataset_statistics.json").unlink()
+    with pytest.raises(FileNotFoundError, match="has no dataset_statistics.json"):
+        policies.load_pretrained(no_stats)
+
+    wrong_dim = tmp_path / "wrong_dim"
+    shutil.copytree(ckpt, wrong_dim)
+    (wrong_dim / "dataset_statistics.json").write_text(json.dumps(statistics(dim=6)))
+    with pytest.raises(ValueError, match="have 6-D actions but the policy's action_dim is 7"):
+        policies.load_pretrained(wrong_dim)
+
+    no_weights = tmp_path / "no_weights"
+    shutil.copytree(ckpt, no_weights)
+    (no_weights / "model.safetensors").unlink()
+    (no_weights / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(FileNotFoundError, match=r"no weights \(model.safetensors\) in .*no_weights .*never loaded"):
+        policies.load_pretrained(no_weights)
+
+    with pytest.raises(FileNotFoundError, match="no config.json in policy checkpoint"):
+        policies.load_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="'does/not/exist/here' does not exist"):
+        policies.load_pretrained("does/not/exist/here")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="could not find policy 'nobody/no-such-policy'"):
+        policies.load_pretrained("nobody/no-such-policy")
+
+    bare = tiny(RT2Policy)
+    bare.processor.statistics = None
+    with pytest.raises(RuntimeError, match="no dataset statistics to save"):
+        bare.save_pretrained(tmp_path / "bare")
+    with pytest.raises(ValueError, match="several datasets"):
+        bare.set_statistics({"a": statistics()["sim_tabletop10"], "b": statistics()["sim_tabletop10"]})
+        bare.predict_action({"image": np.zeros((IMAGE, IMAGE, 3), np.uint8)}, "open the drawer")
+
+
+# -- sizes, configs, GPU paths --------------------------------------------------------------------------
+
+def test_7b_builds_on_meta_and_the_command_prints_its_parameter_count(capsys):
+    from policies.count_params import main
+
+    counts = main(["--policy", "openvla", "--size", "7b"])
+    out = capsys.readouterr().out
+    assert 7.4e9 < counts["total"] < 7.6e9
+    assert "openvla 7b: 7.53B parameters" in out
+    assert counts["llm"] == 6_738_939_904  # Llama-2-7B with 32064 embedding rows (PAD added, padded to 64)
+    assert counts["projector"] == 2176 * 8704 + 8704 + 8704 * 4096 + 4096 + 4096 * 4096 + 4096
+
+
+def test_hydra_policy_configs_build_policies():
+    from omegaconf import OmegaConf
+
+    for name, cls in (("openvla", OpenVLAPolicy), ("rt2", RT2Policy)):
+        cfg = OmegaConf.to_container(OmegaConf.load(f"embodied/conf/policy/{name}.yaml"))
+        assert cfg["size"] == "tiny" and cfg["lora"]["r"] == 32 and cfg["lora"]["alpha"] == 16
+        policy = policies.make_policy(cfg, statistics())
+        assert type(policy) is cls and policy.config.size == "tiny"
+    with pytest.raises(ValueError, match="unknown policy size 'huge'; valid: tiny, base, 7b"):
+        policies.make_policy({"name": "openvla", "size": "huge"})
+    with pytest.raises(ValueError, match="unknown policy type 'rt3'"):
+        policies.make_policy({"name": "rt3"})
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    data = batch(size=2)
+    grads = []
+    for checkpointing in (False, True):
+        policy = tiny(OpenVLAPolicy, gradient_checkpointing=checkpointing)
+        policy.train()
+        policy(data)[0].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_bf16_autocast_and_gradient_checkpointing_train_on_gpu():
+    policy = tiny(OpenVLAPolicy, gradient_checkpointing=True).cuda()
+    assert policy.config.autocast == "auto"
+    data = batch(seed=3)
+    metrics = train_until_exact(policy, data, max_steps=300)
+    assert metrics["action_accuracy"] == 1.0
+    with policy._autocast():
+        assert torch.get_autocast_dtype("cuda") == torch.bfloat16 and torch.is_autocast_enabled("cuda")
+    np.testing.assert_allclose(policy.predict_actions(observations(data))[:, 0], expected_actions(policy, data),
+                               atol=1e-6)
+
+
+def test_pretrained_components_load_from_local_directories(tmp_path):
+    """The pretrained path (from_pretrained of towers, LLM, tokenizer), with local dirs standing in for hub ids."""
+    donor = tiny(OpenVLAPolicy, seed=7)
+    components = {"llm": tmp_path / "llm", "tokenizer": tmp_path / "tokenizer"}
+    for name, tower in donor.vision.towers.items():
+        tower.save_pretrained(tmp_path / name)
+        components[name] = tmp_path / name
+    donor.llm.save_pretrained(tmp_path / "llm")
+    donor.tokenizer.save_pretrained(tmp_path / "tokenizer")
+    policy = OpenVLAPolicy.from_size("tiny", statistics=statistics(), components=components,
+                                     observation_image_size=IMAGE, tower_image_size=56)
+    assert policy.config.vision_towers[0]["pretrained"] == str(components["dinov2"])
+    for name in ("vision", "llm"):
+        for (key, a), b in zip(getattr(donor, name).state_dict().items(), getattr(policy, name).state_dict().values()):
+            assert torch.equal(a, b), key
+    policy.save_pretrained(tmp_path / "ckpt")  # and it is a regular checkpoint
+    assert type(policies.load_pretrained(tmp_path / "ckpt")) is OpenVLAPolicy
+    with pytest.raises(OSError, match=r"could not load the LLM '.*nowhere'"):
+        OpenVLAPolicy.from_size("tiny", components={**components, "llm": tmp_path / "nowhere"}, tower_image_size=56)
+    with pytest.raises(ValueError, match="takes 56 px images, the policy feeds it 112 px"):
+        OpenVLAPolicy.from_size("tiny", components=components)
+    with pytest.raises(ValueError, match="size 'tiny' has no pretrained dinov2"):
+        OpenVLAPolicy.from_size("tiny", pretrained=True)
+

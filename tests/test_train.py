@@ -1,0 +1,142 @@
+"""`python -m embodied.train`: exact resume after SIGKILL, DDP with torchrun, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from embodied.checkpointing import checkpoint_name
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from embodied.data.synthetic import write_platform_dataset
+
+    root = tmp_path_factory.mktemp("rlds")
+    write_platform_dataset(root, name="embodied_synthetic", num_episodes=6, length=(8, 14), image_size=16)
+    return root
+
+
+def overrides(data_dir, out, **extra):
+    values = {"data.datasets": "embodied_synthetic", "data.data_dir": str(data_dir), "data.batch_size": 4,
+              "data.shuffle_buffer": 64, "policy.observation_image_size": 32, "wandb.mode": "disabled",
+              "eval.final": "false", "collect.enabled": "false", "log_every": 1, "schedule.warmup_steps": 2,
+              "output_dir": str(out), "num_threads": 1}
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def run_train(args, **kwargs):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "embodied.train", *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=600, **kwargs)
+
+
+def losses(run_dir):
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run_a")
+    proc = run_train(overrides(data_dir, out, max_steps=10, **{"checkpoint.every": 4}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_run_writes_config_statistics_checkpoints(uninterrupted):
+    out = uninterrupted
+    assert (out / "config.yaml").exists() and (out / ".hydra" / "config.yaml").exists()
+    assert (out / "dataset_statistics.json").exists()
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept == [checkpoint_name(8), checkpoint_name(10)]  # the last 2
+    assert (out / "final" / "model.safetensors").exists() and (out / "final" / "dataset_statistics.json").exists()
+    curve = losses(out)
+    assert sorted(curve) == list(range(1, 11))
+    assert curve[10] < curve[1], f"loss did not go down: {curve}"
+
+
+def test_sigkill_then_resume_reproduces_the_loss_curve(data_dir, uninterrupted, tmp_path):
+    out = tmp_path / "run_b"
+    args = overrides(data_dir, out, max_steps=10, **{"checkpoint.every": 4})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "embodied.train", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:  # kill mid-run, after the step-4 checkpoint and before the next one
+            if (out / "metrics.jsonl").exists() and max(losses(out), default=0) >= 6:
+                break
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert 6 <= max(losses(out)) < 10
+    resumed = run_train(args + ["resume=true"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    assert losses(out) == losses(uninterrupted)  # bit for bit, every step
+
+
+def compose(data_dir, out, **extra):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "embodied" / "conf"), version_base="1.3"):
+        return hydra_compose("train", overrides=overrides(data_dir, out, **extra))
+
+
+def test_resume_with_another_architecture_is_refused(data_dir, uninterrupted, tmp_path):
+    from embodied.train import train
+
+    cfg = compose(data_dir, tmp_path, max_steps=12, policy="rt2",
+                  resume=str(uninterrupted / "checkpoints" / checkpoint_name(10)))
+    with pytest.raises(ValueError, match="different policy architecture"):
+        train(cfg, tmp_path)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
+    from embodied.train import NonFiniteLossError, train
+
+    cfg = compose(data_dir, tmp_path, max_steps=40, **{"optimizer.lr": 1e4, "optimizer.grad_clip": 1e6,
+                                                       "schedule.warmup_steps": 0, "checkpoint.every": 1})
+    with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf) at step \d+") as error:
+        train(cfg, tmp_path)
+    kept = sorted((tmp_path / "checkpoints").iterdir())
+    assert kept and f"last good checkpoint is {kept[-1]}" in str(error.value)
+
+
+def test_missing_dataset_and_unknown_group_errors(tmp_path):
+    from hydra.errors import MissingConfigException
+
+    from embodied.train import train
+
+    cfg = compose(tmp_path, tmp_path / "out", **{"data.datasets": "embodied_missing", "collect.enabled": "false"})
+    with pytest.raises(FileNotFoundError, match=f"embodied_missing not found under {tmp_path}"):
+        train(cfg, tmp_path / "out")
+    with pytest.raises(MissingConfigException, match="openvlaa") as error:
+        compose(tmp_path, tmp_path / "x", policy="openvlaa")
+    assert "openvla" in str(error.value) and "rt2" in str(error.value)
+
+
+def test_torchrun_ddp_two_processes(data_dir, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "embodied.train", *overrides(data_dir, out, max_steps=4, **{"checkpoint.every": 2})],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+    assert sorted(losses(out)) == [1, 2, 3, 4]
+    assert (out / "final" / "model.safetensors").exists()
