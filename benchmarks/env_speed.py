@@ -11,6 +11,7 @@ Goal: env >= 0.8x raw. Then AsyncVectorEnv with 2 workers against 1 (goal >= 1.8
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import numpy as np
@@ -73,10 +74,13 @@ def time_raw_pybullet(env: TabletopEnv, n: int) -> float:
 def time_vector(task: str, backend: str, num_envs: int, steps: int, image_size: int) -> float:
     import gymnasium as gym
 
-    import envs
+    from embodied.evaluation import EvalConfig, _make_env
 
-    vec = gym.vector.AsyncVectorEnv([lambda: envs.make_env(task, backend=backend, image_size=image_size)
-                                     for _ in range(num_envs)], shared_memory=False)
+    # The evaluation harness's own settings (forkserver workers, observations through the pipes),
+    # with an async vector env even for one worker, so that both sides pay the same overheads.
+    cfg = EvalConfig(backend=backend, image_size=image_size, randomization="none")
+    vec = gym.vector.AsyncVectorEnv([functools.partial(_make_env, task, cfg) for _ in range(num_envs)],
+                                    shared_memory=False, context="forkserver")
     try:
         vec.reset(seed=list(range(num_envs)))
         acts = actions(steps + 5)

@@ -364,7 +364,9 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, dist: Distribut
     from embodied.data import RLDSDataset
 
     run_dir = Path(dist.broadcast(str(run_dir)))
-    if cfg.num_threads:
+    if cfg.num_threads == "auto":
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    elif cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)

@@ -140,3 +140,28 @@ def test_torchrun_ddp_two_processes(data_dir, tmp_path):
     assert "2 process(es)" in proc.stdout
     assert sorted(losses(out)) == [1, 2, 3, 4]
     assert (out / "final" / "model.safetensors").exists()
+
+
+def test_lora_finetune_saves_an_adapter_plain_peft_loads(data_dir, uninterrupted, tmp_path):
+    import peft
+    import torch
+
+    import policies
+    from embodied.train import train
+
+    cfg = compose(data_dir, tmp_path, max_steps=3, finetune="lora", init_from=str(uninterrupted / "final"),
+                  **{"checkpoint.every": 2})
+    summary = train(cfg, tmp_path)
+    assert summary["steps"] == 3
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    base = policies.load_pretrained(uninterrupted / "final")
+    tuned = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    merged = policies.load_pretrained(tmp_path / "final")  # adapters merged: a deployable checkpoint
+    batch = {"image": torch.zeros(2, 32, 32, 3, dtype=torch.uint8), "instruction": ["reach target 0"] * 2}
+    with torch.no_grad():
+        a = tuned.get_base_model().predict_actions([{"image": im} for im in batch["image"].numpy()], batch["instruction"])
+        b = merged.predict_actions([{"image": im} for im in batch["image"].numpy()], batch["instruction"])
+    assert abs(a - b).max() < 1e-4
+    # Only the adapters and the projector moved: the vision towers are the base checkpoint's.
+    for name, value in base.vision.state_dict().items():
+        torch.testing.assert_close(merged.vision.state_dict()[name], value)
