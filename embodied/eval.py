@@ -29,6 +29,17 @@ def main(cfg: DictConfig) -> dict:
     policy = make_eval_policy(str(cfg.policy), seed=int(cfg.seed))
     trained = getattr(policy, "policy", None)
     eval_cfg = config_from_hydra(cfg, getattr(getattr(trained, "config", None), "observation_image_size", 224))
+    if cfg.get("imagine"):
+        from worldmodel.evaluate import evaluate_in_imagination
+
+        if not cfg.get("worldmodel"):
+            raise ValueError("imagine=true needs worldmodel=<a train_worldmodel output's worldmodel/ directory>")
+        results = evaluate_in_imagination(policy, eval_cfg, output_dir, str(cfg.worldmodel),
+                                          method=str(cfg.imagine_method), steps=int(cfg.imagine_steps))
+        print(results_markdown(results))
+        print(f"wrote imagined results (results.json, results.md, agreement.json, imagined-vs-sim videos/) and the "
+              f"simulator's (sim/) to {output_dir}")
+        return results
     results = evaluate(policy, eval_cfg, output_dir)
     print(results_markdown(results))
     print(f"wrote results.json, results.md, success_rates.png and videos/ to {output_dir}")

@@ -139,6 +139,7 @@ class EvalConfig:
     image_size: int = 224
     wrist_camera: bool = False
     videos_per_task: int = 1
+    record_actions: bool = False  # keep every episode's first frame and actions (for imagined replays)
     vector: str = "async"  # "async" (one process per env) or "sync"
     env_kwargs: dict = field(default_factory=dict)
 
@@ -174,6 +175,7 @@ def run_task(task: str, policy: VectorPolicy, cfg: EvalConfig, seeds: list[int],
     current: list[tuple[int, int] | None] = [None] * num_envs
     lengths = np.zeros(num_envs, dtype=int)
     frames: dict[int, list[np.ndarray]] = {}
+    replay: dict[int, tuple[np.ndarray, list[np.ndarray]]] = {}  # episode -> (first frame, actions)
     try:
         first = [queue.pop(0) for _ in range(num_envs)]
         obs, _ = envs.reset(seed=[s for _, s in first])
@@ -183,8 +185,14 @@ def run_task(task: str, policy: VectorPolicy, cfg: EvalConfig, seeds: list[int],
         for i, (episode, _) in enumerate(current):
             if episode < cfg.videos_per_task:
                 frames[episode] = [obs["image"][i].copy()]
+            if cfg.record_actions:
+                replay[episode] = (obs["image"][i].copy(), [])
         while any(c is not None for c in current):
             actions = policy.act(obs, envs)
+            if cfg.record_actions:
+                for i, slot in enumerate(current):
+                    if slot is not None:
+                        replay[slot[0]][1].append(np.asarray(actions[i], np.float32).copy())
             obs, _, terminated, truncated, info = envs.step(actions)
             lengths += 1
             done = np.zeros(num_envs, dtype=bool)
@@ -215,11 +223,16 @@ def run_task(task: str, policy: VectorPolicy, cfg: EvalConfig, seeds: list[int],
                     episode = current[i][0]
                     if episode < cfg.videos_per_task:
                         frames[episode] = [obs["image"][i].copy()]
+                    if cfg.record_actions:
+                        replay[episode] = (obs["image"][i].copy(), [])
     finally:
         envs.close()
     records.sort(key=lambda r: r["episode"])
     for record in records:
         record["frames"] = frames.get(record["episode"])
+        if cfg.record_actions:
+            record["initial_frame"], actions = replay[record["episode"]]
+            record["actions"] = np.stack(actions)
     return records
 
 
@@ -278,8 +291,8 @@ def results_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate(policy: VectorPolicy, cfg: EvalConfig, output_dir: str | os.PathLike, policy_name: str | None = None,
-             show_progress: bool = True) -> dict:
+def run_suite(policy: VectorPolicy, cfg: EvalConfig, show_progress: bool = True) -> tuple[list[str], list[dict]]:
+    """Every task's episodes in the simulator: (tasks, per-episode records)."""
     from envs.backends import BACKENDS
 
     if cfg.backend not in BACKENDS:
@@ -291,8 +304,6 @@ def evaluate(policy: VectorPolicy, cfg: EvalConfig, output_dir: str | os.PathLik
             raise ValueError(f"task {task!r} is not in suite {suite.name!r}; its tasks: {', '.join(suite.tasks)}")
     if cfg.episodes_per_task < 1:
         raise ValueError(f"episodes_per_task must be >= 1, got {cfg.episodes_per_task}")
-    output_dir = Path(output_dir)
-    (output_dir / "videos").mkdir(parents=True, exist_ok=True)
     records = []
     total = cfg.episodes_per_task * len(tasks)
     with tqdm(total=total, desc=f"eval {cfg.suite}/{cfg.backend}", unit="ep", disable=not show_progress) as bar:
@@ -300,21 +311,42 @@ def evaluate(policy: VectorPolicy, cfg: EvalConfig, output_dir: str | os.PathLik
             bar.set_postfix_str(task)
             seeds = suite.episode_seeds(task, cfg.episodes_per_task, seed=cfg.seed)
             records.extend(run_task(task, policy, cfg, seeds, progress=bar))
+    return tasks, records
+
+
+def build_results(records: list[dict], tasks: list[str], cfg: EvalConfig, policy_name: str) -> dict:
+    """The platform's results schema."""
     summary = summarize(records, tasks)
-    results = {"suite": cfg.suite, "backend": cfg.backend, "policy": policy_name or policy.name, "seed": cfg.seed,
-               **summary, "episode_seeds": {t: [r["seed"] for r in records if r["task"] == t] for t in tasks},
-               "randomization": cfg.randomization if isinstance(cfg.randomization, str) else dict(cfg.randomization),
-               "versions": package_versions()}
+    return {"suite": cfg.suite, "backend": cfg.backend, "policy": policy_name, "seed": cfg.seed,
+            **summary, "episode_seeds": {t: [r["seed"] for r in records if r["task"] == t] for t in tasks},
+            "randomization": cfg.randomization if isinstance(cfg.randomization, str) else dict(cfg.randomization),
+            "versions": package_versions()}
+
+
+def write_outputs(results: dict, records: list[dict], output_dir: str | os.PathLike) -> None:
+    """results.json, results.md, success_rates.png, episodes.jsonl and videos/ (of records with frames)."""
+    output_dir = Path(output_dir)
+    (output_dir / "videos").mkdir(parents=True, exist_ok=True)
     with open(output_dir / "results.json", "w") as f:
         json.dump(results, f, indent=2)
     (output_dir / "results.md").write_text(results_markdown(results))
     write_plot(output_dir / "success_rates.png", results)
     with open(output_dir / "episodes.jsonl", "w") as f:
         for r in records:
+            r = dict(r)
+            r.pop("initial_frame", None)
+            r.pop("actions", None)
             frames = r.pop("frames", None)
             if frames:
                 name = f"{r['task']}_ep{r['episode']:03d}_{'success' if r['success'] else 'failure'}.mp4"
                 write_video(output_dir / "videos" / name, frames)
                 r["video"] = f"videos/{name}"
             f.write(json.dumps(r) + "\n")
+
+
+def evaluate(policy: VectorPolicy, cfg: EvalConfig, output_dir: str | os.PathLike, policy_name: str | None = None,
+             show_progress: bool = True) -> dict:
+    tasks, records = run_suite(policy, cfg, show_progress)
+    results = build_results(records, tasks, cfg, policy_name or policy.name)
+    write_outputs(results, records, output_dir)
     return results

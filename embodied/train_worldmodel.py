@@ -1,0 +1,346 @@
+"""`python -m embodied.train_worldmodel`: train the world model on an RLDS dataset or mixture.
+
+Three stages, one run, one step counter:
+
+1. `tokenizer`: the FSQ frame tokenizer on single frames (reconstruction loss, PSNR logged);
+2. `dynamics`: every episode is tokenized once, then the ST-transformer trains on random clips
+   of `worldmodel.dynamics.max_frames` frames with random mask rates (MaskGIT and raster masks);
+3. `detector`: the success detector on (frame tokens, action) → reward labels.
+
+With no argument it trains on `data/rlds/embodied_tabletop10_pybullet` and, if that dataset
+is missing, first collects it with the scripted experts (`data.collect`).
+
+Output (`output_dir`, printed at the end): `.hydra/` (resolved config), `metrics.jsonl`,
+wandb offline files, `checkpoints/step_*` (atomic, `checkpoint.keep_last` kept; each holds the
+models trained so far, optimizer/scheduler/RNG state and the data sampler position), and
+`worldmodel/` (the final `WorldModel.from_pretrained` directory) with `train_summary.json`.
+`resume=true` (default) continues from the newest checkpoint in the output dir;
+`resume=PATH` from a given checkpoint or run directory.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from embodied.checkpointing import (CHECKPOINT_DIR, latest_checkpoint, load_training_state, read_counters,
+                                    save_checkpoint, save_training_state)
+
+STAGES = ("tokenizer", "dynamics", "detector")
+
+
+# -- configs ------------------------------------------------------------------------------------------
+
+def build_configs(cfg: DictConfig):
+    from worldmodel.dynamics import DynamicsConfig
+    from worldmodel.success import SuccessDetectorConfig
+    from worldmodel.tokenizer import TokenizerConfig
+
+    wm = OmegaConf.to_container(cfg.worldmodel, resolve=True)
+    tok = TokenizerConfig(**wm["tokenizer"])
+    dyn = DynamicsConfig(codebook_size=tok.codebook_size, grid=tok.grid, tokenizer_image_size=tok.image_size,
+                         tokenizer_levels=tok.levels, **wm["dynamics"])
+    det = SuccessDetectorConfig(codebook_size=tok.codebook_size, grid=tok.grid, **wm["detector"])
+    return tok, dyn, det
+
+
+def ensure_data(cfg: DictConfig) -> None:
+    """Collect the default sim dataset when it is missing and `data.collect_if_missing` is set."""
+    from embodied.data import resolve_builder_dir
+    from embodied.data.errors import DatasetNotFoundError
+    from embodied.data.mixtures import parse_datasets
+
+    for name, _ in parse_datasets(OmegaConf.to_container(cfg.data.datasets, resolve=True)
+                                  if not isinstance(cfg.data.datasets, str) else cfg.data.datasets):
+        try:
+            resolve_builder_dir(name, cfg.data.data_dir)
+        except DatasetNotFoundError:
+            if not cfg.data.collect_if_missing or cfg.data.data_dir is None:
+                raise
+            from embodied.collect import CollectConfig, collect
+
+            values = OmegaConf.to_container(cfg.data.collect, resolve=True)
+            print(f"[train_worldmodel] {name} not found under {cfg.data.data_dir}: collecting it with the "
+                  f"scripted experts ({values})", flush=True)
+            collect(CollectConfig(dataset_name=name, image_size=int(cfg.worldmodel.tokenizer.image_size), **values),
+                    cfg.data.data_dir)
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+
+def warmup_cosine(optimizer, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def tokenize_episodes(tokenizer, episodes, batch: int = 256, show_progress: bool = True) -> None:
+    tokenizer.eval()
+    for ep in tqdm(episodes, desc="tokenize episodes", unit="ep", disable=not show_progress, leave=False):
+        chunks = [tokenizer.encode(ep.images[i:i + batch]).cpu().numpy() for i in range(0, len(ep.images), batch)]
+        ep.tokens = np.concatenate(chunks).astype(np.int16)
+
+
+@torch.no_grad()
+def tokenizer_psnr(tokenizer, frames: np.ndarray, batch: int = 256) -> float:
+    from worldmodel.tokenizer import psnr_from_mse
+
+    tokenizer.eval()
+    errors = []
+    for i in range(0, len(frames), batch):
+        chunk = frames[i:i + batch]
+        recon = tokenizer.decode(tokenizer.encode(chunk))
+        target = torch.from_numpy(chunk).float() / 255
+        errors.append(((recon - target) ** 2).mean((1, 2, 3)))
+    return psnr_from_mse(float(torch.cat(errors).mean()))
+
+
+@torch.no_grad()
+def dynamics_eval(dynamics, sampler, rng, batches: int = 4, batch_size: int = 8) -> dict[str, float]:
+    dynamics.eval()
+    gen = torch.Generator().manual_seed(0)
+    losses, accs = [], []
+    for _ in range(batches):
+        tokens, actions = sampler.sample(batch_size, rng)
+        loss, m = dynamics.loss(torch.from_numpy(tokens), torch.from_numpy(actions), gen)
+        losses.append(m["loss"])
+        accs.append(m["masked_token_accuracy"])
+    dynamics.train()
+    return {"loss": float(np.mean(losses)), "masked_token_accuracy": float(np.mean(accs))}
+
+
+def detector_arrays(episodes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    tokens = np.concatenate([e.tokens.reshape(len(e), -1) for e in episodes]).astype(np.int64)
+    actions = np.concatenate([e.actions_norm for e in episodes]).astype(np.float32)
+    labels = np.concatenate([e.rewards > 0 for e in episodes])
+    return tokens, actions, labels
+
+
+@torch.no_grad()
+def detector_eval(detector, episodes) -> dict[str, float]:
+    from worldmodel.success import classification_metrics
+
+    detector.eval()
+    tokens, actions, labels = detector_arrays(episodes)
+    predicted = np.concatenate([detector.predict(torch.from_numpy(tokens[i:i + 512]),
+                                                 torch.from_numpy(actions[i:i + 512])).numpy()
+                                for i in range(0, len(tokens), 512)])
+    detector.train()
+    return classification_metrics(predicted, labels)
+
+
+# -- the run ------------------------------------------------------------------------------------------
+
+def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
+    from embodied.logging_utils import RunLogger
+    from worldmodel.data import ClipSampler, all_frames, load_episodes
+    from worldmodel.dynamics import DynamicsModel
+    from worldmodel.model import WorldModel
+    from worldmodel.success import SuccessDetector
+    from worldmodel.tokenizer import FrameTokenizer
+
+    run_dir = Path(output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.train.threads:
+        torch.set_num_threads(int(cfg.train.threads))
+    show = bool(cfg.train.progress)
+    started = time.time()
+    tok_cfg, dyn_cfg, det_cfg = build_configs(cfg)
+    stage_steps = {s: int(cfg.train[s].steps) for s in STAGES}
+    offsets = dict(zip(STAGES, np.cumsum([0] + [stage_steps[s] for s in STAGES[:-1]]).tolist()))
+
+    # -- models and resume
+    tokenizer, dynamics, detector = FrameTokenizer(tok_cfg), DynamicsModel(dyn_cfg), SuccessDetector(det_cfg)
+    resume_from = find_resume(cfg, run_dir)
+    counters: dict[str, Any] = {"stage": STAGES[0], "stage_step": 0, "wandb_id": None, "data_rng": None}
+    if resume_from is not None:
+        counters.update(read_counters(resume_from))
+        for name, model in (("tokenizer", tokenizer), ("dynamics", dynamics), ("detector", detector)):
+            if (resume_from / name).is_dir():
+                saved = type(model).from_pretrained(resume_from / name)
+                if saved.config != model.config:
+                    raise ValueError(f"cannot resume from {resume_from}: its {name} config {saved.config} differs "
+                                     f"from this run's {model.config}")
+                model.load_state_dict(saved.state_dict())
+        print(f"[train_worldmodel] resuming from {resume_from} (stage {counters['stage']}, "
+              f"step {counters['stage_step']})", flush=True)
+    # -- data
+    ensure_data(cfg)
+    datasets = cfg.data.datasets if isinstance(cfg.data.datasets, str) else OmegaConf.to_container(cfg.data.datasets)
+    episodes, statistics, weights = load_episodes(datasets, cfg.data.data_dir, "train", tok_cfg.image_size,
+                                                  cfg.data.spec, max_episodes=cfg.data.max_episodes,
+                                                  show_progress=show)
+    val_datasets = cfg.data.val_datasets or datasets
+    if not isinstance(val_datasets, str):
+        val_datasets = (OmegaConf.to_container(val_datasets) if isinstance(val_datasets, DictConfig)
+                        else list(val_datasets))
+    if val_datasets == datasets and cfg.data.val_split == "train" and cfg.data.max_episodes is None:
+        val_episodes = list(episodes)  # evaluating on the training data itself: no second read
+    else:
+        val_episodes, _, _ = load_episodes(val_datasets, cfg.data.data_dir, cfg.data.val_split, tok_cfg.image_size,
+                                           cfg.data.spec, statistics=statistics, show_progress=show)
+    frames = all_frames(episodes)
+    print(f"[train_worldmodel] {len(episodes)} train episodes ({len(frames)} frames), {len(val_episodes)} "
+          f"held-out episodes from {', '.join(statistics)}", flush=True)
+
+    logger = RunLogger(run_dir, project=cfg.wandb.project, config=OmegaConf.to_container(cfg, resolve=True),
+                       mode=cfg.wandb.mode, name=cfg.wandb.name)
+    rng = np.random.default_rng(int(cfg.train.seed))
+    torch.manual_seed(int(cfg.train.seed))
+    if counters.get("data_rng") is not None:
+        rng.bit_generator.state = counters["data_rng"]
+    models = {"tokenizer": tokenizer, "dynamics": dynamics, "detector": detector}
+    summary: dict[str, Any] = {"output_dir": str(run_dir), "datasets": list(statistics)}
+    start_index = STAGES.index(counters["stage"])
+
+    for index, stage in enumerate(STAGES):
+        if index < start_index:
+            continue
+        model = models[stage]
+        if stage in ("dynamics", "detector") and episodes[0].tokens is None:
+            tokenize_episodes(tokenizer, episodes + val_episodes, show_progress=show)
+        sampler = ClipSampler(episodes, dyn_cfg.max_frames, weights) if stage == "dynamics" else None
+        det_data = detector_arrays(episodes) if stage == "detector" else None
+        scfg = cfg.train[stage]
+        optimizer = torch.optim.AdamW(model.parameters(), lr=float(scfg.lr), weight_decay=float(scfg.weight_decay))
+        scheduler = warmup_cosine(optimizer, int(scfg.warmup), stage_steps[stage])
+        first = 0
+        if index == start_index and resume_from is not None and counters["stage_step"] > 0:
+            load_training_state(resume_from, {stage: optimizer}, {stage: scheduler})
+            first = int(counters["stage_step"])
+        model.train()
+        bar = tqdm(range(first, stage_steps[stage]), desc=f"train {stage}", unit="step", disable=not show,
+                   initial=first, total=stage_steps[stage])
+        for step in bar:
+            if stage == "tokenizer":
+                loss, metrics = tokenizer.loss(frames[rng.integers(0, len(frames), int(scfg.batch_size))])
+            elif stage == "dynamics":
+                tokens, actions = sampler.sample(int(scfg.batch_size), rng)
+                loss, metrics = dynamics.loss(torch.from_numpy(tokens), torch.from_numpy(actions))
+            else:
+                tokens, actions, labels = det_data
+                idx = rng.integers(0, len(labels), int(scfg.batch_size))
+                pos_weight = float((~labels).sum() / max(labels.sum(), 1))
+                tok_b, act_b, lab_b = tokens[idx], actions[idx], labels[idx]
+                extra = int(float(scfg.random_action_negatives) * len(idx))
+                if extra:
+                    # demonstrations contain no failures: frames paired with random actions stand in for
+                    # them, so that unusual actions are not read as success (noisy labels: rarely, a
+                    # random action would in fact complete the task)
+                    ridx = rng.integers(0, len(labels), extra)
+                    random_actions = rng.uniform(-1, 1, (extra, actions.shape[1])).astype(np.float32)
+                    random_actions[:, -1] = rng.integers(0, 2, extra)  # gripper: not normalized, 0/1
+                    tok_b = np.concatenate([tok_b, tokens[ridx]])
+                    act_b = np.concatenate([act_b, random_actions])
+                    lab_b = np.concatenate([lab_b, np.zeros(extra, bool)])
+                loss, metrics = detector.loss(torch.from_numpy(tok_b), torch.from_numpy(act_b),
+                                              torch.from_numpy(lab_b), pos_weight)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{stage} loss is {loss.item()} at step {step + 1}; the last good "
+                                         f"checkpoint is {latest_checkpoint(run_dir / CHECKPOINT_DIR)}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg.train.grad_clip))
+            optimizer.step()
+            scheduler.step()
+            done = step + 1
+            global_step = offsets[stage] + done
+            if done % int(cfg.train.log_every) == 0 or done == stage_steps[stage]:
+                logged = {f"{stage}/{k}": v for k, v in metrics.items()}
+                logger.log(logged | {f"{stage}/lr": scheduler.get_last_lr()[0]}, global_step)
+                bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items()}, refresh=False)
+            every = int(cfg.checkpoint.every)
+            if (every and done % every == 0) or done == stage_steps[stage]:
+                save_run_checkpoint(run_dir, global_step, models, stage, done, optimizer, scheduler, rng,
+                                    int(cfg.checkpoint.keep_last), logger)
+        bar.close()
+        # stage evaluation on held-out episodes
+        if stage == "tokenizer":
+            summary["tokenizer_val_psnr"] = tokenizer_psnr(tokenizer, all_frames(val_episodes))
+            summary["tokenizer_train_psnr"] = tokenizer_psnr(tokenizer, frames[:: max(1, len(frames) // 512)])
+            logger.log({"tokenizer/val_psnr": summary["tokenizer_val_psnr"]}, offsets[stage] + stage_steps[stage])
+        elif stage == "dynamics":
+            if episodes[0].tokens is None:
+                tokenize_episodes(tokenizer, episodes + val_episodes, show_progress=show)
+            val_sampler = ClipSampler(val_episodes, dyn_cfg.max_frames)
+            summary["dynamics_val"] = dynamics_eval(dynamics, val_sampler, np.random.default_rng(1))
+            logger.log({f"dynamics/val_{k}": v for k, v in summary["dynamics_val"].items()},
+                       offsets[stage] + stage_steps[stage])
+        else:
+            if val_episodes[0].tokens is None:
+                tokenize_episodes(tokenizer, episodes + val_episodes, show_progress=show)
+            summary["detector_val"] = detector_eval(detector, val_episodes)
+            summary["detector_train"] = detector_eval(detector, episodes)
+            logger.log({f"detector/val_{k}": v for k, v in summary["detector_val"].items()},
+                       offsets[stage] + stage_steps[stage])
+
+    summary["seconds"] = round(time.time() - started, 1)
+    world = WorldModel(tokenizer, dynamics, detector, statistics, next(iter(statistics)),
+                       info={"train_summary": summary})
+    final = world.save_pretrained(run_dir / "worldmodel")
+    (final / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    logger.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+    logger.finish()
+    summary["worldmodel_dir"] = str(final)
+    return summary
+
+
+def save_run_checkpoint(run_dir, global_step, models, stage, stage_step, optimizer, scheduler, rng, keep_last,
+                        logger) -> Path:
+    upto = STAGES.index(stage)
+
+    def write(tmp: Path) -> None:
+        for name in STAGES[: upto + 1]:
+            models[name].save_pretrained(tmp / name)
+        save_training_state(tmp, {stage: optimizer}, {stage: scheduler}, stage=stage, stage_step=stage_step,
+                            global_step=global_step, data_rng=rng.bit_generator.state,
+                            wandb_id=logger.run.id if logger.run is not None else None)
+
+    return save_checkpoint(run_dir / CHECKPOINT_DIR, global_step, write, keep_last)
+
+
+def find_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
+    value = cfg.resume
+    if value in (False, None, "false", ""):
+        return None
+    if value is True or value == "true":
+        return latest_checkpoint(run_dir / CHECKPOINT_DIR)
+    path = Path(str(value))
+    if (path / CHECKPOINT_DIR).is_dir():
+        path = latest_checkpoint(path / CHECKPOINT_DIR) or path
+    if not (path / "trainer_state.pt").exists():
+        raise FileNotFoundError(f"resume={value}: {path} is not a world-model training checkpoint "
+                                "(no trainer_state.pt)")
+    return path
+
+
+def _main(cfg: DictConfig) -> dict:
+    from hydra.core.hydra_config import HydraConfig
+
+    output_dir = HydraConfig.get().runtime.output_dir
+    summary = train(cfg, output_dir)
+    print(json.dumps({k: v for k, v in summary.items() if k != "datasets"}, indent=2))
+    print(f"[train_worldmodel] wrote the world model to {summary['worldmodel_dir']} "
+          f"(checkpoints, metrics.jsonl and wandb files in {output_dir})")
+    return summary
+
+
+def main() -> None:
+    import hydra
+
+    hydra.main(version_base="1.3", config_path="conf", config_name="train_worldmodel")(_main)()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""World model: tokenizer, dynamics (both decoders), success detector, ImaginedEnv, metrics."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from worldmodel.dynamics import DynamicsConfig, DynamicsModel, Rollout
+from worldmodel.metrics import mmrv, pearson, psnr, ssim
+from worldmodel.model import WorldModel
+from worldmodel.success import SuccessDetector, SuccessDetectorConfig
+from worldmodel.tokenizer import FSQ, FrameTokenizer, TokenizerConfig
+
+SIZE = 32
+TOK = TokenizerConfig(image_size=SIZE, downsample=4, levels=(5, 4, 4), channels=8, res_blocks=1)
+
+
+def _dyn_config(**kw) -> DynamicsConfig:
+    values = dict(codebook_size=TOK.codebook_size, grid=TOK.grid, tokenizer_image_size=SIZE,
+                  tokenizer_levels=TOK.levels, max_frames=4, dim=32, depth=1, heads=2, mlp_ratio=2.0)
+    values.update(kw)
+    return DynamicsConfig(**values)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a small shared CPU, more threads only contend (3-10x slower here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def sim_episodes():
+    """Three short scripted-expert episodes of real PyBullet frames (32×32)."""
+    import envs
+
+    env = envs.make_env("PressButton", backend="pybullet", image_size=SIZE)
+    episodes = []
+    try:
+        for seed in range(3):
+            obs, _ = env.reset(seed=seed)
+            images, actions = [obs["image"]], []
+            for _ in range(10):
+                action = env.unwrapped.expert_action().astype(np.float32)
+                obs, _, terminated, truncated, _ = env.step(action)
+                actions.append(action)
+                images.append(obs["image"])
+                if terminated or truncated:
+                    break
+            episodes.append((np.stack(images), np.stack(actions)))
+    finally:
+        env.close()
+    return episodes
+
+
+@pytest.fixture(scope="module")
+def trained_tokenizer(sim_episodes):
+    torch.manual_seed(0)
+    frames = np.concatenate([imgs for imgs, _ in sim_episodes])
+    tok = FrameTokenizer(TOK)
+    opt = torch.optim.Adam(tok.parameters(), lr=3e-3)
+    rng = np.random.default_rng(0)
+    for _ in range(120):
+        loss, _ = tok.loss(frames[rng.integers(0, len(frames), 16)])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return tok.eval(), frames
+
+
+def test_fsq_indices_round_trip():
+    fsq = FSQ((8, 5, 5, 5))
+    indices = torch.arange(1000)
+    codes = fsq.indices_to_codes(indices)
+    assert codes.abs().max() <= 1
+    half = torch.div(fsq.levels, 2, rounding_mode="floor")
+    assert torch.equal(fsq.codes_to_indices(codes * half), indices)
+
+
+def test_tokenizer_round_trip_on_sim_frames_beats_threshold(trained_tokenizer):
+    tok, frames = trained_tokenizer
+    tokens = tok.encode(frames)
+    assert tokens.shape == (len(frames), TOK.grid, TOK.grid)
+    assert tokens.min() >= 0 and tokens.max() < TOK.codebook_size
+    recon = (tok.decode(tokens).numpy() * 255).round().astype(np.uint8)
+    mean_frame = np.broadcast_to(frames.mean(0).round().astype(np.uint8), frames.shape)
+    recon_psnr, baseline_psnr = psnr(recon, frames).mean(), psnr(mean_frame, frames).mean()
+    print(f"tokenizer round trip {recon_psnr:.2f} dB, mean-frame baseline {baseline_psnr:.2f} dB")
+    assert recon_psnr > 20.0, recon_psnr
+    assert recon_psnr > baseline_psnr + 3, (recon_psnr, baseline_psnr)
+
+
+def test_tokenizer_resizes_other_frame_sizes_and_refuses_bad_input():
+    tok = FrameTokenizer(TOK)
+    frames = np.zeros((2, 48, 48, 3), np.uint8)
+    assert tok.encode(frames).shape == (2, TOK.grid, TOK.grid)
+    with pytest.raises(ValueError, match=r"uint8"):
+        tok.encode(frames.astype(np.float32))
+    with pytest.raises(ValueError, match=r"\(\.\.\., H, W, 3\).*32x32x3"):
+        tok.encode(np.zeros((2, 32, 32), np.uint8))
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 80\)"):
+        tok.decode(torch.full((1, TOK.grid, TOK.grid), 80))
+
+
+def test_dynamics_overfits_a_few_episodes(trained_tokenizer, sim_episodes):
+    tok, _ = trained_tokenizer
+    torch.manual_seed(0)
+    clips = [(tok.encode(imgs[:4]).reshape(4, -1), torch.from_numpy(acts[:4] / 0.05).clamp(-1, 1))
+             for imgs, acts in sim_episodes]
+    tokens = torch.stack([c[0] for c in clips])
+    actions = torch.stack([c[1] for c in clips]).float()
+    model = DynamicsModel(_dyn_config(dim=48))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    first = None
+    for _ in range(120):
+        loss, metrics = model.loss(tokens, actions, gen)
+        first = first if first is not None else metrics["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    assert metrics["loss"] < 0.25 * first, (first, metrics)
+    # decoding the memorized clips frame by frame from a clean context reproduces them
+    cache = model.encode_context(tokens[:, :1], None)
+    predicted = model.decode_frame(cache, actions[:, 0], 1, "maskgit", steps=4, temperature=0.0)
+    assert (predicted == tokens[:, 1]).float().mean() > 0.9
+
+
+def test_both_decoders_produce_valid_token_grids_and_maskgit_is_seeded():
+    torch.manual_seed(0)
+    model = DynamicsModel(_dyn_config()).eval()
+    n = model.config.num_tokens
+    context = torch.randint(0, model.config.codebook_size, (2, 2, n))
+    actions = torch.randn(2, 1, 7)
+    cache = model.encode_context(context, actions)
+    action = torch.randn(2, 7)
+    for method, steps in (("maskgit", 1), ("maskgit", 6), ("autoregressive", None)):
+        out = model.decode_frame(cache, action, 2, method, steps=steps or 1, sample_temperature=1.0,
+                                 generator=torch.Generator().manual_seed(0))
+        assert out.shape == (2, n) and out.dtype == torch.long
+        assert out.min() >= 0 and out.max() < model.config.codebook_size  # never the [MASK] id
+    runs = [model.decode_frame(cache, action, 2, "maskgit", steps=6, temperature=2.0, sample_temperature=1.0,
+                               generator=torch.Generator().manual_seed(seed)) for seed in (7, 7, 8)]
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
+    with pytest.raises(ValueError, match="unknown decoding method 'beam'"):
+        model.decode_frame(cache, action, 2, "beam")
+
+
+def test_wrong_action_dimension_is_named():
+    model = DynamicsModel(_dyn_config()).eval()
+    cache = model.encode_context(torch.zeros(1, 1, model.config.num_tokens, dtype=torch.long), None)
+    with pytest.raises(ValueError, match=r"action must have dimension 7 .*got shape \(1, 6\)"):
+        model.decode_frame(cache, torch.zeros(1, 6), 1)
+
+
+def test_rollout_longer_than_context_slides_its_window():
+    model = DynamicsModel(_dyn_config(max_frames=4)).eval()
+    rollout = Rollout(model, torch.zeros(1, 1, model.config.num_tokens, dtype=torch.long), steps=2)
+    for _ in range(9):
+        tokens = rollout.step(torch.zeros(1, 7))
+        assert tokens.shape == (1, model.config.num_tokens)
+        assert len(rollout.frames) <= model.config.max_frames - 1
+        assert len(rollout.actions) == len(rollout.frames) - 1
+        assert rollout.cache[0][0].shape[-2] == len(rollout.frames)
+    with pytest.raises(ValueError, match="longer than the model's context max_frames=4"):
+        model(torch.zeros(1, 5, model.config.num_tokens, dtype=torch.long), torch.zeros(1, 5, 7),
+              torch.zeros(1, 5, model.config.num_tokens, dtype=torch.bool))
+
+
+def _world(tokenizer=None) -> WorldModel:
+    tok = tokenizer or FrameTokenizer(TOK)
+    det = SuccessDetector(SuccessDetectorConfig(codebook_size=TOK.codebook_size, grid=TOK.grid, embed_dim=4,
+                                                channels=8))
+    stats = {"sim": {"action": {"q01": [-0.05] * 6 + [0.0], "q99": [0.05] * 6 + [1.0], "min": [-0.05] * 6 + [0.0],
+                                "max": [0.05] * 6 + [1.0], "mean": [0.0] * 7, "std": [1.0] * 7,
+                                "mask": [True] * 6 + [False]}}}
+    return WorldModel(tok, DynamicsModel(_dyn_config()), det, stats)
+
+
+def test_world_model_round_trip_and_tokenizer_mismatch(tmp_path):
+    world = _world()
+    path = world.save_pretrained(tmp_path / "wm")
+    loaded = WorldModel.from_pretrained(path)
+    for a, b in zip(world.dynamics.state_dict().values(), loaded.dynamics.state_dict().values()):
+        assert torch.equal(a, b)
+    assert loaded.statistics_key == "sim"
+    other = FrameTokenizer(TokenizerConfig(image_size=SIZE, downsample=4, levels=(8, 5, 5, 5), channels=8))
+    other.save_pretrained(path / "tokenizer")
+    with pytest.raises(ValueError, match=r"tokenizer does not match the dynamics model \(levels: dynamics expects "
+                                         r"\[5, 4, 4\], .* has \[8, 5, 5, 5\], codebook_size"):
+        WorldModel.from_pretrained(path)
+    assert not list(tmp_path.glob(".*tmp*"))  # atomic saves leave no temporary directory
+
+
+def test_imagined_env_passes_check_env_and_validates_actions():
+    from gymnasium.utils.env_checker import check_env
+
+    from worldmodel.env import ImaginedEnv
+
+    torch.manual_seed(0)
+    env = ImaginedEnv(_world(), task="ReachTarget", backend="pybullet", randomization="none", steps=2,
+                      max_episode_steps=5)
+    check_env(env, skip_render_check=True)
+    obs, info = env.reset(seed=3)
+    assert obs["image"].shape == (SIZE, SIZE, 3) and obs["instruction"].startswith("reach")
+    obs2, reward, terminated, truncated, info = env.step(np.zeros(7, np.float32))
+    assert obs2["image"].dtype == np.uint8 and info["steps"] == 1
+    with pytest.raises(ValueError, match=r"action must have shape \(7,\)"):
+        env.step(np.zeros(6))
+    env.close()
+
+
+def test_pearson_and_mmrv_match_hand_computed_values():
+    real = [0.1, 0.5, 0.9, 0.3]
+    sim = [0.2, 0.4, 0.8, 0.6]
+    # by hand: deviations real (-.35, .05, .45, -.15), sim (-.3, -.1, .3, .1); cross sum .22,
+    # squares .35 and .2, so r = .22 / sqrt(.35 * .2) = 0.8315
+    assert pearson(sim, real) == pytest.approx(0.22 / np.sqrt(0.35 * 0.2), abs=1e-9)
+    assert pearson(sim, real) == pytest.approx(0.8315, abs=1e-4)
+    # orderings disagree only for the pair (policy 2, policy 4): real 0.5 > 0.3 but sim 0.4 < 0.6,
+    # so policies 2 and 4 each get a violation of |0.5 - 0.3| = 0.2: MMRV = (0 + 0.2 + 0 + 0.2) / 4
+    assert mmrv(sim, real) == pytest.approx(0.1)
+    assert mmrv(real, real) == 0.0
+    with pytest.raises(ValueError, match="constant"):
+        pearson([0.5, 0.5], [0.1, 0.2])
+
+
+def test_ssim_and_psnr_sanity():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (2, 24, 24, 3), dtype=np.uint8)
+    assert np.allclose(ssim(a, a), 1.0)
+    noisy = np.clip(a.astype(int) + rng.integers(-20, 21, a.shape), 0, 255).astype(np.uint8)
+    assert (ssim(noisy, a) < 0.99).all()
+    assert (psnr(noisy, a) > 20).all() and (psnr(a, a) >= 99).all()
+
+
+def test_eval_in_imagination_writes_the_results_schema_and_side_by_side_videos(tmp_path):
+    import json
+
+    from embodied.evaluation import EvalConfig, ScriptedPolicy
+    from worldmodel.evaluate import evaluate_in_imagination
+
+    torch.manual_seed(0)
+    cfg = EvalConfig(backend="pybullet", episodes_per_task=1, tasks=["ReachTarget"], num_envs=1, image_size=SIZE,
+                     randomization="none", videos_per_task=1)
+    results = evaluate_in_imagination(ScriptedPolicy(), cfg, tmp_path, _world(), steps=2, show_progress=False)
+    assert results["policy"] == "scripted (imagined)"
+    assert set(results) >= {"suite", "backend", "policy", "seed", "tasks", "overall", "versions"}
+    assert results["tasks"]["ReachTarget"]["episodes"] == 1
+    sim = json.loads((tmp_path / "sim" / "results.json").read_text())
+    assert sim["tasks"]["ReachTarget"]["success_rate"] == 1.0  # the expert succeeds in the simulator
+    episode = json.loads((tmp_path / "episodes.jsonl").read_text().splitlines()[0])
+    assert episode["sim_success"] is True and episode["length"] <= episode["sim_length"]
+    assert (tmp_path / "videos" / "ReachTarget_ep000_imagined_vs_sim.mp4").stat().st_size > 0
+    assert set(json.loads((tmp_path / "agreement.json").read_text())["tasks"]) == {"ReachTarget"}

@@ -1,0 +1,132 @@
+"""Checkpointing helpers, run logging and `python -m embodied.train_worldmodel` (train, save, resume)."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from embodied.checkpointing import (latest_checkpoint, list_checkpoints, load_training_state, read_counters,
+                                    save_checkpoint, save_training_state)
+from embodied.logging_utils import RunLogger
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "embodied" / "conf")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(3, 2)
+
+    def save_pretrained(self, directory):
+        from safetensors.torch import save_file
+
+        Path(directory).mkdir(parents=True)
+        save_file(self.state_dict(), str(Path(directory) / "model.safetensors"))
+
+
+def _trained():
+    model = Tiny()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    model.layer(torch.randn(4, 3)).pow(2).sum().backward()
+    opt.step()
+    sched.step()
+    return model, opt, sched
+
+
+def test_checkpoints_keep_last_and_restore_optimizer_scheduler_and_rng(tmp_path):
+    model, opt, sched = _trained()
+    data_rng = np.random.default_rng(5)
+    for step in (10, 20, 30):
+        def write(tmp, step=step):
+            model.save_pretrained(tmp / "model")
+            save_training_state(tmp, {"main": opt}, {"main": sched}, step=step, data_rng=data_rng.bit_generator.state)
+        save_checkpoint(tmp_path, step, write, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000000020", "step_000000030"]
+    assert not list(tmp_path.glob(".*"))  # no temporary directory left behind
+    ckpt = latest_checkpoint(tmp_path)
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    _, opt2, sched2 = _trained()
+    counters = load_training_state(ckpt, {"main": opt2}, {"main": sched2})
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected  # RNGs rewound to the save
+    assert counters["step"] == 30
+    assert sched2.state_dict()["last_epoch"] == sched.state_dict()["last_epoch"]
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    resumed = np.random.default_rng()
+    resumed.bit_generator.state = counters["data_rng"]
+    assert resumed.integers(1 << 30) == data_rng.integers(1 << 30)
+    with pytest.raises(KeyError, match="no optimizer state 'other'"):
+        load_training_state(ckpt, {"other": opt2})
+
+
+def test_checkpoint_without_training_state_is_refused_and_not_left_behind(tmp_path):
+    with pytest.raises(RuntimeError, match="would have no trainer_state.pt"):
+        save_checkpoint(tmp_path, 1, {"model": Tiny()})
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(TypeError, match="has no save_pretrained"):
+        save_checkpoint(tmp_path, 1, {"model": object()})
+
+
+def test_run_logger_writes_metrics_and_checks_mode(tmp_path):
+    with RunLogger(tmp_path, mode="disabled") as logger:
+        logger.log({"loss": 1.5, "flag": True}, step=3)
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 3, "loss": 1.5}
+    with pytest.raises(ValueError, match="unknown wandb mode 'cloud'"):
+        RunLogger(tmp_path, mode="cloud")
+
+
+def _cfg(data_dir: Path, output_dir: Path, *overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("train_worldmodel", overrides=[
+            "worldmodel=tiny", f"data.datasets={data_dir}", "data.val_split=train", f"data.val_datasets={data_dir}",
+            "data.collect_if_missing=false", "wandb.mode=disabled", "train.progress=false",
+            "train.tokenizer.steps=4", "train.dynamics.steps=4", "train.dynamics.batch_size=2",
+            "train.detector.steps=2", "checkpoint.every=2", "checkpoint.keep_last=2", "train.log_every=1",
+            f"output_dir={output_dir}", *overrides])
+
+
+def test_train_worldmodel_trains_saves_and_resumes(tmp_path):
+    from embodied.data.synthetic import write_platform_dataset
+    from embodied.train_worldmodel import train
+    from worldmodel.model import WorldModel
+
+    data_dir, _ = write_platform_dataset(tmp_path / "data", num_episodes=3, length=(6, 8), image_size=32)
+    out = tmp_path / "run"
+    summary = train(_cfg(data_dir, out), out)
+    world = WorldModel.from_pretrained(summary["worldmodel_dir"])
+    assert world.image_size == 32 and world.detector is not None
+    assert set(world.statistics) == {"embodied_synthetic"}
+    assert len(list_checkpoints(out / "checkpoints")) == 2
+    latest = latest_checkpoint(out / "checkpoints")
+    assert read_counters(latest)["stage"] == "detector" and latest.name == "step_000000010"
+    assert {"tokenizer", "dynamics", "detector"} <= {p.name for p in latest.iterdir()}
+    tokenizer_before = {k: v.clone() for k, v in world.tokenizer.state_dict().items()}
+    lines = len((out / "metrics.jsonl").read_text().splitlines())
+
+    # a longer detector stage: the run resumes inside that stage, earlier stages are not retrained
+    summary = train(_cfg(data_dir, out, "train.detector.steps=4"), out)
+    new = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()[lines:]]
+    assert new and all(not k.startswith(("tokenizer/", "dynamics/")) for row in new for k in row if k != "step")
+    assert [row["step"] for row in new if "detector/loss" in row] == [11, 12]
+    resumed = WorldModel.from_pretrained(summary["worldmodel_dir"])
+    for k, v in resumed.tokenizer.state_dict().items():
+        assert torch.equal(v, tokenizer_before[k])
+    assert latest_checkpoint(out / "checkpoints").name == "step_000000012"
+
+    # a checkpoint of a different model is refused before any data is read
+    with pytest.raises(ValueError, match="cannot resume from .*its tokenizer config"):
+        train(_cfg(data_dir, out, "worldmodel.tokenizer.channels=16"), out)

@@ -1,0 +1,80 @@
+"""Frame-fidelity and policy-ranking metrics.
+
+* `psnr`, `pooled_psnr`, `ssim`: per-frame PSNR (dB), PSNR of the pooled error, and per-frame
+  SSIM (Gaussian window 11, σ 1.5, on luma) of uint8 frames.
+* `pearson`, `mmrv`: SimplerEnv's agreement metrics between per-policy success rates measured two
+  ways (here: in the world model vs in the simulator). MMRV = mean over policies i of the largest
+  |real_i − real_j| among the policies j whose order relative to i differs between the two.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def _float(frames) -> torch.Tensor:
+    x = torch.as_tensor(np.array(frames)).float()
+    return x / 255.0 if x.max() > 1.5 or np.asarray(frames).dtype == np.uint8 else x
+
+
+def psnr(pred, target) -> np.ndarray:
+    """Per-frame PSNR of (..., H, W, 3) frames (uint8, or float in [0, 1])."""
+    p, t = _float(pred), _float(target)
+    mse = ((p - t) ** 2).reshape(*p.shape[:-3], -1).mean(-1).clamp(min=1e-10)
+    return (10 * torch.log10(1.0 / mse)).numpy()
+
+
+def pooled_psnr(pred, target) -> float:
+    """PSNR of the mean squared error over all frames (robust to frames identical to the target)."""
+    p, t = _float(pred), _float(target)
+    return float(10 * torch.log10(1.0 / ((p - t) ** 2).mean().clamp(min=1e-10)))
+
+
+def _luma(x: torch.Tensor) -> torch.Tensor:
+    return (x * torch.tensor([0.299, 0.587, 0.114])).sum(-1)
+
+
+def ssim(pred, target, window: int = 11, sigma: float = 1.5) -> np.ndarray:
+    """Per-frame SSIM (Wang et al. 2004) on luma, Gaussian window, valid region only."""
+    p, t = _float(pred), _float(target)
+    lead = p.shape[:-3]
+    p = _luma(p).reshape(-1, 1, *p.shape[-3:-1])
+    t = _luma(t).reshape(-1, 1, *t.shape[-3:-1])
+    coords = torch.arange(window, dtype=torch.float32) - window // 2
+    g = torch.exp(-coords ** 2 / (2 * sigma ** 2))
+    g = (g / g.sum())
+    kernel = (g[:, None] * g[None, :])[None, None]
+    mu_p, mu_t = F.conv2d(p, kernel), F.conv2d(t, kernel)
+    var_p = F.conv2d(p * p, kernel) - mu_p ** 2
+    var_t = F.conv2d(t * t, kernel) - mu_t ** 2
+    cov = F.conv2d(p * t, kernel) - mu_p * mu_t
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mu_p * mu_t + c1) * (2 * cov + c2)) / ((mu_p ** 2 + mu_t ** 2 + c1) * (var_p + var_t + c2))
+    return s.mean((1, 2, 3)).reshape(lead).numpy()
+
+
+def pearson(x, y) -> float:
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if len(x) != len(y) or len(x) < 2:
+        raise ValueError(f"pearson needs two equal-length sequences of at least 2 values; got {len(x)} and {len(y)}")
+    xc, yc = x - x.mean(), y - y.mean()
+    denom = np.sqrt((xc ** 2).sum() * (yc ** 2).sum())
+    if denom == 0:
+        raise ValueError("pearson is undefined when one sequence is constant")
+    return float((xc * yc).sum() / denom)
+
+
+def mmrv(sim, real) -> float:
+    """Mean maximum rank violation of `sim` (the evaluator being judged) against `real` (the reference)."""
+    sim, real = np.asarray(sim, np.float64), np.asarray(real, np.float64)
+    if len(sim) != len(real) or len(sim) < 2:
+        raise ValueError(f"mmrv needs two equal-length sequences of at least 2 values; got {len(sim)} and {len(real)}")
+    worst = []
+    for i in range(len(real)):
+        violation = 0.0
+        for j in range(len(real)):
+            if (real[i] < real[j]) != (sim[i] < sim[j]):
+                violation = max(violation, abs(real[i] - real[j]))
+        worst.append(violation)
+    return float(np.mean(worst))

@@ -1,0 +1,156 @@
+"""`WorldModel`: tokenizer + dynamics + success detector + action statistics, saved as one directory.
+
+    <dir>/tokenizer/        FrameTokenizer (config.json, model.safetensors)
+    <dir>/dynamics/         DynamicsModel
+    <dir>/success_detector/ SuccessDetector (optional)
+    <dir>/dataset_statistics.json   action statistics the actions were normalized with
+    <dir>/worldmodel.json   which statistics entry to use, training metrics
+
+`from_pretrained` refuses a tokenizer whose image size, grid or codebook differs from the one
+the dynamics model was trained on.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from worldmodel.dynamics import DynamicsModel, Rollout
+from worldmodel.success import SuccessDetector
+from worldmodel.tokenizer import FrameTokenizer
+
+MANIFEST = "worldmodel.json"
+
+
+class WorldModel:
+    def __init__(self, tokenizer: FrameTokenizer, dynamics: DynamicsModel, detector: SuccessDetector | None = None,
+                 statistics: dict[str, dict] | None = None, statistics_key: str | None = None,
+                 info: dict[str, Any] | None = None):
+        dynamics.check_tokenizer(tokenizer.fingerprint())
+        self.tokenizer, self.dynamics, self.detector = tokenizer.eval(), dynamics.eval(), detector
+        if detector is not None:
+            detector.eval()
+        self.statistics = statistics or {}
+        if statistics_key is None and self.statistics:
+            statistics_key = next(iter(self.statistics))
+        if statistics_key is not None and statistics_key not in self.statistics:
+            raise KeyError(f"statistics_key {statistics_key!r} not in the saved statistics "
+                           f"({', '.join(self.statistics)})")
+        self.statistics_key = statistics_key
+        self.info = dict(info or {})
+
+    @property
+    def image_size(self) -> int:
+        return self.tokenizer.config.image_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.dynamics.device
+
+    def to(self, device) -> "WorldModel":
+        for part in (self.tokenizer, self.dynamics, self.detector):
+            if part is not None:
+                part.to(device)
+        return self
+
+    # -- actions -----------------------------------------------------------------------------
+    def normalize_actions(self, actions) -> np.ndarray:
+        """Raw 7-D actions (..., 7) → the normalized form the dynamics model was trained on."""
+        from embodied.data.statistics import normalize
+
+        actions = np.asarray(actions, np.float32)
+        if actions.shape[-1] != self.dynamics.config.action_dim:
+            raise ValueError(f"action must have dimension {self.dynamics.config.action_dim} "
+                             f"([dx, dy, dz, droll, dpitch, dyaw, gripper]); got shape {actions.shape}")
+        if self.statistics_key is None:
+            return actions
+        return normalize(actions, self.statistics[self.statistics_key]["action"], "bounds_q99")
+
+    # -- imagination -------------------------------------------------------------------------
+    def rollout(self, context_frames, context_actions=None, method: str = "maskgit", steps: int = 8,
+                temperature: float = 1.0, sample_temperature: float = 0.0, seed: int | None = None) -> Rollout:
+        """Start imagining from real frames (B, T, H, W, 3) uint8 and the raw actions between them (B, T-1, 7)."""
+        frames = np.asarray(context_frames)
+        if frames.ndim == 4:
+            frames = frames[None]
+        tokens = self.tokenizer.encode(frames).reshape(frames.shape[0], frames.shape[1], -1)
+        actions = None
+        if context_actions is not None and frames.shape[1] > 1:
+            actions = torch.from_numpy(self.normalize_actions(np.asarray(context_actions).reshape(
+                frames.shape[0], frames.shape[1] - 1, -1)))
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        return Rollout(self.dynamics, tokens, actions, method=method, steps=steps, temperature=temperature,
+                       sample_temperature=sample_temperature, generator=generator)
+
+    def decode(self, tokens: torch.Tensor) -> np.ndarray:
+        """Tokens (..., g*g) or (..., g, g) → uint8 frames."""
+        from worldmodel.tokenizer import to_uint8
+
+        g = self.tokenizer.config.grid
+        tokens = torch.as_tensor(tokens)
+        if tuple(tokens.shape[-2:]) != (g, g):
+            tokens = tokens.reshape(*tokens.shape[:-1], g, g)
+        return to_uint8(self.tokenizer.decode(tokens))
+
+    @torch.no_grad()
+    def success(self, tokens: torch.Tensor, raw_actions) -> np.ndarray:
+        if self.detector is None:
+            raise RuntimeError("this world model has no success detector (train one with train_worldmodel "
+                               "stage 'detector')")
+        actions = torch.from_numpy(self.normalize_actions(raw_actions)).to(self.device)
+        return self.detector.predict(tokens.to(self.device), actions).cpu().numpy()
+
+    # -- persistence -------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        try:
+            self.tokenizer.save_pretrained(tmp / "tokenizer")
+            self.dynamics.save_pretrained(tmp / "dynamics")
+            if self.detector is not None:
+                self.detector.save_pretrained(tmp / "success_detector")
+            if self.statistics:
+                from embodied.data.statistics import save_dataset_statistics
+
+                save_dataset_statistics(self.statistics, tmp)
+            (tmp / MANIFEST).write_text(json.dumps({"statistics_key": self.statistics_key,
+                                                    "tokenizer": self.tokenizer.fingerprint(), **self.info},
+                                                   indent=2, default=str))
+            if directory.exists():
+                shutil.rmtree(directory)
+            os.replace(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, map_location: str = "cpu") -> "WorldModel":
+        directory = Path(directory)
+        manifest = directory / MANIFEST
+        if not manifest.exists():
+            raise FileNotFoundError(f"{directory}: no {MANIFEST}; not a saved world model directory")
+        info = json.loads(manifest.read_text())
+        tokenizer = FrameTokenizer.from_pretrained(directory / "tokenizer", map_location)
+        dynamics = DynamicsModel.from_pretrained(directory / "dynamics", map_location)
+        dynamics.check_tokenizer(tokenizer.fingerprint(), source=str(directory / "tokenizer"))
+        detector = None
+        if (directory / "success_detector").is_dir():
+            detector = SuccessDetector.from_pretrained(directory / "success_detector", map_location)
+        statistics = {}
+        if (directory / "dataset_statistics.json").exists():
+            from embodied.data.statistics import load_dataset_statistics
+
+            statistics = load_dataset_statistics(directory)
+        key = info.pop("statistics_key", None)
+        info.pop("tokenizer", None)
+        return cls(tokenizer, dynamics, detector, statistics, key, info)

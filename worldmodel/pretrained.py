@@ -1,0 +1,85 @@
+"""`save_pretrained` / `from_pretrained` for the world model's parts: `config.json` + `model.safetensors`.
+
+Every part is a `torch.nn.Module` with a dataclass `config`; weights are written with
+safetensors (never pickled) and the directory is written atomically (temp dir, then rename),
+so a crash never leaves a half-written model behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def _config_from_dict(config_cls, values: dict[str, Any], source: str):
+    known = {f.name for f in fields(config_cls)}
+    unknown = sorted(set(values) - known - {"model_type"})
+    if unknown:
+        raise ValueError(f"{source}: unknown {config_cls.__name__} key(s) {unknown}; valid keys: {sorted(known)}")
+    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in known}
+    return config_cls(**values)
+
+
+class PretrainedMixin:
+    """Adds save_pretrained/from_pretrained to a module with `config_class`, `model_type` and `.config`."""
+
+    config_class: type
+    model_type: str
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        try:
+            payload = {"model_type": self.model_type, **asdict(self.config)}
+            (tmp / CONFIG_NAME).write_text(json.dumps(payload, indent=2))
+            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "model_type": self.model_type})
+            if directory.exists():
+                shutil.rmtree(directory)
+            os.replace(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return directory
+
+    @classmethod
+    def load_config(cls, directory: str | os.PathLike):
+        path = Path(directory) / CONFIG_NAME
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no {CONFIG_NAME}; not a saved {cls.__name__} directory")
+        values = json.loads(path.read_text())
+        model_type = values.get("model_type")
+        if model_type != cls.model_type:
+            raise ValueError(f"{path}: model_type is {model_type!r}, expected {cls.model_type!r}")
+        return _config_from_dict(cls.config_class, values, str(path))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu"):
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"{directory}: not a directory (world-model parts load from local directories)")
+        config = cls.load_config(directory)
+        model = cls(config)
+        weights = directory / WEIGHTS_NAME
+        if not weights.exists():
+            raise FileNotFoundError(f"{weights}: missing weights file")
+        state = load_file(str(weights), device=str(map_location))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{weights}: weights do not match the config (missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]})")
+        return model.eval()
