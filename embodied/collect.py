@@ -170,20 +170,10 @@ def collect(cfg: CollectConfig, output_dir: str | os.PathLike, show_progress: bo
     """Collect every task of the suite into one RLDS dataset under `output_dir`; returns a summary."""
     from embodied.data.errors import EmptyDatasetError
     from embodied.data.rlds_writer import RLDSWriter, episode_features
-    from embodied.evaluation import package_versions
-    from envs.backends import BACKENDS
+    from embodied.evaluation import package_versions, resolve_tasks
     from envs.randomization import RandomizationConfig
-    from envs.suites import get_suite
 
-    if cfg.backend not in BACKENDS:
-        raise ValueError(f"unknown backend {cfg.backend!r}; valid backends: {', '.join(BACKENDS)}")
-    suite = get_suite(cfg.suite)
-    tasks = list(cfg.tasks) if cfg.tasks else list(suite.tasks)
-    for task in tasks:
-        if task not in suite.tasks:
-            raise ValueError(f"task {task!r} is not in suite {suite.name!r}; its tasks: {', '.join(suite.tasks)}")
-    if cfg.episodes_per_task < 1:
-        raise ValueError(f"episodes_per_task must be >= 1, got {cfg.episodes_per_task}")
+    tasks = resolve_tasks(cfg)
     output_dir = Path(output_dir)
     randomization = RandomizationConfig.from_any(cfg.randomization).to_dict()
     config = {**asdict(cfg), "randomization": randomization, "tasks": tasks}

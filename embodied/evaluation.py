@@ -89,6 +89,25 @@ class CheckpointPolicy:
         return np.stack([self.queues[i].pop(0) for i in range(n)]).astype(np.float32)
 
 
+def resolve_tasks(cfg) -> list[str]:
+    """The tasks a run covers (its `tasks`, else the suite's), after checking backend, suite and counts.
+
+    `cfg` is any config with `suite`, `backend`, `tasks` and `episodes_per_task` (eval or collect).
+    """
+    from envs.backends import BACKENDS
+
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"unknown backend {cfg.backend!r}; valid backends: {', '.join(BACKENDS)}")
+    suite = get_suite(cfg.suite)
+    tasks = list(cfg.tasks) if cfg.tasks else list(suite.tasks)
+    for task in tasks:
+        if task not in suite.tasks:
+            raise ValueError(f"task {task!r} is not in suite {suite.name!r}; its tasks: {', '.join(suite.tasks)}")
+    if cfg.episodes_per_task < 1:
+        raise ValueError(f"episodes_per_task must be >= 1, got {cfg.episodes_per_task}")
+    return tasks
+
+
 def make_eval_policy(spec: str, seed: int = 0, device: str = "cpu") -> VectorPolicy:
     """`scripted`, `random`, or a checkpoint directory / hub id (any policy `policies` can load)."""
     if spec == "scripted":
@@ -293,23 +312,13 @@ def results_markdown(results: dict) -> str:
 
 def run_suite(policy: VectorPolicy, cfg: EvalConfig, show_progress: bool = True) -> tuple[list[str], list[dict]]:
     """Every task's episodes in the simulator: (tasks, per-episode records)."""
-    from envs.backends import BACKENDS
-
-    if cfg.backend not in BACKENDS:
-        raise ValueError(f"unknown backend {cfg.backend!r}; valid backends: {', '.join(BACKENDS)}")
-    suite = get_suite(cfg.suite)
-    tasks = list(cfg.tasks) if cfg.tasks else list(suite.tasks)
-    for task in tasks:
-        if task not in suite.tasks:
-            raise ValueError(f"task {task!r} is not in suite {suite.name!r}; its tasks: {', '.join(suite.tasks)}")
-    if cfg.episodes_per_task < 1:
-        raise ValueError(f"episodes_per_task must be >= 1, got {cfg.episodes_per_task}")
+    tasks = resolve_tasks(cfg)
     records = []
     total = cfg.episodes_per_task * len(tasks)
     with tqdm(total=total, desc=f"eval {cfg.suite}/{cfg.backend}", unit="ep", disable=not show_progress) as bar:
         for task in tasks:
             bar.set_postfix_str(task)
-            seeds = suite.episode_seeds(task, cfg.episodes_per_task, seed=cfg.seed)
+            seeds = get_suite(cfg.suite).episode_seeds(task, cfg.episodes_per_task, seed=cfg.seed)
             records.extend(run_task(task, policy, cfg, seeds, progress=bar))
     return tasks, records
 
