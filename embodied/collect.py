@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ class CollectConfig:
     dataset_name: str | None = None  # default: embodied_<suite>_<backend>
     version: str = DEFAULT_VERSION
     max_attempts_per_episode: int = 3
+    action_noise: float = 0.0  # DART: std (metres) of noise on the executed translation; the label stays the expert's
     max_shard_mb: int = 256
     overwrite: bool = False
     env_kwargs: dict = field(default_factory=dict)
@@ -95,6 +97,7 @@ def collect_task(task: str, cfg: CollectConfig, writer, progress=None) -> dict:
     from envs.suites import get_suite
 
     needed = cfg.episodes_per_task
+    noise_rng = np.random.default_rng([cfg.seed, zlib.crc32(task.encode())])
     seeds = get_suite(cfg.suite).episode_seeds(task, needed * max(1, cfg.max_attempts_per_episode), seed=cfg.seed)
     num_envs = max(1, min(cfg.num_envs, len(seeds)))
     envs = make_vector_env(task, _eval_config(cfg), num_envs)
@@ -133,7 +136,12 @@ def collect_task(task: str, cfg: CollectConfig, writer, progress=None) -> dict:
         start(list(range(num_envs)), obs)
         while any(s is not None for s in slots):
             actions = np.clip(np.stack(envs.call("expert_action")).astype(np.float32), ACTION_LOW, ACTION_HIGH)
-            obs, _, terminated, truncated, _ = envs.step(actions)
+            executed = actions
+            if cfg.action_noise > 0:  # the closed-loop expert labels its correction of the perturbed state
+                executed = actions.copy()
+                executed[:, :3] += noise_rng.normal(0.0, cfg.action_noise, (num_envs, 3)).astype(np.float32)
+                executed = np.clip(executed, ACTION_LOW, ACTION_HIGH)
+            obs, _, terminated, truncated, _ = envs.step(executed)
             restart = np.zeros(num_envs, dtype=bool)
             for i, rec in enumerate(slots):
                 if rec is None:
@@ -174,6 +182,8 @@ def collect(cfg: CollectConfig, output_dir: str | os.PathLike, show_progress: bo
     from envs.randomization import RandomizationConfig
 
     tasks = resolve_tasks(cfg)
+    if cfg.action_noise < 0:
+        raise ValueError(f"action_noise must be >= 0, got {cfg.action_noise}")
     output_dir = Path(output_dir)
     randomization = RandomizationConfig.from_any(cfg.randomization).to_dict()
     config = {**asdict(cfg), "randomization": randomization, "tasks": tasks}

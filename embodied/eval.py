@@ -26,7 +26,7 @@ def config_from_hydra(cfg: DictConfig, image_size: int = 224) -> EvalConfig:
 @hydra.main(version_base="1.3", config_path="conf/rollout", config_name="eval")
 def main(cfg: DictConfig) -> dict:
     output_dir = HydraConfig.get().runtime.output_dir
-    policy = make_eval_policy(str(cfg.policy), seed=int(cfg.seed))
+    policy = make_eval_policy(str(cfg.policy), seed=int(cfg.seed), n_action_steps=cfg.get("n_action_steps"))
     trained = getattr(policy, "policy", None)
     eval_cfg = config_from_hydra(cfg, getattr(getattr(trained, "config", None), "observation_image_size", 224))
     if cfg.get("imagine"):

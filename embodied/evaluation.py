@@ -10,6 +10,7 @@ import functools
 import json
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -63,13 +64,19 @@ class RandomPolicy:
 class CheckpointPolicy:
     """A trained policy driving N envs: one batched forward pass for every env that needs actions.
 
-    A chunked policy (K actions per prediction) runs its chunk open-loop, as OpenVLA-OFT does;
+    A chunked policy (K actions per prediction) runs the first `n_action_steps` of each chunk open-loop
+    (all K by default, as OpenVLA-OFT does; fewer re-plans more often, like LeRobot's n_action_steps);
     each env keeps its own queue, emptied when that env starts a new episode.
     """
 
-    def __init__(self, policy, name: str | None = None):
+    def __init__(self, policy, name: str | None = None, n_action_steps: int | None = None):
         self.policy = policy
         self.name = name or str(getattr(policy, "name_or_path", type(policy).__name__))
+        config = getattr(policy, "config", None)
+        self.n_action_steps = n_action_steps or getattr(config, "n_action_steps", None)
+        chunk = getattr(config, "action_chunk", None)
+        if self.n_action_steps is not None and chunk is not None and not 1 <= self.n_action_steps <= chunk:
+            raise ValueError(f"n_action_steps must be in [1, action_chunk={chunk}], got {self.n_action_steps}")
         self.queues: dict[int, list[np.ndarray]] = {}
 
     def reset(self, env_indices):
@@ -80,12 +87,13 @@ class CheckpointPolicy:
         n = envs.num_envs
         need = [i for i in range(n) if not self.queues.get(i)]
         if need:
-            batch = [{"image": observations["image"][i]} for i in need]
+            batch = [{key: observations[key][i] for key in ("image", "wrist_image", "state") if key in observations}
+                     for i in need]
             predicted = np.asarray(self.policy.predict_actions(batch, [str(observations["instruction"][i]) for i in need]))
             if predicted.ndim == 2:  # (B, 7): one action per prediction
                 predicted = predicted[:, None]
             for row, i in enumerate(need):
-                self.queues[i] = list(predicted[row])
+                self.queues[i] = list(predicted[row][:self.n_action_steps])
         return np.stack([self.queues[i].pop(0) for i in range(n)]).astype(np.float32)
 
 
@@ -108,7 +116,7 @@ def resolve_tasks(cfg) -> list[str]:
     return tasks
 
 
-def make_eval_policy(spec: str, seed: int = 0, device: str = "cpu") -> VectorPolicy:
+def make_eval_policy(spec: str, seed: int = 0, device: str = "cpu", n_action_steps: int | None = None) -> VectorPolicy:
     """`scripted`, `random`, or a checkpoint directory / hub id (any policy `policies` can load)."""
     if spec == "scripted":
         return ScriptedPolicy()
@@ -121,7 +129,7 @@ def make_eval_policy(spec: str, seed: int = 0, device: str = "cpu") -> VectorPol
     except (FileNotFoundError, OSError) as error:
         raise FileNotFoundError(f"policy {spec!r} is neither 'scripted', 'random' nor a loadable checkpoint: "
                                 f"{error}") from error
-    return CheckpointPolicy(policy, name=spec)
+    return CheckpointPolicy(policy, name=spec, n_action_steps=n_action_steps)
 
 
 def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
@@ -355,7 +363,11 @@ def write_outputs(results: dict, records: list[dict], output_dir: str | os.PathL
 
 def evaluate(policy: VectorPolicy, cfg: EvalConfig, output_dir: str | os.PathLike, policy_name: str | None = None,
              show_progress: bool = True) -> dict:
+    started = time.perf_counter()
     tasks, records = run_suite(policy, cfg, show_progress)
+    seconds = time.perf_counter() - started
     results = build_results(records, tasks, cfg, policy_name or policy.name)
+    results["timing"] = {"seconds": round(seconds, 2), "seconds_per_episode": round(seconds / max(len(records), 1), 3),
+                         "num_envs": cfg.num_envs}
     write_outputs(results, records, output_dir)
     return results

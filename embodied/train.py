@@ -106,6 +106,20 @@ def data_config(cfg: DictConfig, rank: int, skip_frames: int = 0):
     return DataConfig.from_dict(values)
 
 
+def _note_reused_collection(dataset_dir: Path, collect_cfg: DictConfig) -> None:
+    """Say so when cached demonstrations were collected with other settings than the run's `collect` block."""
+    found = sorted(dataset_dir.glob("*/metadata.json"))
+    if not found:
+        return
+    recorded = json.loads(found[-1].read_text()).get("collect_config", {})
+    keys = ("episodes_per_task", "image_size", "action_noise")
+    differ = {k: (recorded.get(k, 0.0 if k == "action_noise" else None), collect_cfg.get(k)) for k in keys
+              if collect_cfg.get(k) is not None and recorded.get(k, 0.0 if k == "action_noise" else None) != collect_cfg.get(k)}
+    if differ:
+        details = ", ".join(f"{k}={old} (the config asks {new})" for k, (old, new) in differ.items())
+        print(f"[train] reusing {found[-1].parent}, collected with {details}; delete it to collect anew", flush=True)
+
+
 def ensure_sim_data(cfg: DictConfig) -> None:
     """Collect the platform's own demonstrations when a sim dataset of the config is missing."""
     from embodied.data.mixtures import parse_datasets
@@ -117,6 +131,8 @@ def ensure_sim_data(cfg: DictConfig) -> None:
                                   else str(cfg.data.datasets)):
         if not (data_dir / name).exists() and not Path(name).exists():
             missing.append(name)
+        elif name.startswith(SIM_DATASET_PREFIX):
+            _note_reused_collection(data_dir / name, cfg.collect)
     if not missing:
         return
     ours = [n for n in missing if n.startswith(SIM_DATASET_PREFIX)]
@@ -131,7 +147,8 @@ def ensure_sim_data(cfg: DictConfig) -> None:
         print(f"[train] {name} is missing from {data_dir}: collecting {cfg.collect.episodes_per_task} scripted "
               f"episodes per task of {suite} on {backend}", flush=True)
         collect(CollectConfig(suite=suite, backend=backend, episodes_per_task=int(cfg.collect.episodes_per_task),
-                              image_size=int(cfg.collect.image_size), num_envs=int(cfg.collect.num_envs)),
+                              image_size=int(cfg.collect.image_size), num_envs=int(cfg.collect.num_envs),
+                              action_noise=float(cfg.collect.get("action_noise", 0.0))),
                 data_dir)
 
 

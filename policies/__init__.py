@@ -83,7 +83,8 @@ def make_policy(cfg: Mapping[str, Any], statistics: Mapping[str, Any] | None = N
             cfg.pop(key, None)
     if pretrained:
         policy = cls.from_pretrained(pretrained, device=device or "cpu", **{k: v for k, v in cfg.items()
-                                                                             if k in ("decoding", "unnorm_key", "autocast")})
+                                                                             if k in ("decoding", "unnorm_key", "autocast",
+                                                                                      "n_action_steps")})
         if statistics is not None:
             policy.set_statistics(statistics)
     else:

@@ -29,7 +29,7 @@ class LoraSettings:
     target_modules: str | list[str] = "all-linear"  # "all-linear", or module name suffixes (e.g. ["q_proj", "v_proj"])
     lora_parts: list[str] = field(default_factory=lambda: [LLM_PART])  # where adapters go: "llm", "vision"
     train_vision: bool = False  # vision towers trained in full (saved with the adapter)
-    train_projector: bool = True  # projector + slot embeddings trained in full (saved with the adapter)
+    train_projector: bool = True  # projector, slot embeddings (and proprio projector) trained in full (saved with the adapter)
     init_lora_weights: str | bool = "gaussian"
 
 
@@ -64,6 +64,8 @@ def apply_lora(policy: nn.Module, settings: LoraSettings | None = None):
     modules_to_save = []
     if settings.train_projector:
         modules_to_save += ["projector", "action_slots"]
+        if getattr(policy, "proprio_projector", None) is not None:
+            modules_to_save.append("proprio_projector")
     if settings.train_vision:
         modules_to_save.append("vision")
     config = peft.LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,

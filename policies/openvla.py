@@ -10,6 +10,8 @@
   "autoregressive" — OpenVLA's: greedy, one token per LLM step (KV cache), constrained to action ids;
   "parallel" — OpenVLA-OFT's: K*7 action slots (learned embeddings) after the prompt attend to each
   other bidirectionally and all K actions come out of a single forward pass.
+- Proprioception (`use_proprio`, off by default as in OpenVLA): OpenVLA-OFT's projected state token,
+  placed after the image patches.
 - Preprocessing (image resize and normalization per tower, prompt, action tokens, statistics) lives
   in one `VLAProcessor`, shared by `forward()` and `predict_action()`.
 
@@ -49,6 +51,7 @@ class VLAConfig:
     action_dim: int = 7
     n_action_bins: int = 256
     action_chunk: int = 1  # K actions per prediction
+    n_action_steps: int | None = None  # actions of each chunk executed before predicting again (None: all K)
     decoding: str = "autoregressive"  # | "parallel"
     observation_image_size: int = 224  # the camera images the policy is trained on (resized to each tower's size)
     normalization: str = "bounds_q99"
@@ -56,6 +59,8 @@ class VLAConfig:
     autocast: str = "auto"  # "auto": bf16 on CUDA, none on CPU | "bfloat16" | "float16" | "none"
     gradient_checkpointing: bool = False
     train_vision: bool = True  # full training updates the towers (OpenVLA does); LoRA freezes them by default
+    use_proprio: bool = False  # OpenVLA-OFT's proprio token: the robot state, projected, after the image patches
+    proprio_dim: int = 8  # the common state: end-effector position 3, quaternion xyzw 4, gripper 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,8 +78,12 @@ class VLAConfig:
             raise ValueError(f"unknown decoding {self.decoding!r}; valid: {', '.join(DECODING_MODES)}")
         if self.action_chunk < 1:
             raise ValueError(f"action_chunk must be >= 1, got {self.action_chunk}")
+        if self.n_action_steps is not None and not 1 <= self.n_action_steps <= self.action_chunk:
+            raise ValueError(f"n_action_steps must be in [1, action_chunk={self.action_chunk}], got {self.n_action_steps}")
         if "{instruction}" not in self.prompt:
             raise ValueError(f"prompt {self.prompt!r} has no {{instruction}} field")
+        if self.use_proprio and self.proprio_dim < 1:
+            raise ValueError(f"use_proprio needs proprio_dim >= 1, got {self.proprio_dim}")
         if self.projector not in PROJECTORS:
             raise ValueError(f"unknown projector {self.projector!r}; valid: {', '.join(PROJECTORS)}")
 
@@ -159,6 +168,9 @@ class OpenVLAPolicy(nn.Module):
         # One learned embedding per action slot of parallel decoding (K*7 slots).
         self.action_slots = nn.Embedding(config.action_chunk * config.action_dim, width)
         nn.init.normal_(self.action_slots.weight, std=0.02)
+        # OFT's proprio projector: the normalized state becomes one token after the image patches.
+        self.proprio_projector = nn.Sequential(nn.Linear(config.proprio_dim, width), nn.GELU(),
+                                               nn.Linear(width, width)) if config.use_proprio else None
         self.tokenizer = tokenizer
         self._processor = VLAProcessor(config, tokenizer, statistics) if tokenizer is not None else None
         if tokenizer is not None and tokenizer.vocab_size > self.llm.get_input_embeddings().num_embeddings:
@@ -269,7 +281,9 @@ class OpenVLAPolicy(nn.Module):
 
     def set_trainable(self, vision: bool = True, projector: bool = True, llm: bool = True) -> None:
         for module, flag in ((self.vision, vision), (self.projector, projector), (self.llm, llm),
-                             (self.action_slots, projector)):
+                             (self.action_slots, projector), (self.proprio_projector, projector)):
+            if module is None:
+                continue
             module.requires_grad_(flag)
 
     def enable_gradient_checkpointing(self) -> None:
@@ -293,7 +307,7 @@ class OpenVLAPolicy(nn.Module):
 
     # -- the shared forward pass --------------------------------------------------------------------------
     def _embed(self, inputs: Mapping[str, Any]):
-        """Token embeddings with image patches after BOS and slot embeddings on the parallel slots."""
+        """Token embeddings: image patches (then the proprio token, if used) after BOS, slot embeddings on the parallel slots."""
         embed = self.llm.get_input_embeddings()
         text = embed(inputs["input_ids"])
         if inputs["decoding"] == "parallel":
@@ -303,6 +317,9 @@ class OpenVLAPolicy(nn.Module):
         with torch.set_grad_enabled(train_vision):
             features = self.vision(inputs["pixel_values"])
         patches = self.projector(features.to(self.projector_dtype)).to(text.dtype)
+        if self.proprio_projector is not None:
+            proprio = self.proprio_projector(inputs["proprio"].to(self.projector_dtype)).to(text.dtype)
+            patches = torch.cat([patches, proprio[:, None]], dim=1)
         embeds = torch.cat([text[:, :1], patches, text[:, 1:]], dim=1)
         mask = inputs["attention_mask"]
         valid = torch.cat([mask[:, :1], mask.new_ones(patches.shape[:2]), mask[:, 1:]], dim=1).bool()
@@ -336,13 +353,14 @@ class OpenVLAPolicy(nn.Module):
         """Loss (cross-entropy on action tokens and the stop token) and metrics on a reader batch.
 
         `batch`: image uint8 (B, H, W, 3), instruction list[str], action (B, 7) or (B, K, 7) normalized,
-        optional action_mask (B, K).
+        optional action_mask (B, K); state (B, 8) raw, when the policy uses proprioception.
         """
         for key in ("image", "instruction", "action"):
             if key not in batch:
                 raise KeyError(f"batch has no {key!r} key (keys: {', '.join(batch)})")
         inputs = self.processor(batch["image"], batch["instruction"], actions=batch["action"],
-                                action_mask=batch.get("action_mask"), decoding=decoding, device=self.device)
+                                action_mask=batch.get("action_mask"), states=batch.get("state"), decoding=decoding,
+                                device=self.device)
         with self._autocast():
             logits = self._slot_logits(inputs)
         targets, weights = inputs["target_ids"], inputs["target_weights"]
@@ -419,9 +437,10 @@ class OpenVLAPolicy(nn.Module):
         self._queue.clear()
 
     def select_action(self, observation: Mapping[str, Any], instruction: str | None = None) -> np.ndarray:
-        """(7,) action, executing each predicted chunk open-loop before predicting the next (call reset() per episode)."""
+        """(7,) action, executing the first n_action_steps of each predicted chunk open-loop before predicting
+        the next (call reset() per episode)."""
         if not self._queue:
-            self._queue.extend(self.predict_action_chunk(observation, instruction))
+            self._queue.extend(self.predict_action_chunk(observation, instruction)[:self.config.n_action_steps])
         return self._queue.pop(0)
 
     # -- checkpoints -----------------------------------------------------------------------------

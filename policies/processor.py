@@ -57,12 +57,19 @@ class VLAProcessor:
             if dim != self.config.action_dim:
                 raise ValueError(f"dataset statistics for {name!r} have {dim}-D actions but the policy's "
                                  f"action_dim is {self.config.action_dim}")
+            if getattr(self.config, "use_proprio", False):
+                if "proprio" not in entry or "q01" not in entry["proprio"]:
+                    raise ValueError(f"dataset statistics for {name!r} have no proprio q01/q99 entry, which a "
+                                     "policy with use_proprio needs to normalize the state")
+                if len(entry["proprio"]["q01"]) != self.config.proprio_dim:
+                    raise ValueError(f"dataset statistics for {name!r} have {len(entry['proprio']['q01'])}-D states "
+                                     f"but the policy's proprio_dim is {self.config.proprio_dim}")
         if self.config.unnorm_key is not None and self.config.unnorm_key not in statistics:
             raise ValueError(f"unnorm_key {self.config.unnorm_key!r} is not in the dataset statistics "
                              f"(have: {', '.join(statistics)})")
         self.statistics = {k: dict(v) for k, v in statistics.items()}
 
-    def action_statistics(self, unnorm_key: str | None = None) -> Mapping[str, Any]:
+    def action_statistics(self, unnorm_key: str | None = None, part: str = "action") -> Mapping[str, Any]:
         if self.statistics is None:
             raise RuntimeError("the policy has no dataset statistics; set them with set_statistics() "
                                "(or load a checkpoint that carries dataset_statistics.json)")
@@ -74,7 +81,7 @@ class VLAProcessor:
             key = next(iter(self.statistics))
         if key not in self.statistics:
             raise ValueError(f"unnorm_key {key!r} not in the dataset statistics (have: {', '.join(self.statistics)})")
-        return self.statistics[key]["action"]
+        return self.statistics[key][part]
 
     def normalize_actions(self, actions: np.ndarray, unnorm_key: str | None = None) -> np.ndarray:
         return normalize(actions, self.action_statistics(unnorm_key), NormalizationMode.parse(self.config.normalization))
@@ -88,6 +95,25 @@ class VLAProcessor:
         ids = token_ids.detach().cpu().numpy() if isinstance(token_ids, torch.Tensor) else np.asarray(token_ids)
         normalized = self.action_tokenizer.decode(ids).reshape(len(ids), -1, self.config.action_dim)
         return self.unnormalize_actions(normalized, unnorm_key).astype(np.float32)
+
+    def normalize_states(self, states, unnorm_key: str | None = None) -> torch.Tensor:
+        """Raw (B, proprio_dim) states → normalized float32, with each quaternion's sign made canonical.
+
+        q and -q are the same orientation; simulators and robots report either, so the sign is fixed
+        (largest-magnitude component positive) before normalizing, for training and inference alike.
+        """
+        states = np.array(states.detach().cpu().numpy() if isinstance(states, torch.Tensor) else states, dtype=np.float32)
+        if states.ndim != 2 or states.shape[1] != self.config.proprio_dim:
+            raise ValueError(f"states must be (B, {self.config.proprio_dim}), got shape {states.shape}")
+        if not np.isfinite(states).all():
+            raise ValueError("states contain NaN or infinite values")
+        if self.config.proprio_dim == 8:  # the common layout: position 3, quaternion xyzw 4, gripper 1
+            quat = states[:, 3:7]
+            largest = np.take_along_axis(quat, np.abs(quat).argmax(1)[:, None], axis=1)
+            states[:, 3:7] = np.where(largest < 0, -quat, quat)
+        stats = self.action_statistics(unnorm_key, part="proprio")
+        return torch.from_numpy(normalize(states, stats, NormalizationMode.parse(self.config.normalization))
+                                .astype(np.float32))
 
     # -- text --------------------------------------------------------------------------------------
     def prompt(self, instruction: str) -> str:
@@ -131,9 +157,10 @@ class VLAProcessor:
         return out
 
     # -- the one entry point -------------------------------------------------------------------------
-    def __call__(self, images, instructions: Sequence[str], actions=None, action_mask=None,
+    def __call__(self, images, instructions: Sequence[str], actions=None, action_mask=None, states=None,
                  decoding: str | None = None, chunk: int | None = None, device=None) -> dict[str, Any]:
-        """Model inputs. `actions` are normalized (B, D) or (B, K, D), as the data reader yields them."""
+        """Model inputs. `actions` are normalized (B, D) or (B, K, D), as the data reader yields them;
+        `states` raw (B, proprio_dim), required by a policy with `use_proprio` (and ignored otherwise)."""
         decoding = decoding or self.config.decoding
         if decoding not in DECODING_MODES:
             raise ValueError(f"unknown decoding {decoding!r}; valid: {', '.join(DECODING_MODES)}")
@@ -184,6 +211,13 @@ class VLAProcessor:
         out = {"pixel_values": self.pixel_values(images, device), "input_ids": input_ids.to(device),
                "attention_mask": attention_mask.to(device), "decoding": decoding, "chunk": chunk,
                "n_slots": slots.shape[1]}
+        if getattr(self.config, "use_proprio", False):
+            if states is None:
+                raise ValueError("this policy uses proprioception (use_proprio): pass the robot state "
+                                 f"(B, {self.config.proprio_dim}) with the images")
+            if len(states) != len(images):
+                raise ValueError(f"{len(images)} images but {len(states)} states")
+            out["proprio"] = self.normalize_states(states).to(device)
         if target_ids is not None:
             out["target_ids"] = target_ids.to(device)
             out["target_weights"] = target_weights.to(device)
@@ -212,4 +246,11 @@ class VLAProcessor:
         for i, text in enumerate(instructions):
             if text is None:
                 raise ValueError(f"no instruction for observation {i}: pass instruction= or set obs['instruction']")
-        return self(torch.stack(images), list(instructions), **kwargs)
+        states = None
+        if getattr(self.config, "use_proprio", False):
+            missing = [i for i, obs in enumerate(observations) if obs.get("state") is None]
+            if missing:
+                raise KeyError(f"observation {missing[0]} has no 'state' key, which this policy (use_proprio) "
+                               f"needs (keys: {', '.join(observations[missing[0]])})")
+            states = np.stack([np.asarray(obs["state"], dtype=np.float32).reshape(-1) for obs in observations])
+        return self(torch.stack(images), list(instructions), states=states, **kwargs)

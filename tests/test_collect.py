@@ -139,3 +139,25 @@ def test_collect_rejects_bad_arguments(tmp_path):
         collect(CollectConfig(tasks=["Juggle"]), tmp_path, show_progress=False)
     with pytest.raises(ValueError, match="unknown backend 'bullet'"):
         collect(CollectConfig(backend="bullet"), tmp_path, show_progress=False)
+
+
+def test_action_noise_perturbs_execution_but_records_the_experts_labels(tmp_path):
+    """DART: the executed action is noisy, the recorded one is the closed-loop expert's answer to the
+    perturbed state, so it never exceeds the expert's 3 cm step (noisy executed actions would)."""
+    from embodied.collect import CollectConfig, collect
+    from embodied.data import RLDSSource
+
+    runs = {}
+    for noise in (0.0, 0.02):
+        out = tmp_path / f"noise_{noise}"
+        collect(CollectConfig(backend="pybullet", episodes_per_task=2, tasks=["ReachTarget"], image_size=IMAGE,
+                              num_envs=1, vector="sync", action_noise=noise), out, show_progress=False)
+        runs[noise] = list(RLDSSource(out / "embodied_tabletop10_pybullet", split="train[:100%]").episodes())
+    clean, noisy = runs[0.0], runs[0.02]
+    assert len(clean) == len(noisy) == 2
+    assert any(len(a["action"]) != len(b["action"]) or not np.allclose(a["state"], b["state"])
+               for a, b in zip(clean, noisy))
+    for episode in noisy:
+        assert np.linalg.norm(episode["action"][:, :3], axis=1).max() <= 0.03 + 1e-5
+    with pytest.raises(ValueError, match="action_noise must be >= 0, got -0.1"):
+        collect(CollectConfig(tasks=["ReachTarget"], action_noise=-0.1), tmp_path / "bad", show_progress=False)

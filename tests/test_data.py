@@ -163,6 +163,21 @@ def test_action_chunks_pad_past_the_episode_end_with_a_mask(dataset, cache):
     assert last["action_mask"].tolist() == [True, False, False, False]
 
 
+def test_hold_padding_trains_the_chunk_to_stand_still_past_the_end(dataset, cache):
+    _, path, raw = dataset
+    data = RLDSDataset(_config(path, cache, action_chunk=4, chunk_padding="hold"))
+    stats = data.statistics[NAME]
+    for frame in _frames(data):
+        actions = raw[_episode(frame["instruction"])]["actions"]
+        t, length = int(frame["timestep"]), len(actions)
+        expected = actions[np.minimum(np.arange(t, t + 4), length - 1)].copy()
+        expected[np.arange(t, t + 4) >= length, :6] = 0.0  # zero motion, the last gripper command kept
+        np.testing.assert_allclose(frame["action"], normalize(expected, stats["action"]), atol=1e-6)
+        assert frame["action_mask"].all()
+    with pytest.raises(ValueError, match="chunk_padding 'zeros'"):
+        RLDSDataset(_config(path, cache, action_chunk=4, chunk_padding="zeros"))
+
+
 def test_augmentation_uses_openvla_settings_and_is_random(dataset, cache):
     _, path, _ = dataset
     assert (OPENVLA_AUGMENT.crop_scale, OPENVLA_AUGMENT.brightness, OPENVLA_AUGMENT.contrast,

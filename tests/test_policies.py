@@ -137,6 +137,42 @@ def test_parallel_chunk_decoding_overfits_with_masked_steps():
     np.testing.assert_allclose(np.stack(first), actions[1], atol=1e-6)
 
 
+def test_proprio_token_lets_the_policy_tell_apart_identical_images(tmp_path):
+    # Same image and instruction, different robot states and actions: only the state separates them.
+    data = batch(seed=3)
+    data["image"][:] = data["image"][0]
+    data["instruction"] = [data["instruction"][0]] * 4
+    rng = np.random.default_rng(0)
+    data["state"] = torch.from_numpy(rng.normal(size=(4, 8)).astype(np.float32))
+    data["action"] = torch.stack([data["action"], data["action"].flip(0)], dim=1)
+    data["action_mask"] = torch.ones(4, 2, dtype=torch.bool)
+    # parallel decoding: no teacher-forced token can give a sample away
+    blind = tiny(OpenVLAPolicy, decoding="parallel", action_chunk=2)
+    assert train_until_exact(blind, data, max_steps=60)["action_accuracy"] <= 0.5
+    policy = tiny(OpenVLAPolicy, use_proprio=True, decoding="parallel", action_chunk=2, n_action_steps=1)
+    assert train_until_exact(policy, data)["action_accuracy"] == 1.0
+    obs = [{**o, "state": state.numpy()} for o, state in zip(observations(data), data["state"])]
+    actions = policy.predict_actions(obs)
+    np.testing.assert_allclose(actions, expected_actions(policy, data), atol=1e-6)
+    # q and -q are one orientation: the processor gives them the same features
+    flipped = data["state"].clone()
+    flipped[:, 3:7] *= -1
+    assert torch.equal(policy.processor.normalize_states(flipped), policy.processor.normalize_states(data["state"]))
+    # n_action_steps: select_action re-plans after the first action of each chunk
+    policy.reset()
+    assert np.allclose(policy.select_action(obs[0]), actions[0, 0]) and not policy._queue
+    policy.save_pretrained(tmp_path)
+    loaded = policies.load_pretrained(tmp_path)
+    assert loaded.config.use_proprio and loaded.config.n_action_steps == 1
+    assert np.array_equal(loaded.predict_actions(obs), actions)
+    with pytest.raises(KeyError, match="observation 0 has no 'state' key"):
+        loaded.predict_actions(observations(data))
+    with pytest.raises(ValueError, match=r"states must be \(B, 8\), got shape \(4, 7\)"):
+        loaded.processor.normalize_states(data["state"][:, :7])
+    with pytest.raises(ValueError, match="n_action_steps must be in"):
+        tiny(OpenVLAPolicy, action_chunk=2, n_action_steps=3)
+
+
 def test_prompt_and_shared_preprocessing():
     policy = tiny(OpenVLAPolicy)
     proc = policy.processor

@@ -39,7 +39,8 @@ def test_harness_writes_results_with_vector_envs(tmp_path):
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results))
     assert set(on_disk) == {"suite", "backend", "policy", "seed", "tasks", "overall", "versions", "episode_seeds",
-                            "randomization"}
+                            "randomization", "timing"}
+    assert on_disk["timing"]["seconds_per_episode"] > 0 and on_disk["timing"]["num_envs"] == cfg.num_envs
     assert on_disk["episode_seeds"]["ReachTarget"] == get_suite("tabletop10").episode_seeds("ReachTarget", 3)
     assert on_disk["overall"]["episodes"] == 6
     for task in ("ReachTarget", "PressButton"):

@@ -38,7 +38,8 @@ from embodied.data.errors import CorruptShardError, DatasetNotFoundError, EmptyD
 from embodied.data.mixtures import parse_datasets, sampling_weights
 from embodied.data.statistics import (NormalizationMode, StatisticsCache, compute_statistics, fingerprint,
                                       load_dataset_statistics, save_dataset_statistics)
-from embodied.data.transforms import OPENVLA_AUGMENT, AugmentConfig, chunk_actions, decode_image, normalize_tf
+from embodied.data.transforms import (CHUNK_PADDINGS, OPENVLA_AUGMENT, AugmentConfig, chunk_actions, decode_image,
+                                       normalize_tf)
 
 log = logging.getLogger(__name__)
 STATISTICS_VERSION = 1  # bump when the statistics computation changes
@@ -377,6 +378,7 @@ class DataConfig:
     augment: bool = False  # OpenVLA's augmentation
     center_crop: bool = False  # evaluation crop for policies trained with augmentation
     action_chunk: int = 1  # K future actions per frame (1: a single action, no mask)
+    chunk_padding: str = "repeat"  # past an episode's end: repeat (masked out) | hold (zero motion, trained on)
     normalization: str = "bounds_q99"  # bounds_q99 | bounds | normal
     normalize_state: bool = False
     balance_weights: bool = False  # multiply mixture weights by frame counts
@@ -437,6 +439,8 @@ class RLDSDataset(_IterableDataset):
         self.config = cfg = DataConfig.from_dict({**asdict(config), **overrides}) if overrides else config
         if cfg.action_chunk < 1:
             raise ValueError(f"action_chunk must be >= 1, got {cfg.action_chunk}")
+        if cfg.chunk_padding not in CHUNK_PADDINGS:
+            raise ValueError(f"unknown chunk_padding {cfg.chunk_padding!r}; valid: {', '.join(CHUNK_PADDINGS)}")
         self.mode = NormalizationMode.parse(cfg.normalization)
         self.image_size = _size(cfg.image_size)
         self.report = BadRecordReport()
@@ -505,11 +509,11 @@ class RLDSDataset(_IterableDataset):
                    "dataset_index": tf.fill([length], index), "timestep": tf.range(length)}
             if cfg.wrist_image:
                 out["wrist_image"] = traj["wrist_image"]
-            action = normalize_tf(traj["action"], stats["action"], mode)
-            if cfg.action_chunk > 1:
-                out["action"], out["action_mask"] = chunk_actions(action, cfg.action_chunk)
+            if cfg.action_chunk > 1:  # chunked before normalizing: "hold" pads with raw zero motion
+                action, out["action_mask"] = chunk_actions(traj["action"], cfg.action_chunk, cfg.chunk_padding)
+                out["action"] = normalize_tf(action, stats["action"], mode)
             else:
-                out["action"] = action
+                out["action"] = normalize_tf(traj["action"], stats["action"], mode)
             return out
 
         return fn

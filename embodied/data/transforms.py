@@ -42,16 +42,29 @@ def normalize_tf(x, entry: Mapping[str, Any], mode: NormalizationMode):
     return tf.where(tf.equal(f["min"], f["max"]), tf.zeros_like(out), out)
 
 
-def chunk_actions(action, horizon: int):
-    """(T, D) actions → (T, K, D) windows of the K actions from t on, and a (T, K) validity mask.
+CHUNK_PADDINGS = ("hold", "repeat")
 
-    Past the episode's end the window repeats the last action and the mask is False there.
+
+def chunk_actions(action, horizon: int, padding: str = "repeat"):
+    """(T, D) actions → (T, K, D) windows of the K actions from t on, and a (T, K) mask of positions to train on.
+
+    Past the episode's end, `padding` fills the window:
+    - "repeat": the last action again, masked out of the loss (the policy never learns what follows the end);
+    - "hold": standing still in the common delta convention (zero motion, the last gripper command),
+      trained on, so that a chunk reaching the goal stops there instead of running on with untrained actions.
     """
     tf = _tf()
+    if padding not in CHUNK_PADDINGS:
+        raise ValueError(f"unknown chunk padding {padding!r}; valid: {', '.join(CHUNK_PADDINGS)}")
     length = tf.shape(action)[0]
     index = tf.range(length)[:, None] + tf.range(horizon)[None, :]
-    mask = index < length
-    return tf.gather(action, tf.minimum(index, length - 1)), mask
+    inside = index < length
+    windows = tf.gather(action, tf.minimum(index, length - 1))
+    if padding == "repeat":
+        return windows, inside
+    motion = tf.concat([tf.ones_like(windows[..., :-1]), tf.zeros_like(windows[..., -1:])], axis=-1)
+    hold = windows * (1.0 - motion)  # motion dims zeroed, gripper kept
+    return tf.where(inside[..., None], windows, hold), tf.ones_like(inside)
 
 
 def _crop_box(scale: float, center: bool, seed=None):
