@@ -32,7 +32,7 @@ DEFAULT_VERSION = "1.0.0"
 class CollectConfig:
     suite: str = "tabletop10"
     backend: str = "mujoco"
-    episodes_per_task: int = 10  # successful episodes kept per task
+    episodes_per_task: int = 10  # episodes kept per task (successful ones unless keep_failures)
     tasks: list[str] | None = None
     num_envs: int = 2  # parallel env workers
     vector: str = "async"  # async | sync
@@ -44,6 +44,7 @@ class CollectConfig:
     dataset_name: str | None = None  # default: embodied_<suite>_<backend>
     version: str = DEFAULT_VERSION
     max_attempts_per_episode: int = 3
+    keep_failures: bool = False  # also write failed episodes (success false, reward 0): detector negatives
     action_noise: float = 0.0  # DART: std (metres) of noise on the executed translation; the label stays the expert's
     max_shard_mb: int = 256
     overwrite: bool = False
@@ -109,7 +110,8 @@ def collect_task(task: str, cfg: CollectConfig, writer, progress=None) -> dict:
 
     def optimistic_successes() -> int:
         # successes already known plus every episode still running: schedule no more than could be needed
-        return written + sum(ok for ok, _ in finished.values()) + sum(s is not None for s in slots)
+        return (written + sum(ok or cfg.keep_failures for ok, _ in finished.values())
+                + sum(s is not None for s in slots))
 
     def start(indices: list[int], obs: dict) -> None:
         metadata = envs.call("episode_metadata")
@@ -121,9 +123,9 @@ def collect_task(task: str, cfg: CollectConfig, writer, progress=None) -> dict:
         while next_index in finished:
             ok, rec = finished.pop(next_index)
             next_index += 1
-            if ok and written < needed:
+            if (ok or cfg.keep_failures) and written < needed:
                 meta = {**rec.metadata, "suite": cfg.suite, "episode_id": writer.num_episodes, "seed": rec.seed}
-                writer.write(make_episode(rec.observations(), np.stack(rec.actions), rec.instruction, meta))
+                writer.write(make_episode(rec.observations(), np.stack(rec.actions), rec.instruction, meta, success=ok))
                 written += 1
                 kept_seeds.append(rec.seed)
                 lengths.append(len(rec.actions))

@@ -280,6 +280,13 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         else:
             if val_episodes[0].tokens is None:
                 tokenize_episodes(tokenizer, episodes + val_episodes, show_progress=show)
+            if scfg.get("max_false_positive_rate") is not None:
+                from worldmodel.success import calibrate_threshold
+
+                detector.eval()
+                summary["detector_threshold"] = calibrate_threshold(detector, *detector_arrays(episodes),
+                                                                    float(scfg.max_false_positive_rate))
+                detector.train()
             summary["detector_val"] = detector_eval(detector, val_episodes)
             summary["detector_train"] = detector_eval(detector, episodes)
             logger.log({f"detector/val_{k}": v for k, v in summary["detector_val"].items()},

@@ -159,5 +159,20 @@ def test_action_noise_perturbs_execution_but_records_the_experts_labels(tmp_path
                for a, b in zip(clean, noisy))
     for episode in noisy:
         assert np.linalg.norm(episode["action"][:, :3], axis=1).max() <= 0.03 + 1e-5
+    # keep_failures writes failed attempts too, labelled: heavy noise makes the expert miss its 60 steps
+    out = tmp_path / "failures"
+    summary = collect(CollectConfig(backend="pybullet", episodes_per_task=3, tasks=["ReachTarget"], image_size=IMAGE,
+                                    num_envs=1, vector="sync", action_noise=0.3, keep_failures=True), out,
+                      show_progress=False)
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder_from_directory(str(out / "embodied_tabletop10_pybullet" / "1.0.0"))
+    episodes = [(bool(e["episode_metadata"]["success"]), [float(s["reward"]) for s in e["steps"]])
+                for e in builder.as_dataset(split="train")]
+    successes = summary["tasks"]["ReachTarget"]["successes"]
+    assert len(episodes) == 3 and successes < 3
+    failed = [rewards for ok, rewards in episodes if not ok]
+    assert len(failed) == 3 - successes
+    assert all(len(r) == 60 and sum(r) == 0 for r in failed)  # ran to the task's step limit, never rewarded
     with pytest.raises(ValueError, match="action_noise must be >= 0, got -0.1"):
         collect(CollectConfig(tasks=["ReachTarget"], action_noise=-0.1), tmp_path / "bad", show_progress=False)

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from embodied.checkpointing import checkpoint_name
@@ -157,10 +158,12 @@ def test_lora_finetune_saves_an_adapter_plain_peft_loads(data_dir, uninterrupted
     base = policies.load_pretrained(uninterrupted / "final")
     tuned = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
     merged = policies.load_pretrained(tmp_path / "final")  # adapters merged: a deployable checkpoint
-    batch = {"image": torch.zeros(2, 32, 32, 3, dtype=torch.uint8), "instruction": ["reach target 0"] * 2}
+    # the default policy reads the robot state too (proprio token; its projector is trained with the adapter)
+    observations = [{"image": np.zeros((32, 32, 3), np.uint8), "state": np.array([0.4, 0.0, 0.3, 1, 0, 0, 0, 1], np.float32)}
+                    for _ in range(2)]
     with torch.no_grad():
-        a = tuned.get_base_model().predict_actions([{"image": im} for im in batch["image"].numpy()], batch["instruction"])
-        b = merged.predict_actions([{"image": im} for im in batch["image"].numpy()], batch["instruction"])
+        a = tuned.get_base_model().predict_actions(observations, ["reach target 0"] * 2)
+        b = merged.predict_actions(observations, ["reach target 0"] * 2)
     assert abs(a - b).max() < 1e-4
     # Only the adapters and the projector moved: the vision towers are the base checkpoint's.
     for name, value in base.vision.state_dict().items():

@@ -257,3 +257,25 @@ def test_eval_in_imagination_writes_the_results_schema_and_side_by_side_videos(t
     assert episode["sim_success"] is True and episode["length"] <= episode["sim_length"]
     assert (tmp_path / "videos" / "ReachTarget_ep000_imagined_vs_sim.mp4").stat().st_size > 0
     assert set(json.loads((tmp_path / "agreement.json").read_text())["tasks"]) == {"ReachTarget"}
+
+
+def test_detector_threshold_is_calibrated_to_a_false_positive_rate(tmp_path):
+    from worldmodel.success import calibrate_threshold
+
+    torch.manual_seed(0)
+    det = SuccessDetector(SuccessDetectorConfig(codebook_size=8, grid=4, embed_dim=4, channels=8))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 8, (2000, 16))
+    actions = rng.uniform(-1, 1, (2000, 7)).astype(np.float32)
+    labels = np.zeros(2000, bool)
+    labels[:20] = True
+    with torch.no_grad():  # an untrained detector scores around 0.5 and fires on many negatives
+        det.head[-1].bias.fill_(2.0)
+    before = det.predict(torch.from_numpy(tokens), torch.from_numpy(actions)).numpy()
+    assert before[~labels].mean() > 0.5
+    threshold = calibrate_threshold(det, tokens, actions, labels, max_false_positive_rate=0.01)
+    assert 0.5 <= threshold < 1 and det.config.threshold == threshold
+    after = det.predict(torch.from_numpy(tokens), torch.from_numpy(actions)).numpy()
+    assert after[~labels].mean() <= 0.01 + 1 / 1980
+    det.save_pretrained(tmp_path)
+    assert SuccessDetector.from_pretrained(tmp_path).config.threshold == threshold

@@ -61,6 +61,27 @@ class SuccessDetector(PretrainedMixin, nn.Module):
         return loss, {"loss": loss.item()}
 
 
+@torch.no_grad()
+def calibrate_threshold(detector: SuccessDetector, tokens: np.ndarray, actions: np.ndarray, labels: np.ndarray,
+                        max_false_positive_rate: float, batch: int = 512) -> float:
+    """Set (and return) the decision threshold so that at most `max_false_positive_rate` of the negative
+    steps fire (never below 0.5).
+
+    An imagined episode succeeds when any of its steps fires, so over T steps a per-step false-positive
+    rate p gives about 1 - (1 - p)^T false successes: the class-balanced training loss alone (threshold
+    0.5) makes long failing episodes look successful, and ranks policies backwards.
+    """
+    scores = np.concatenate([torch.sigmoid(detector(torch.from_numpy(tokens[i:i + batch]),
+                                                    torch.from_numpy(actions[i:i + batch]))).numpy()
+                             for i in range(0, len(tokens), batch)])
+    negatives = scores[~labels.astype(bool)]
+    threshold = 0.5
+    if len(negatives):
+        threshold = max(0.5, float(np.quantile(negatives, 1.0 - max_false_positive_rate)))
+    detector.config.threshold = min(threshold, 1.0 - 1e-6)
+    return detector.config.threshold
+
+
 def classification_metrics(predicted: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     predicted, labels = np.asarray(predicted, bool), np.asarray(labels, bool)
     tp = int((predicted & labels).sum())
