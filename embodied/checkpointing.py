@@ -22,13 +22,14 @@ several (e.g. a world model's tokenizer and dynamics stages).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -118,6 +119,23 @@ def save_training_state(directory: str | os.PathLike, optimizer=None, scheduler=
     return path
 
 
+@contextlib.contextmanager
+def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
+    """A hidden temporary directory beside `final`: renamed to `final` (replacing it) when the block
+    succeeds, removed when it raises, so readers never see a partial directory."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_checkpoint(root: str | os.PathLike, step: int, write: Callable[[Path], Any] | Mapping[str, Any],
                     keep_last: int | None = None) -> Path:
     """Create `<root>/step_<step>/` atomically and keep only the newest `keep_last` checkpoints.
@@ -127,10 +145,8 @@ def save_checkpoint(root: str | os.PathLike, step: int, write: Callable[[Path], 
     inside `write`; a directory without it is not treated as a checkpoint.
     """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-    try:
+    with atomic_directory(final) as tmp:
         if callable(write):
             write(tmp)
         else:
@@ -141,12 +157,6 @@ def save_checkpoint(root: str | os.PathLike, step: int, write: Callable[[Path], 
         if not (tmp / TRAINER_STATE).exists():
             raise RuntimeError(f"checkpoint {final} would have no {TRAINER_STATE}; call save_training_state "
                                "inside `write`")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if keep_last is not None and int(keep_last) > 0:
         for old in list_checkpoints(root)[:-int(keep_last)]:
             shutil.rmtree(old, ignore_errors=True)

@@ -111,10 +111,10 @@ def _note_reused_collection(dataset_dir: Path, collect_cfg: DictConfig) -> None:
     found = sorted(dataset_dir.glob("*/metadata.json"))
     if not found:
         return
-    recorded = json.loads(found[-1].read_text()).get("collect_config", {})
+    recorded = {"action_noise": 0.0, **json.loads(found[-1].read_text()).get("collect_config", {})}
     keys = ("episodes_per_task", "image_size", "action_noise")
-    differ = {k: (recorded.get(k, 0.0 if k == "action_noise" else None), collect_cfg.get(k)) for k in keys
-              if collect_cfg.get(k) is not None and recorded.get(k, 0.0 if k == "action_noise" else None) != collect_cfg.get(k)}
+    differ = {k: (recorded.get(k), collect_cfg.get(k)) for k in keys
+              if collect_cfg.get(k) is not None and recorded.get(k) != collect_cfg.get(k)}
     if differ:
         details = ", ".join(f"{k}={old} (the config asks {new})" for k, (old, new) in differ.items())
         print(f"[train] reusing {found[-1].parent}, collected with {details}; delete it to collect anew", flush=True)

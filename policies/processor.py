@@ -57,7 +57,7 @@ class VLAProcessor:
             if dim != self.config.action_dim:
                 raise ValueError(f"dataset statistics for {name!r} have {dim}-D actions but the policy's "
                                  f"action_dim is {self.config.action_dim}")
-            if getattr(self.config, "use_proprio", False):
+            if self.config.use_proprio:
                 if "proprio" not in entry or "q01" not in entry["proprio"]:
                     raise ValueError(f"dataset statistics for {name!r} have no proprio q01/q99 entry, which a "
                                      "policy with use_proprio needs to normalize the state")
@@ -211,7 +211,7 @@ class VLAProcessor:
         out = {"pixel_values": self.pixel_values(images, device), "input_ids": input_ids.to(device),
                "attention_mask": attention_mask.to(device), "decoding": decoding, "chunk": chunk,
                "n_slots": slots.shape[1]}
-        if getattr(self.config, "use_proprio", False):
+        if self.config.use_proprio:
             if states is None:
                 raise ValueError("this policy uses proprioception (use_proprio): pass the robot state "
                                  f"(B, {self.config.proprio_dim}) with the images")
@@ -247,7 +247,7 @@ class VLAProcessor:
             if text is None:
                 raise ValueError(f"no instruction for observation {i}: pass instruction= or set obs['instruction']")
         states = None
-        if getattr(self.config, "use_proprio", False):
+        if self.config.use_proprio:
             missing = [i for i, obs in enumerate(observations) if obs.get("state") is None]
             if missing:
                 raise KeyError(f"observation {missing[0]} has no 'state' key, which this policy (use_proprio) "

@@ -168,3 +168,20 @@ def test_lora_finetune_saves_an_adapter_plain_peft_loads(data_dir, uninterrupted
     # Only the adapters and the projector moved: the vision towers are the base checkpoint's.
     for name, value in base.vision.state_dict().items():
         torch.testing.assert_close(merged.vision.state_dict()[name], value)
+
+
+def test_reusing_demonstrations_collected_with_other_settings_is_said(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from embodied.train import _note_reused_collection
+
+    version = tmp_path / "embodied_tabletop10_mujoco" / "1.0.0"
+    version.mkdir(parents=True)
+    (version / "metadata.json").write_text(json.dumps({"collect_config": {"episodes_per_task": 10, "image_size": 112}}))
+    asked = OmegaConf.create({"episodes_per_task": 30, "image_size": 112, "action_noise": 0.01})
+    _note_reused_collection(version.parent, asked)
+    out = capsys.readouterr().out
+    assert "episodes_per_task=10 (the config asks 30)" in out and "action_noise=0.0 (the config asks 0.01)" in out
+    assert "image_size" not in out
+    _note_reused_collection(version.parent, OmegaConf.create({"episodes_per_task": 10, "image_size": 112}))
+    assert capsys.readouterr().out == ""

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -110,10 +108,10 @@ class WorldModel:
 
     # -- persistence -------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        from embodied.checkpointing import atomic_directory
+
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-        try:
+        with atomic_directory(directory) as tmp:
             self.tokenizer.save_pretrained(tmp / "tokenizer")
             self.dynamics.save_pretrained(tmp / "dynamics")
             if self.detector is not None:
@@ -125,12 +123,6 @@ class WorldModel:
             (tmp / MANIFEST).write_text(json.dumps({"statistics_key": self.statistics_key,
                                                     "tokenizer": self.tokenizer.fingerprint(), **self.info},
                                                    indent=2, default=str))
-            if directory.exists():
-                shutil.rmtree(directory)
-            os.replace(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return directory
 
     @classmethod
