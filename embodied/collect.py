@@ -11,6 +11,10 @@ evaluation initial states, so collection defaults to `seed=1`: demonstrations ne
 from an evaluation state. Episodes are written in seed order and the first
 `episodes_per_task` successes per task are kept, so a run is reproducible whatever the
 number of workers; at most `max_attempts_per_episode * episodes_per_task` seeds are tried.
+
+`min_steps_per_task` evens out the tasks: a task keeps taking episodes (still in seed order)
+until its kept steps reach it, so a short task (an 8-step reach) gets as many frames, and many
+more distinct layouts, than a long one (a 90-step sort) instead of 10x fewer.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ class CollectConfig:
     suite: str = "tabletop10"
     backend: str = "mujoco"
     episodes_per_task: int = 10  # episodes kept per task (successful ones unless keep_failures)
+    min_steps_per_task: int = 0  # more episodes of a task until its kept steps reach this (0: off)
     tasks: list[str] | None = None
     num_envs: int = 2  # parallel env workers
     vector: str = "async"  # async | sync
@@ -91,15 +96,18 @@ class _Recording:
 
 
 def collect_task(task: str, cfg: CollectConfig, writer, progress=None) -> dict:
-    """Run the expert on `task` until `episodes_per_task` successes are written (or seeds run out)."""
+    """Run the expert on `task` until `episodes_per_task` successes and `min_steps_per_task` steps are
+    written (or seeds run out)."""
     from embodied.data.rlds_writer import make_episode
     from embodied.evaluation import make_vector_env
     from envs.env import ACTION_HIGH, ACTION_LOW
     from envs.suites import get_suite
 
-    needed = cfg.episodes_per_task
+    needed, min_steps = cfg.episodes_per_task, cfg.min_steps_per_task
     noise_rng = np.random.default_rng([cfg.seed, zlib.crc32(task.encode())])
-    seeds = get_suite(cfg.suite).episode_seeds(task, needed * max(1, cfg.max_attempts_per_episode), seed=cfg.seed)
+    # Seed lists are prefix-stable, so asking for more (every episode has >= 1 step) changes no kept episode.
+    seeds = get_suite(cfg.suite).episode_seeds(task, max(needed, min_steps) * max(1, cfg.max_attempts_per_episode),
+                                               seed=cfg.seed)
     num_envs = max(1, min(cfg.num_envs, len(seeds)))
     envs = make_vector_env(task, _eval_config(cfg), num_envs)
     queue = list(enumerate(seeds))
@@ -108,10 +116,15 @@ def collect_task(task: str, cfg: CollectConfig, writer, progress=None) -> dict:
     slots: list[_Recording | None] = [None] * num_envs
     next_index, written, attempts, successes, lengths, kept_seeds = 0, 0, 0, 0, [], []
 
-    def optimistic_successes() -> int:
-        # successes already known plus every episode still running: schedule no more than could be needed
-        return (written + sum(ok or cfg.keep_failures for ok, _ in finished.values())
-                + sum(s is not None for s in slots))
+    def wants_more() -> bool:
+        return written < needed or sum(lengths) < min_steps
+
+    def may_need_more() -> bool:
+        # counts every finished and running episode as kept: schedule no more than could be needed
+        keepable = [rec for ok, rec in finished.values() if ok or cfg.keep_failures]
+        running = [s for s in slots if s is not None]
+        return (written + len(keepable) + len(running) < needed
+                or sum(lengths) + sum(len(r.actions) for r in keepable + running) < min_steps)
 
     def start(indices: list[int], obs: dict) -> None:
         metadata = envs.call("episode_metadata")
@@ -123,7 +136,7 @@ def collect_task(task: str, cfg: CollectConfig, writer, progress=None) -> dict:
         while next_index in finished:
             ok, rec = finished.pop(next_index)
             next_index += 1
-            if (ok or cfg.keep_failures) and written < needed:
+            if (ok or cfg.keep_failures) and wants_more():
                 meta = {**rec.metadata, "suite": cfg.suite, "episode_id": writer.num_episodes, "seed": rec.seed}
                 writer.write(make_episode(rec.observations(), np.stack(rec.actions), rec.instruction, meta, success=ok))
                 written += 1
@@ -145,6 +158,7 @@ def collect_task(task: str, cfg: CollectConfig, writer, progress=None) -> dict:
                 executed = np.clip(executed, ACTION_LOW, ACTION_HIGH)
             obs, _, terminated, truncated, _ = envs.step(executed)
             restart = np.zeros(num_envs, dtype=bool)
+            idle_done = (terminated | truncated) & np.array([s is None for s in slots])
             for i, rec in enumerate(slots):
                 if rec is None:
                     continue
@@ -158,22 +172,27 @@ def collect_task(task: str, cfg: CollectConfig, writer, progress=None) -> dict:
                 slots[i] = None
                 if progress is not None:
                     progress.set_postfix_str(f"{task}: expert {successes}/{attempts}", refresh=False)
-                if queue and optimistic_successes() < needed:
+                if queue and may_need_more():
                     pending[i] = queue.pop(0)
                     restart[i] = True
+                else:
+                    idle_done[i] = True
             flush()
-            if restart.any():
+            if restart.any() or idle_done.any():
+                # Idle envs are stepped with the others; a finished one is reset (unrecorded) so that a
+                # SyncVectorEnv, which refuses to step a finished env, keeps going.
                 seeds_arg = [int(pending[i][1]) if restart[i] else None for i in range(num_envs)]
-                obs, _ = envs.reset(seed=seeds_arg, options={"reset_mask": restart})
+                obs, _ = envs.reset(seed=seeds_arg, options={"reset_mask": restart | idle_done})
                 start([int(i) for i in np.flatnonzero(restart)], obs)
-            if written >= needed:
+            if not wants_more():
                 break
     finally:
         envs.close()
     return {"episodes": written, "attempts": attempts, "successes": successes,
             "expert_success_rate": successes / attempts if attempts else 0.0,
             "mean_length": float(np.mean(lengths)) if lengths else 0.0, "seeds": kept_seeds,
-            "shortfall": needed - written}
+            "shortfall": max(0, needed - written), "steps": int(sum(lengths)),
+            "step_shortfall": max(0, min_steps - int(sum(lengths)))}
 
 
 def collect(cfg: CollectConfig, output_dir: str | os.PathLike, show_progress: bool = True) -> dict:
@@ -186,6 +205,8 @@ def collect(cfg: CollectConfig, output_dir: str | os.PathLike, show_progress: bo
     tasks = resolve_tasks(cfg)
     if cfg.action_noise < 0:
         raise ValueError(f"action_noise must be >= 0, got {cfg.action_noise}")
+    if cfg.min_steps_per_task < 0:
+        raise ValueError(f"min_steps_per_task must be >= 0, got {cfg.min_steps_per_task}")
     output_dir = Path(output_dir)
     randomization = RandomizationConfig.from_any(cfg.randomization).to_dict()
     config = {**asdict(cfg), "randomization": randomization, "tasks": tasks}
@@ -198,7 +219,9 @@ def collect(cfg: CollectConfig, output_dir: str | os.PathLike, show_progress: bo
                         max_shard_bytes=cfg.max_shard_mb * 2**20, overwrite=cfg.overwrite)
     started = time.time()
     per_task = {}
-    with tqdm(total=cfg.episodes_per_task * len(tasks), desc=f"collect {cfg.suite}/{cfg.backend}", unit="ep",
+    # With min_steps_per_task the episode count is only known at the end.
+    total = None if cfg.min_steps_per_task else cfg.episodes_per_task * len(tasks)
+    with tqdm(total=total, desc=f"collect {cfg.suite}/{cfg.backend}", unit="ep",
               disable=not show_progress) as bar:
         try:
             for task in tasks:
@@ -236,7 +259,8 @@ def _main(cfg) -> dict:
     summary = collect(collect_cfg, output_dir)
     for task, r in summary["tasks"].items():
         note = f" (short by {r['shortfall']})" if r["shortfall"] else ""
-        print(f"{task}: {r['episodes']} episodes kept, expert {r['successes']}/{r['attempts']} successful{note}")
+        note += f" (short by {r['step_shortfall']} steps)" if r["step_shortfall"] else ""
+        print(f"{task}: {r['episodes']} episodes ({r['steps']} steps) kept, expert {r['successes']}/{r['attempts']} successful{note}")
     print(f"wrote {summary['episodes']} episodes ({summary['steps']} steps) of {summary['dataset']} "
           f"to {summary['builder_dir']}")
     return summary

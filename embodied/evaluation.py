@@ -223,6 +223,7 @@ def run_task(task: str, policy: VectorPolicy, cfg: EvalConfig, seeds: list[int],
             obs, _, terminated, truncated, info = envs.step(actions)
             lengths += 1
             done = np.zeros(num_envs, dtype=bool)
+            idle_done = (terminated | truncated) & np.array([c is None for c in current])
             next_seeds = [0] * num_envs
             for i, slot in enumerate(current):
                 if slot is None:
@@ -239,12 +240,16 @@ def run_task(task: str, policy: VectorPolicy, cfg: EvalConfig, seeds: list[int],
                     if current[i] is not None:
                         done[i] = True
                         next_seeds[i] = current[i][1]
+                    else:
+                        idle_done[i] = True
                     lengths[i] = 0
-            if done.any():
+            if done.any() or idle_done.any():
                 seeds_arg = [int(s) if d else None for s, d in zip(next_seeds, done)]
-                # With autoreset disabled, envs outside the mask keep their last observation.
-                obs, _ = envs.reset(seed=seeds_arg, options={"reset_mask": done})
-                policy.reset([int(i) for i in np.flatnonzero(done)])
+                # With autoreset disabled, envs outside the mask keep their last observation. Idle envs
+                # are stepped with the others; a finished one is reset (unrecorded) so that a
+                # SyncVectorEnv, which refuses to step a finished env, keeps going.
+                obs, _ = envs.reset(seed=seeds_arg, options={"reset_mask": done | idle_done})
+                policy.reset([int(i) for i in np.flatnonzero(done | idle_done)])
                 for i in np.flatnonzero(done):
                     instructions[i] = obs["instruction"][i]
                     episode = current[i][0]

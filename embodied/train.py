@@ -111,8 +111,8 @@ def _note_reused_collection(dataset_dir: Path, collect_cfg: DictConfig) -> None:
     found = sorted(dataset_dir.glob("*/metadata.json"))
     if not found:
         return
-    recorded = {"action_noise": 0.0, **json.loads(found[-1].read_text()).get("collect_config", {})}
-    keys = ("episodes_per_task", "image_size", "action_noise")
+    recorded = {"action_noise": 0.0, "min_steps_per_task": 0, **json.loads(found[-1].read_text()).get("collect_config", {})}
+    keys = ("episodes_per_task", "min_steps_per_task", "image_size", "action_noise")
     differ = {k: (recorded.get(k), collect_cfg.get(k)) for k in keys
               if collect_cfg.get(k) is not None and recorded.get(k) != collect_cfg.get(k)}
     if differ:
@@ -144,9 +144,12 @@ def ensure_sim_data(cfg: DictConfig) -> None:
     for name in ours:
         backend = name.rsplit("_", 1)[-1]
         suite = name[len(SIM_DATASET_PREFIX):].rsplit("_", 1)[0]
+        min_steps = int(cfg.collect.get("min_steps_per_task", 0))
         print(f"[train] {name} is missing from {data_dir}: collecting {cfg.collect.episodes_per_task} scripted "
-              f"episodes per task of {suite} on {backend}", flush=True)
+              f"episodes per task of {suite} on {backend}"
+              + (f", more until each task has {min_steps} steps" if min_steps else ""), flush=True)
         collect(CollectConfig(suite=suite, backend=backend, episodes_per_task=int(cfg.collect.episodes_per_task),
+                              min_steps_per_task=min_steps,
                               image_size=int(cfg.collect.image_size), num_envs=int(cfg.collect.num_envs),
                               action_noise=float(cfg.collect.get("action_noise", 0.0))),
                 data_dir)

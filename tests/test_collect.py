@@ -176,3 +176,23 @@ def test_action_noise_perturbs_execution_but_records_the_experts_labels(tmp_path
     assert all(len(r) == 60 and sum(r) == 0 for r in failed)  # ran to the task's step limit, never rewarded
     with pytest.raises(ValueError, match="action_noise must be >= 0, got -0.1"):
         collect(CollectConfig(tasks=["ReachTarget"], action_noise=-0.1), tmp_path / "bad", show_progress=False)
+
+
+def test_min_steps_per_task_evens_out_short_and_long_tasks(tmp_path):
+    """A short task keeps taking episodes (in seed order, the same ones whatever the number of workers)
+    until its kept steps reach the floor; a task already past it keeps `episodes_per_task`."""
+    from embodied.collect import CollectConfig, collect
+
+    kept = {}
+    for num_envs, vector in ((1, "sync"), (2, "sync")):
+        summary = collect(CollectConfig(backend="pybullet", episodes_per_task=1, min_steps_per_task=20,
+                                        tasks=["ReachTarget", "PushCube"], image_size=IMAGE, num_envs=num_envs,
+                                        vector=vector), tmp_path / f"envs_{num_envs}", show_progress=False)
+        kept[num_envs] = {t: (r["episodes"], r["steps"], r["seeds"]) for t, r in summary["tasks"].items()}
+    reach_episodes, reach_steps, _ = kept[1]["ReachTarget"]
+    assert reach_steps >= 20 and reach_episodes >= 2  # 7-9-step episodes
+    assert reach_steps - 20 < reach_steps / reach_episodes  # stopped at the first episode that crossed the floor
+    assert kept[1]["PushCube"][0] == 1 and kept[1]["PushCube"][1] >= 20  # one push already has > 20 steps
+    assert kept[1] == kept[2]
+    with pytest.raises(ValueError, match="min_steps_per_task must be >= 0, got -1"):
+        collect(CollectConfig(tasks=["ReachTarget"], min_steps_per_task=-1), tmp_path / "bad", show_progress=False)

@@ -56,6 +56,11 @@ def test_harness_writes_results_with_vector_envs(tmp_path):
     episodes = [json.loads(line) for line in (tmp_path / "episodes.jsonl").read_text().splitlines()]
     assert [e["seed"] for e in episodes if e["task"] == "ReachTarget"] == get_suite("tabletop10").episode_seeds("ReachTarget", 3)
     assert all(e["instruction"].startswith(("reach the ", "press the ")) for e in episodes)
+    # In-process envs (SyncVectorEnv refuses to step a finished env): one env idles through the last
+    # episode, and the episodes are the same as the worker processes'.
+    sync = evaluate(ScriptedPolicy(), EvalConfig(**{**cfg.__dict__, "tasks": ["ReachTarget"], "vector": "sync",
+                                                    "videos_per_task": 0}), tmp_path / "sync", show_progress=False)
+    assert sync["tasks"]["ReachTarget"] == on_disk["tasks"]["ReachTarget"]
 
 
 @pytest.mark.timeout(120)
