@@ -84,7 +84,7 @@ def make_policy(cfg: Mapping[str, Any], statistics: Mapping[str, Any] | None = N
     if pretrained:
         policy = cls.from_pretrained(pretrained, device=device or "cpu", **{k: v for k, v in cfg.items()
                                                                              if k in ("decoding", "unnorm_key", "autocast",
-                                                                                      "n_action_steps")})
+                                                                                      "n_action_steps", "label_sigma_bins")})
         if statistics is not None:
             policy.set_statistics(statistics)
     else:

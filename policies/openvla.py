@@ -61,6 +61,7 @@ class VLAConfig:
     train_vision: bool = True  # full training updates the towers (OpenVLA does); LoRA freezes them by default
     use_proprio: bool = False  # OpenVLA-OFT's proprio token: the robot state, projected, after the image patches
     proprio_dim: int = 8  # the common state: end-effector position 3, quaternion xyzw 4, gripper 1
+    label_sigma_bins: float = 0.0  # 0: one-hot cross-entropy (OpenVLA); > 0: a Gaussian of this std over neighbouring bins
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,6 +85,8 @@ class VLAConfig:
             raise ValueError(f"prompt {self.prompt!r} has no {{instruction}} field")
         if self.use_proprio and self.proprio_dim < 1:
             raise ValueError(f"use_proprio needs proprio_dim >= 1, got {self.proprio_dim}")
+        if self.label_sigma_bins < 0:
+            raise ValueError(f"label_sigma_bins must be >= 0, got {self.label_sigma_bins}")
         if self.projector not in PROJECTORS:
             raise ValueError(f"unknown projector {self.projector!r}; valid: {', '.join(PROJECTORS)}")
 
@@ -140,6 +143,23 @@ def fused_gelu_mlp(in_dim: int, out_dim: int) -> nn.Module:
 
 
 PROJECTORS = {"fused_gelu_mlp": fused_gelu_mlp, "linear": nn.Linear}
+
+
+def action_token_loss(logits: torch.Tensor, targets: torch.Tensor, tokenizer, sigma_bins: float = 0.0) -> torch.Tensor:
+    """Per-position cross-entropy (B, S). With `sigma_bins > 0` an action token's target is a Gaussian
+    over the neighbouring bins (HL-Gauss, Farebrother et al. 2024) rather than one bin: a prediction a
+    few bins off is nearly right, which one-hot cross-entropy scores like one at the far end. Other
+    targets (the stop token) stay one-hot. Decoding is unchanged (argmax over the bins)."""
+    log_probs = F.log_softmax(logits, dim=-1)
+    one_hot = -log_probs.gather(-1, targets[..., None]).squeeze(-1)
+    if sigma_bins <= 0:
+        return one_hot
+    bins = torch.arange(tokenizer.n_bins, device=logits.device, dtype=logits.dtype)
+    centre = (targets - tokenizer.first_id).clamp(0, tokenizer.n_bins - 1).to(logits.dtype)
+    soft = torch.exp(-0.5 * ((bins - centre[..., None]) / sigma_bins) ** 2)
+    soft = soft / soft.sum(-1, keepdim=True)
+    smoothed = -(soft * tokenizer.logits_to_bins(log_probs)).sum(-1)
+    return torch.where(tokenizer.is_action_token(targets), smoothed, one_hot)
 
 
 # -- the policy ----------------------------------------------------------------------------------------
@@ -364,8 +384,9 @@ class OpenVLAPolicy(nn.Module):
         with self._autocast():
             logits = self._slot_logits(inputs)
         targets, weights = inputs["target_ids"], inputs["target_weights"]
-        losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-        loss = (losses * weights.flatten()).sum() / weights.sum().clamp(min=1)
+        losses = action_token_loss(logits.float(), targets, self.processor.action_tokenizer,
+                                   self.config.label_sigma_bins)
+        loss = (losses * weights).sum() / weights.sum().clamp(min=1)
         with torch.no_grad():
             n_act = inputs["chunk"] * self.config.action_dim  # the stop token (autoregressive) is not an action
             tok = self.processor.action_tokenizer

@@ -325,3 +325,40 @@ def test_pretrained_components_load_from_local_directories(tmp_path):
     with pytest.raises(ValueError, match="size 'tiny' has no pretrained dinov2"):
         OpenVLAPolicy.from_size("tiny", pretrained=True)
 
+
+
+def test_gaussian_action_labels_score_near_misses_as_nearly_right():
+    import torch.nn.functional as F
+
+    from policies.action_tokenizer import ActionTokenizer
+    from policies.openvla import action_token_loss
+
+    tok = ActionTokenizer(vocab_size=512)
+    target = torch.tensor([[tok.first_id + 100, 7]])  # an action token and a text (stop) token
+    logits = torch.randn(1, 2, 512)
+    assert torch.allclose(action_token_loss(logits, target, tok), F.cross_entropy(logits[0], target[0], reduction="none"))
+
+    def peaked(offset, width=0.0):  # a confident prediction `offset` bins from the target (a bump if width)
+        out = torch.full((1, 2, 512), -30.0)
+        bins = torch.arange(tok.n_bins, dtype=torch.float32)
+        out[0, 0, tok.first_id:] = -0.5 * ((bins - 100 - offset) / width) ** 2 if width else torch.where(
+            bins == 100 + offset, 0.0, -30.0)
+        out[0, 1, 7] = 0.0
+        return out
+
+    one_hot = [action_token_loss(peaked(o), target, tok)[0, 0] for o in (2, 100)]
+    assert torch.isclose(one_hot[0], one_hot[1])  # one-hot: two bins off costs as much as a hundred
+    near, far = (action_token_loss(peaked(o, width=2.0), target, tok, sigma_bins=2.0)[0, 0] for o in (2, 100))
+    assert near < far / 100
+    assert torch.isclose(action_token_loss(peaked(2), target, tok, 2.0)[0, 1],
+                         action_token_loss(peaked(2), target, tok)[0, 1])  # the stop token stays one-hot
+    free = torch.zeros(1, 2, 512, requires_grad=True)  # fitting free logits puts the argmax on the target bin
+    optimizer = torch.optim.Adam([free], lr=0.5)
+    for _ in range(100):
+        optimizer.zero_grad()
+        action_token_loss(free, target, tok, sigma_bins=3.0).sum().backward()
+        optimizer.step()
+    assert int(free[0, 0].argmax()) == tok.first_id + 100
+    with pytest.raises(ValueError, match="label_sigma_bins must be >= 0"):
+        from policies.openvla import OpenVLAPolicy
+        OpenVLAPolicy.default_config("tiny", label_sigma_bins=-1).validate()
