@@ -260,7 +260,8 @@ def _main(cfg) -> dict:
     for task, r in summary["tasks"].items():
         note = f" (short by {r['shortfall']})" if r["shortfall"] else ""
         note += f" (short by {r['step_shortfall']} steps)" if r["step_shortfall"] else ""
-        print(f"{task}: {r['episodes']} episodes ({r['steps']} steps) kept, expert {r['successes']}/{r['attempts']} successful{note}")
+        print(f"{task}: {r['episodes']} episodes ({r['steps']} steps) kept, "
+              f"expert {r['successes']}/{r['attempts']} successful{note}")
     print(f"wrote {summary['episodes']} episodes ({summary['steps']} steps) of {summary['dataset']} "
           f"to {summary['builder_dir']}")
     return summary

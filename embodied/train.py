@@ -111,7 +111,8 @@ def _note_reused_collection(dataset_dir: Path, collect_cfg: DictConfig) -> None:
     found = sorted(dataset_dir.glob("*/metadata.json"))
     if not found:
         return
-    recorded = {"action_noise": 0.0, "min_steps_per_task": 0, **json.loads(found[-1].read_text()).get("collect_config", {})}
+    recorded = {"action_noise": 0.0, "min_steps_per_task": 0,  # datasets from before these options
+                **json.loads(found[-1].read_text()).get("collect_config", {})}
     keys = ("episodes_per_task", "min_steps_per_task", "image_size", "action_noise")
     differ = {k: (recorded.get(k), collect_cfg.get(k)) for k in keys
               if collect_cfg.get(k) is not None and recorded.get(k) != collect_cfg.get(k)}

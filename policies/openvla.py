@@ -61,7 +61,7 @@ class VLAConfig:
     train_vision: bool = True  # full training updates the towers (OpenVLA does); LoRA freezes them by default
     use_proprio: bool = False  # OpenVLA-OFT's proprio token: the robot state, projected, after the image patches
     proprio_dim: int = 8  # the common state: end-effector position 3, quaternion xyzw 4, gripper 1
-    label_sigma_bins: float = 0.0  # 0: one-hot cross-entropy (OpenVLA); > 0: a Gaussian of this std over neighbouring bins
+    label_sigma_bins: float = 0.0  # 0: one-hot cross-entropy (OpenVLA); > 0: Gaussian soft labels, std in bins
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -326,7 +326,6 @@ def test_pretrained_components_load_from_local_directories(tmp_path):
         OpenVLAPolicy.from_size("tiny", pretrained=True)
 
 
-
 def test_gaussian_action_labels_score_near_misses_as_nearly_right():
     import torch.nn.functional as F
 
