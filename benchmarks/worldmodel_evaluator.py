@@ -45,7 +45,8 @@ def main() -> None:
     parser.add_argument("--episodes-per-task", type=int, default=8)
     parser.add_argument("--noise", default="0,0.5,1,2", help="expert noise scales (fractions of the action bound)")
     parser.add_argument("--random", action="store_true", default=True)
-    parser.add_argument("--steps", type=int, default=4, help="MaskGIT steps")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="MaskGIT steps (default: as the success detector was trained)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output-dir", default="outputs/worldmodel_evaluator")
     args = parser.parse_args()
@@ -57,6 +58,7 @@ def main() -> None:
     from worldmodel.model import WorldModel
 
     world = WorldModel.from_pretrained(args.worldmodel)
+    steps = args.steps if args.steps is not None else world.detector.config.rollout_steps
     cfg = EvalConfig(backend=args.backend, episodes_per_task=args.episodes_per_task, tasks=args.tasks.split(","),
                      num_envs=2, image_size=world.image_size, videos_per_task=1)
     policies = [NoisyExpert(float(s), seed=i) for i, s in enumerate(args.noise.split(","))]
@@ -66,7 +68,7 @@ def main() -> None:
     started = time.time()
     for policy in policies:
         out = Path(args.output_dir) / policy.name
-        imagined = evaluate_in_imagination(policy, cfg, out, world, steps=args.steps, show_progress=False)
+        imagined = evaluate_in_imagination(policy, cfg, out, world, steps=steps, show_progress=False)
         sim = json.loads((out / "sim" / "results.json").read_text())
         agreement = json.loads((out / "agreement.json").read_text())
         rows.append({"policy": policy.name, "sim": sim["overall"]["success_rate"],
@@ -83,7 +85,7 @@ def main() -> None:
         print(f"pearson undefined: {error}")
     result = {"rows": rows, "pearson": r_value, "mmrv": mmrv(imagined_rates, sim_rates),
               "seconds": round(time.time() - started, 1), "tasks": cfg.tasks,
-              "episodes_per_task": args.episodes_per_task, "maskgit_steps": args.steps}
+              "episodes_per_task": args.episodes_per_task, "maskgit_steps": steps}
     print("| policy | sim success | imagined success | episodes agreeing |")
     print("|---|---|---|---|")
     for r in rows:

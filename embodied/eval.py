@@ -35,7 +35,7 @@ def main(cfg: DictConfig) -> dict:
         if not cfg.get("worldmodel"):
             raise ValueError("imagine=true needs worldmodel=<a train_worldmodel output's worldmodel/ directory>")
         results = evaluate_in_imagination(policy, eval_cfg, output_dir, str(cfg.worldmodel),
-                                          method=str(cfg.imagine_method), steps=int(cfg.imagine_steps))
+                                          method=cfg.imagine_method, steps=cfg.imagine_steps)
         print(results_markdown(results))
         print(f"wrote imagined results (results.json, results.md, agreement.json, imagined-vs-sim videos/) and the "
               f"simulator's (sim/) to {output_dir}")

@@ -5,7 +5,9 @@ Three stages, one run, one step counter:
 1. `tokenizer`: the FSQ frame tokenizer on single frames (reconstruction loss, PSNR logged);
 2. `dynamics`: every episode is tokenized once, then the ST-transformer trains on random clips
    of `worldmodel.dynamics.max_frames` frames with random mask rates (MaskGIT and raster masks);
-3. `detector`: the success detector on (frame tokens, action) → reward labels.
+3. `detector`: the success detector on imagined frames: every training episode is replayed
+   open-loop in the trained dynamics from its first frame, and the imagined frame after action t
+   gets that step's reward label; its threshold is set on held-out episodes, per episode.
 
 With no argument it trains on `data/rlds/embodied_tabletop10_pybullet` and, if that dataset
 is missing, first collects it with the scripted experts (`data.collect`).
@@ -120,24 +122,46 @@ def dynamics_eval(dynamics, sampler, rng, batches: int = 4, batch_size: int = 8)
     return {"loss": float(np.mean(losses)), "masked_token_accuracy": float(np.mean(accs))}
 
 
-def detector_arrays(episodes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    tokens = np.concatenate([e.tokens.reshape(len(e), -1) for e in episodes]).astype(np.int64)
-    actions = np.concatenate([e.actions_norm for e in episodes]).astype(np.float32)
-    labels = np.concatenate([e.rewards > 0 for e in episodes])
-    return tokens, actions, labels
+def detector_data(dynamics, episodes, det_cfg, scfg, seed: int, show_progress: bool = True) -> dict[str, Any]:
+    """The detector's examples: imagined frames of open-loop replays of the training episodes.
+
+    A `calibration_fraction` of the episodes is held out of the detector's training to choose its
+    episode-level threshold; `random_action_negatives` adds that share of replays under uniform random
+    (normalized) actions as failures."""
+    from worldmodel.rollouts import imagine_episodes
+
+    rng = np.random.default_rng(seed)
+    imagined = imagine_episodes(dynamics, episodes, det_cfg.rollout_method, det_cfg.rollout_steps, seed,
+                                show_progress=show_progress)
+    labels = [e.rewards > 0 for e in episodes]
+    order = rng.permutation(len(episodes))
+    n_cal = int(round(float(scfg.calibration_fraction) * len(episodes)))
+    cal, train_ids = order[:n_cal], order[n_cal:]
+    tokens = [imagined[i] for i in train_ids]
+    targets = [labels[i] for i in train_ids]
+    extra = int(round(float(scfg.random_action_negatives) * len(train_ids)))
+    if extra:
+        # a random policy (almost) never succeeds; its imagined frames teach the detector what drift looks like
+        picks = [episodes[i] for i in rng.choice(train_ids, extra)]
+        random_actions = []
+        for e in picks:
+            a = rng.uniform(-1, 1, e.actions_norm.shape).astype(np.float32)
+            a[:, -1] = rng.integers(0, 2, len(a))  # the gripper is not normalized: 0/1
+            random_actions.append(a)
+        tokens += imagine_episodes(dynamics, picks, det_cfg.rollout_method, det_cfg.rollout_steps, seed + 1,
+                                   actions=random_actions, show_progress=show_progress)
+        targets += [np.zeros(len(e), bool) for e in picks]
+    return {"tokens": np.concatenate(tokens).astype(np.int64), "labels": np.concatenate(targets),
+            "cal_tokens": [imagined[i] for i in cal], "cal_labels": [labels[i] for i in cal]}
 
 
-@torch.no_grad()
-def detector_eval(detector, episodes) -> dict[str, float]:
-    from worldmodel.success import classification_metrics
+def detector_val(dynamics, detector, episodes, seed: int) -> dict[str, float]:
+    from worldmodel.rollouts import imagine_episodes
+    from worldmodel.success import episode_metrics
 
-    detector.eval()
-    tokens, actions, labels = detector_arrays(episodes)
-    predicted = np.concatenate([detector.predict(torch.from_numpy(tokens[i:i + 512]),
-                                                 torch.from_numpy(actions[i:i + 512])).numpy()
-                                for i in range(0, len(tokens), 512)])
-    detector.train()
-    return classification_metrics(predicted, labels)
+    cfg = detector.config
+    imagined = imagine_episodes(dynamics, episodes, cfg.rollout_method, cfg.rollout_steps, seed)
+    return episode_metrics(detector.eval(), imagined, [e.rewards > 0 for e in episodes])
 
 
 # -- the run ------------------------------------------------------------------------------------------
@@ -211,7 +235,10 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         if stage in ("dynamics", "detector") and episodes[0].tokens is None:
             tokenize_episodes(tokenizer, episodes + val_episodes, show_progress=show)
         sampler = ClipSampler(episodes, dyn_cfg.max_frames, weights) if stage == "dynamics" else None
-        det_data = detector_arrays(episodes) if stage == "detector" else None
+        det_data = None
+        if stage == "detector":
+            dynamics.eval()
+            det_data = detector_data(dynamics, episodes, det_cfg, cfg.train.detector, int(cfg.train.seed), show)
         scfg = cfg.train[stage]
         optimizer = torch.optim.AdamW(model.parameters(), lr=float(scfg.lr), weight_decay=float(scfg.weight_decay))
         scheduler = warmup_cosine(optimizer, int(scfg.warmup), stage_steps[stage])
@@ -229,23 +256,11 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
                 tokens, actions = sampler.sample(int(scfg.batch_size), rng)
                 loss, metrics = dynamics.loss(torch.from_numpy(tokens), torch.from_numpy(actions))
             else:
-                tokens, actions, labels = det_data
+                labels = det_data["labels"]
                 idx = rng.integers(0, len(labels), int(scfg.batch_size))
                 pos_weight = float((~labels).sum() / max(labels.sum(), 1))
-                tok_b, act_b, lab_b = tokens[idx], actions[idx], labels[idx]
-                extra = int(float(scfg.random_action_negatives) * len(idx))
-                if extra:
-                    # demonstrations contain no failures: frames paired with random actions stand in for
-                    # them, so that unusual actions are not read as success (noisy labels: rarely, a
-                    # random action would in fact complete the task)
-                    ridx = rng.integers(0, len(labels), extra)
-                    random_actions = rng.uniform(-1, 1, (extra, actions.shape[1])).astype(np.float32)
-                    random_actions[:, -1] = rng.integers(0, 2, extra)  # gripper: not normalized, 0/1
-                    tok_b = np.concatenate([tok_b, tokens[ridx]])
-                    act_b = np.concatenate([act_b, random_actions])
-                    lab_b = np.concatenate([lab_b, np.zeros(extra, bool)])
-                loss, metrics = detector.loss(torch.from_numpy(tok_b), torch.from_numpy(act_b),
-                                              torch.from_numpy(lab_b), pos_weight)
+                loss, metrics = detector.loss(torch.from_numpy(det_data["tokens"][idx]),
+                                              torch.from_numpy(labels[idx]), pos_weight)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{stage} loss is {loss.item()} at step {step + 1}; the last good "
                                          f"checkpoint is {latest_checkpoint(run_dir / CHECKPOINT_DIR)}")
@@ -280,15 +295,13 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         else:
             if val_episodes[0].tokens is None:
                 tokenize_episodes(tokenizer, episodes + val_episodes, show_progress=show)
-            if scfg.get("max_false_positive_rate") is not None:
-                from worldmodel.success import calibrate_threshold
+            from worldmodel.success import calibrate_episode_threshold, episode_metrics
 
-                detector.eval()
-                summary["detector_threshold"] = calibrate_threshold(detector, *detector_arrays(episodes),
-                                                                    float(scfg.max_false_positive_rate))
-                detector.train()
-            summary["detector_val"] = detector_eval(detector, val_episodes)
-            summary["detector_train"] = detector_eval(detector, episodes)
+            detector.eval()
+            summary["detector_threshold"] = calibrate_episode_threshold(
+                detector, det_data["cal_tokens"], np.array([y.any() for y in det_data["cal_labels"]]))
+            summary["detector_calibration"] = episode_metrics(detector, det_data["cal_tokens"], det_data["cal_labels"])
+            summary["detector_val"] = detector_val(dynamics, detector, val_episodes, int(cfg.train.seed) + 2)
             logger.log({f"detector/val_{k}": v for k, v in summary["detector_val"].items()},
                        offsets[stage] + stage_steps[stage])
 

@@ -259,23 +259,67 @@ def test_eval_in_imagination_writes_the_results_schema_and_side_by_side_videos(t
     assert set(json.loads((tmp_path / "agreement.json").read_text())["tasks"]) == {"ReachTarget"}
 
 
-def test_detector_threshold_is_calibrated_to_a_false_positive_rate(tmp_path):
-    from worldmodel.success import calibrate_threshold
+def test_detector_threshold_is_chosen_per_episode(tmp_path):
+    from worldmodel.success import calibrate_episode_threshold, episode_metrics
 
     torch.manual_seed(0)
     det = SuccessDetector(SuccessDetectorConfig(codebook_size=8, grid=4, embed_dim=4, channels=8))
+    with torch.no_grad():  # score = sigmoid(number of token-7 cells): frames full of 7s look "done"
+        for p in det.parameters():
+            p.zero_()
+        det.embed.weight[7, 0] = 1.0
+        det.conv[0].weight[0, 0, 1, 1] = 1.0
+        det.conv[2].weight[0, 0, 1, 1] = 1.0
+        det.conv[4].weight[0, 0, 1, 1] = 1.0
+        det.head[0].weight[0, 0] = 1.0
+        det.head[2].weight[0, 0] = 40.0
+        det.head[2].bias.fill_(-2.0)
     rng = np.random.default_rng(0)
-    tokens = rng.integers(0, 8, (2000, 16))
-    actions = rng.uniform(-1, 1, (2000, 7)).astype(np.float32)
-    labels = np.zeros(2000, bool)
-    labels[:20] = True
-    with torch.no_grad():  # an untrained detector scores around 0.5 and fires on many negatives
-        det.head[-1].bias.fill_(2.0)
-    before = det.predict(torch.from_numpy(tokens), torch.from_numpy(actions)).numpy()
-    assert before[~labels].mean() > 0.5
-    threshold = calibrate_threshold(det, tokens, actions, labels, max_false_positive_rate=0.01)
-    assert 0.5 <= threshold < 1 and det.config.threshold == threshold
-    after = det.predict(torch.from_numpy(tokens), torch.from_numpy(actions)).numpy()
-    assert after[~labels].mean() <= 0.01 + 1 / 1980
+    episodes, labels = [], []
+    for i in range(40):  # long failures with a frame a quarter 7s (score 0.79), successes ending all 7s (0.99)
+        frames = rng.integers(0, 7, (30 if i % 2 else 8, 16))
+        y = np.zeros(len(frames), bool)
+        if i % 2:
+            frames[rng.integers(len(frames)), :4] = 7
+        else:
+            frames[-1] = 7
+            y[-1] = True
+        episodes.append(frames)
+        labels.append(y)
+    successes = np.array([y.any() for y in labels])
+    assert episode_metrics(det, episodes, labels)["episode_balanced_accuracy"] == 0.5  # at 0.5 every episode fires
+    threshold = calibrate_episode_threshold(det, episodes, successes)
+    assert 0.5 < threshold < 1 and det.config.threshold == threshold
+    metrics = episode_metrics(det, episodes, labels)
+    assert metrics["episode_balanced_accuracy"] == 1.0 and metrics["frame_recall"] == 1.0
     det.save_pretrained(tmp_path)
     assert SuccessDetector.from_pretrained(tmp_path).config.threshold == threshold
+    with pytest.raises(ValueError, match="3 episodes but 2 success labels"):
+        calibrate_episode_threshold(det, episodes[:3], successes[:2])
+
+
+def test_imagine_episodes_matches_one_rollout_per_episode():
+    from worldmodel.data import Episode
+    from worldmodel.dynamics import Rollout
+    from worldmodel.rollouts import imagine_episodes
+
+    torch.manual_seed(0)
+    dyn = DynamicsModel(_dyn_config()).eval()
+    rng = np.random.default_rng(0)
+    n = TOK.grid ** 2
+    episodes = []
+    for length in (3, 6, 2):
+        actions = rng.uniform(-1, 1, (length, 7)).astype(np.float32)
+        episodes.append(Episode("sim", np.zeros((length, SIZE, SIZE, 3), np.uint8), actions, actions,
+                                np.zeros(length, np.float32), "x", rng.integers(0, TOK.codebook_size, (length, n))))
+    batched = imagine_episodes(dyn, episodes, "maskgit", 2, seed=0, temperature=0.0, batch_size=8)
+    assert [b.shape for b in batched] == [(3, n), (6, n), (2, n)]
+    for ep, frames in zip(episodes, batched):  # argmax decoding: padding a batch changes nothing
+        roll = Rollout(dyn, torch.from_numpy(ep.tokens[:1].astype(np.int64))[:, None], None, "maskgit", 2,
+                       temperature=0.0)
+        alone = np.stack([roll.step(torch.from_numpy(a[None]))[0].numpy() for a in ep.actions_norm])
+        assert np.array_equal(alone, frames)
+    ep = episodes[0]
+    ep.tokens = None
+    with pytest.raises(ValueError, match="episode 0 .* is not tokenized"):
+        imagine_episodes(dyn, [ep])

@@ -2,7 +2,7 @@
 
     FrameTokenizer, TokenizerConfig      FSQ frame tokenizer          (tokenizer.py)
     DynamicsModel, DynamicsConfig, Rollout   ST-transformer, AR + MaskGIT decoding (dynamics.py)
-    SuccessDetector                      success from frame tokens + action (success.py)
+    SuccessDetector                      is the task complete in this (imagined) frame (success.py)
     WorldModel                           all parts as one save_pretrained directory (model.py)
     ImaginedEnv                          a gymnasium env whose steps are imagined (env.py)
 """

@@ -12,8 +12,8 @@
 * Observations: `image` (uint8, the world model's frame size) and `instruction`. There is no
   `state`: the world model imagines pixels, not proprioception.
 * `step(action)`: the 7-D action is validated like `TabletopEnv` (wrong shape or NaN → ValueError
-  naming it; values clipped to the bounds); the success detector judges whether this action from
-  the current (imagined) frame completes the task; reward 1 and `terminated` on success;
+  naming it; values clipped to the bounds); the success detector judges whether the imagined
+  frame after the action shows the task complete; reward 1 and `terminated` on success;
   `truncated` after `max_episode_steps` (default: the task's own limit).
 * Rollouts longer than the dynamics model's context slide its window (see `worldmodel.dynamics.Rollout`).
 * Frames are rendered by residual decoding by default (`pixel_anchor=True`): the real reset frame
@@ -39,9 +39,9 @@ class ImaginedEnv(gym.Env):
 
     def __init__(self, world_model: WorldModel | str | os.PathLike, task: str | None = None,
                  backend: str = "pybullet", randomization: Any = "default", reset_from: str = "sim",
-                 episodes: list | None = None, context_frames: int = 1, method: str = "maskgit", steps: int = 8,
-                 temperature: float = 1.0, sample_temperature: float = 0.0, pixel_anchor: bool = True,
-                 max_episode_steps: int | None = None, render_mode: str | None = None):
+                 episodes: list | None = None, context_frames: int = 1, method: str | None = None,
+                 steps: int | None = None, temperature: float = 1.0, sample_temperature: float = 0.0,
+                 pixel_anchor: bool = True, max_episode_steps: int | None = None, render_mode: str | None = None):
         from envs.env import ACTION_HIGH, ACTION_LOW, INSTRUCTION_CHARSET, INSTRUCTION_MAX_LENGTH
 
         if not isinstance(world_model, WorldModel):
@@ -60,7 +60,10 @@ class ImaginedEnv(gym.Env):
         self.task, self.backend, self.randomization = task, backend, randomization
         self.reset_from, self.episodes = reset_from, episodes
         self.context_frames = max(1, int(context_frames))
-        self.method, self.steps, self.temperature = method, int(steps), float(temperature)
+        from worldmodel.evaluate import rollout_decoding
+
+        self.method, self.steps = rollout_decoding(world_model, method, steps)  # default: as the detector was trained
+        self.temperature = float(temperature)
         self.sample_temperature, self.pixel_anchor = float(sample_temperature), bool(pixel_anchor)
         self.render_mode = render_mode
         self._sim = None
@@ -124,8 +127,8 @@ class ImaginedEnv(gym.Env):
         if self._rollout is None:
             raise RuntimeError("call reset() before step()")
         action = TabletopEnv.validate_action(action).astype(np.float32)
-        success = bool(self.world.success(self._tokens, action[None])[0])
         self._tokens = self._rollout.step(torch.from_numpy(self.world.normalize_actions(action[None])))
+        success = bool(self.world.success(self._tokens)[0])
         self._image = self._render_tokens(self._tokens)
         self._steps += 1
         truncated = self._steps >= self.max_episode_steps and not success

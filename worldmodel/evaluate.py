@@ -2,8 +2,9 @@
 
 Every episode first runs in the simulator as usual (same suite, seeds, randomization), recording
 its initial frame and the policy's actions. The world model then starts from that same initial
-frame and replays the same actions open-loop; the success detector judges each imagined step
-(the first step it fires ends the imagined episode as a success). This works for every policy,
+frame and replays the same actions open-loop; the success detector judges each imagined frame
+(the first one it fires on ends the imagined episode as a success). Decode with the MaskGIT step
+count the detector was trained on (`detector.config.rollout_steps`, the default here). This works for every policy,
 including the scripted expert, whose actions need the simulator's privileged state. (A policy
 that acts on images can also be run closed-loop in imagination with `worldmodel.env.ImaginedEnv`.)
 
@@ -41,21 +42,30 @@ def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def imagine_episode(world: WorldModel, initial_frame: np.ndarray, actions: np.ndarray, method: str = "maskgit",
-                    steps: int = 8, seed: int = 0, pixel_anchor: bool = True,
+def rollout_decoding(world: WorldModel, method: str | None, steps: int | None) -> tuple[str, int]:
+    """The decoding to imagine with: as given, else as the success detector's training rollouts were decoded."""
+    detector = world.detector.config if world.detector is not None else None
+    method = method or (detector.rollout_method if detector else "maskgit")
+    steps = int(steps) if steps is not None else (detector.rollout_steps if detector else 8)
+    return method, steps
+
+
+def imagine_episode(world: WorldModel, initial_frame: np.ndarray, actions: np.ndarray, method: str | None = None,
+                    steps: int | None = None, seed: int = 0, pixel_anchor: bool = True,
                     keep_frames: bool = False) -> dict:
     """Replay `actions` from `initial_frame` in imagination; stops at the first detected success."""
     from worldmodel.env import render_anchored
 
+    method, steps = rollout_decoding(world, method, steps)
     frame = resize_frames(initial_frame, world.image_size)
     rollout = world.rollout(frame[None, None], None, method, steps, seed=seed)
     anchor_tokens = tokens = rollout.frames[-1]
     frames = [frame] if keep_frames else None
     success, length = False, len(actions)
     for t, action in enumerate(np.asarray(actions, np.float32)):
-        if world.success(tokens, action[None])[0]:
-            success, length = True, t + 1
         tokens = rollout.step(torch.from_numpy(world.normalize_actions(action[None])))
+        if world.success(tokens)[0]:
+            success, length = True, t + 1
         if keep_frames:
             image = (render_anchored(world, tokens, anchor_tokens, frame) if pixel_anchor
                      else world.decode(tokens))[0]
@@ -66,7 +76,7 @@ def imagine_episode(world: WorldModel, initial_frame: np.ndarray, actions: np.nd
 
 
 def evaluate_in_imagination(policy, cfg, output_dir: str | os.PathLike, world_model: str | os.PathLike | WorldModel,
-                            method: str = "maskgit", steps: int = 8, policy_name: str | None = None,
+                            method: str | None = None, steps: int | None = None, policy_name: str | None = None,
                             show_progress: bool = True) -> dict:
     from dataclasses import replace
 
@@ -75,6 +85,7 @@ def evaluate_in_imagination(policy, cfg, output_dir: str | os.PathLike, world_mo
     world = world_model if isinstance(world_model, WorldModel) else WorldModel.from_pretrained(world_model)
     if world.detector is None:
         raise ValueError(f"world model {world_model} has no success detector; imagine=true needs one")
+    method, steps = rollout_decoding(world, method, steps)
     output_dir = Path(output_dir)
     sim_cfg = replace(cfg, record_actions=True)
     tasks, records = run_suite(policy, sim_cfg, show_progress)

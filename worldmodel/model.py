@@ -99,12 +99,12 @@ class WorldModel:
         return to_uint8(self.tokenizer.decode(tokens))
 
     @torch.no_grad()
-    def success(self, tokens: torch.Tensor, raw_actions) -> np.ndarray:
+    def success(self, tokens: torch.Tensor) -> np.ndarray:
+        """Whether each (imagined) frame (B, g*g) shows the task complete, by the success detector."""
         if self.detector is None:
             raise RuntimeError("this world model has no success detector (train one with train_worldmodel "
                                "stage 'detector')")
-        actions = torch.from_numpy(self.normalize_actions(raw_actions)).to(self.device)
-        return self.detector.predict(tokens.to(self.device), actions).cpu().numpy()
+        return self.detector.predict(torch.as_tensor(tokens).to(self.device)).cpu().numpy()
 
     # -- persistence -------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> Path:

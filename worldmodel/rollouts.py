@@ -3,7 +3,9 @@
 `imagine_clips` takes real windows of held-out episodes, gives the world model the first
 `context` frames, feeds it an action sequence (the true one, or any other) and returns the
 imagined frames next to the real ones, rendered both plainly (tokenizer decode) and anchored
-(residual decoding on the last real frame; see `worldmodel.env`).
+(residual decoding on the last real frame; see `worldmodel.env`). `imagine_episodes` replays
+whole tokenized episodes open-loop from their first frames, batched (the success detector's
+training data).
 """
 from __future__ import annotations
 
@@ -73,3 +75,42 @@ def imagine_clips(world: WorldModel, images: np.ndarray, actions: np.ndarray, co
         anchored.append(render_anchored(world, flat, anchor_t, anchor_i).reshape(*tok.shape[:2], *ctx.shape[-3:]))
     return {"plain": np.concatenate(plain), "anchored": np.concatenate(anchored),
             "tokens": np.concatenate(tokens_out), "seconds": seconds}
+
+
+@torch.no_grad()
+def imagine_episodes(dynamics, episodes, method: str = "maskgit", steps: int = 4, seed: int = 0,
+                     temperature: float = 1.0, batch_size: int = 64, actions: list[np.ndarray] | None = None,
+                     show_progress: bool = False) -> list[np.ndarray]:
+    """Open-loop imagination of tokenized episodes: from each one's first frame, under its own
+    normalized actions (or `actions`, one (T, 7) normalized array per episode), the imagined tokens
+    after every action, (T, g*g) int16 per episode. Episodes of similar length share a batch; a
+    shorter one is padded with zero actions whose frames are dropped."""
+    from tqdm.auto import tqdm
+
+    from worldmodel.dynamics import Rollout
+
+    if actions is not None and len(actions) != len(episodes):
+        raise ValueError(f"{len(actions)} action sequences for {len(episodes)} episodes")
+    sequences = [np.asarray(a if actions is not None else e.actions_norm, np.float32)
+                 for a, e in zip(actions if actions is not None else episodes, episodes)]
+    for i, e in enumerate(episodes):
+        if e.tokens is None:
+            raise ValueError(f"episode {i} ({e.dataset}) is not tokenized; run the tokenizer over it first")
+    out: list[np.ndarray | None] = [None] * len(episodes)
+    order = np.argsort([len(s) for s in sequences], kind="stable")
+    batches = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
+    for n, batch in enumerate(tqdm(batches, desc="imagine episodes", unit="batch", disable=not show_progress,
+                                   leave=False)):
+        horizon = max(len(sequences[i]) for i in batch)
+        acts = np.zeros((len(batch), horizon, sequences[batch[0]].shape[-1]), np.float32)
+        for row, i in enumerate(batch):
+            acts[row, :len(sequences[i])] = sequences[i]
+        first = torch.from_numpy(np.stack([episodes[i].tokens[0].reshape(-1) for i in batch]).astype(np.int64))
+        generator = torch.Generator(device=dynamics.device).manual_seed(seed + n)
+        rollout = Rollout(dynamics, first[:, None], None, method=method, steps=steps, temperature=temperature,
+                          generator=generator)
+        frames = torch.stack([rollout.step(torch.from_numpy(acts[:, t])) for t in range(horizon)], 1)
+        frames = frames.cpu().numpy().astype(np.int16)
+        for row, i in enumerate(batch):
+            out[i] = frames[row, :len(sequences[i])]
+    return out

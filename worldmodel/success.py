@@ -1,11 +1,16 @@
-"""Success detector: P(the action taken from this frame completes the task), from frame tokens.
+"""Success detector: P(the task is complete in this frame), from the frame's tokens.
 
-Trained on the sim suite's own labels: in the platform's RLDS episodes, step t has reward 1
-exactly when action t reached the task's success predicate. The detector sees what the
-world model imagines (the frame's tokens) plus the (normalized) action, so `ImaginedEnv` can
-judge success without pixels or privileged state. Positives are rare (one per successful
-episode), so the loss weights them by the class ratio and the reported figure is balanced
-accuracy alongside plain accuracy.
+It judges what the world model imagines, so it is trained on imagined frames, not real ones:
+every training episode is replayed open-loop in the world model from its first real frame with
+its own actions (the evaluation protocol, `imagine_episodes`), and the imagined frame after
+action t is labelled with the sim suite's reward for action t (1 exactly when that action
+reached the task's success predicate). Real frames could not serve: an RLDS episode ends with
+the action that succeeds, so the successful state itself is never recorded.
+
+An imagined episode succeeds at the first frame whose score passes the threshold. Since that is a
+decision over a whole episode (a per-step false-positive rate p over T steps makes ~pT false
+successes), the threshold is chosen at the episode level, on episodes held out from the
+detector's training (`calibrate_episode_threshold`).
 """
 from __future__ import annotations
 
@@ -23,10 +28,12 @@ from worldmodel.pretrained import PretrainedMixin
 class SuccessDetectorConfig:
     codebook_size: int = 1000
     grid: int = 16
-    action_dim: int = 7
     embed_dim: int = 32
     channels: int = 64
     threshold: float = 0.5
+    # how the imagined frames it was trained on were decoded; judge rollouts decoded the same way
+    rollout_method: str = "maskgit"
+    rollout_steps: int = 4
 
 
 class SuccessDetector(PretrainedMixin, nn.Module):
@@ -41,45 +48,65 @@ class SuccessDetector(PretrainedMixin, nn.Module):
         self.conv = nn.Sequential(nn.Conv2d(cfg.embed_dim, c, 3, padding=1), nn.SiLU(),
                                   nn.Conv2d(c, c, 3, stride=2, padding=1), nn.SiLU(),
                                   nn.Conv2d(c, c, 3, padding=1), nn.SiLU())
-        self.head = nn.Sequential(nn.Linear(c + cfg.action_dim, c), nn.SiLU(), nn.Linear(c, 1))
+        self.head = nn.Sequential(nn.Linear(c, c), nn.SiLU(), nn.Linear(c, 1))
 
-    def forward(self, tokens: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """tokens (B, g, g) or (B, g*g), normalized actions (B, A) → logits (B,)."""
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, g, g) or (B, g*g) → logits (B,)."""
         g = self.config.grid
         x = self.embed(tokens.reshape(-1, g, g).long()).permute(0, 3, 1, 2)
-        x = self.conv(x).mean((2, 3))
-        return self.head(torch.cat([x, actions.float()], -1)).squeeze(-1)
+        return self.head(self.conv(x).mean((2, 3))).squeeze(-1)
 
     @torch.no_grad()
-    def predict(self, tokens: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self(tokens, actions)) > self.config.threshold
+    def scores(self, tokens: torch.Tensor | np.ndarray, batch: int = 1024) -> np.ndarray:
+        tokens = torch.as_tensor(np.asarray(tokens) if not torch.is_tensor(tokens) else tokens)
+        device = self.head[-1].weight.device
+        return np.concatenate([torch.sigmoid(self(tokens[i:i + batch].to(device))).cpu().numpy()
+                               for i in range(0, max(len(tokens), 1), batch)]) if len(tokens) else np.zeros(0)
 
-    def loss(self, tokens, actions, labels, pos_weight: float = 1.0):
-        logits = self(tokens, actions)
+    @torch.no_grad()
+    def predict(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self(tokens)) > self.config.threshold
+
+    def loss(self, tokens, labels, pos_weight: float = 1.0):
+        logits = self(tokens)
         loss = F.binary_cross_entropy_with_logits(logits, labels.float(),
                                                   pos_weight=torch.tensor(pos_weight, device=logits.device))
         return loss, {"loss": loss.item()}
 
 
-@torch.no_grad()
-def calibrate_threshold(detector: SuccessDetector, tokens: np.ndarray, actions: np.ndarray, labels: np.ndarray,
-                        max_false_positive_rate: float, batch: int = 512) -> float:
-    """Set (and return) the decision threshold so that at most `max_false_positive_rate` of the negative
-    steps fire (never below 0.5).
+def calibrate_episode_threshold(detector: SuccessDetector, episode_tokens: list[np.ndarray],
+                                successes: np.ndarray) -> float:
+    """Set (and return) the threshold that best separates successful from failed episodes.
 
-    An imagined episode succeeds when any of its steps fires, so over T steps a per-step false-positive
-    rate p gives about 1 - (1 - p)^T false successes: the class-balanced training loss alone (threshold
-    0.5) makes long failing episodes look successful, and ranks policies backwards.
+    An episode counts as a success when any of its frames scores above the threshold, so the
+    decision depends only on each episode's highest score; the threshold maximizes balanced
+    accuracy over the given episodes (midway between neighbouring scores; 0.5 if they are all
+    of one class).
     """
-    scores = np.concatenate([torch.sigmoid(detector(torch.from_numpy(tokens[i:i + batch]),
-                                                    torch.from_numpy(actions[i:i + batch]))).numpy()
-                             for i in range(0, len(tokens), batch)])
-    negatives = scores[~labels.astype(bool)]
+    successes = np.asarray(successes, bool)
+    if len(episode_tokens) != len(successes):
+        raise ValueError(f"{len(episode_tokens)} episodes but {len(successes)} success labels")
+    best = np.array([detector.scores(t).max() if len(t) else 0.0 for t in episode_tokens])
     threshold = 0.5
-    if len(negatives):
-        threshold = max(0.5, float(np.quantile(negatives, 1.0 - max_false_positive_rate)))
-    detector.config.threshold = min(threshold, 1.0 - 1e-6)
+    if successes.any() and (~successes).any():
+        candidates = np.unique(best)
+        cuts = np.concatenate([[candidates[0] - 1e-6], (candidates[:-1] + candidates[1:]) / 2])
+        balanced = [(best[successes] > c).mean() + (best[~successes] <= c).mean() for c in cuts]
+        threshold = float(cuts[int(np.argmax(balanced))])
+    detector.config.threshold = float(np.clip(threshold, 1e-6, 1.0 - 1e-6))
     return detector.config.threshold
+
+
+def episode_metrics(detector: SuccessDetector, episode_tokens: list[np.ndarray], episode_labels: list[np.ndarray]
+                    ) -> dict[str, float]:
+    """Per-frame and per-episode figures of a detector on imagined episodes (labels: reward > 0 per frame)."""
+    if not episode_tokens:
+        return {}
+    frames = classification_metrics(detector.scores(np.concatenate(episode_tokens)) > detector.config.threshold,
+                                    np.concatenate(episode_labels))
+    fired = [bool((detector.scores(t) > detector.config.threshold).any()) for t in episode_tokens]
+    episodes = classification_metrics(np.array(fired), np.array([bool(np.any(y)) for y in episode_labels]))
+    return {**{f"frame_{k}": v for k, v in frames.items()}, **{f"episode_{k}": v for k, v in episodes.items()}}
 
 
 def classification_metrics(predicted: np.ndarray, labels: np.ndarray) -> dict[str, float]:
