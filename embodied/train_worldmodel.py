@@ -17,7 +17,8 @@ wandb offline files, `checkpoints/step_*` (atomic, `checkpoint.keep_last` kept; 
 models trained so far, optimizer/scheduler/RNG state and the data sampler position), and
 `worldmodel/` (the final `WorldModel.from_pretrained` directory) with `train_summary.json`.
 `resume=true` (default) continues from the newest checkpoint in the output dir;
-`resume=PATH` from a given checkpoint or run directory.
+`resume=PATH` from a given checkpoint or run directory. `stages=[dynamics,detector]
+init_from=RUN/worldmodel` trains only those parts and takes the others from a saved world model.
 """
 from __future__ import annotations
 
@@ -40,13 +41,15 @@ STAGES = ("tokenizer", "dynamics", "detector")
 
 # -- configs ------------------------------------------------------------------------------------------
 
-def build_configs(cfg: DictConfig):
+def build_configs(cfg: DictConfig, tokenizer_config=None):
+    """Tokenizer, dynamics and detector configs; the latter two follow `tokenizer_config` when given
+    (a tokenizer taken from `init_from`) rather than the worldmodel group's."""
     from worldmodel.dynamics import DynamicsConfig
     from worldmodel.success import SuccessDetectorConfig
     from worldmodel.tokenizer import TokenizerConfig
 
     wm = OmegaConf.to_container(cfg.worldmodel, resolve=True)
-    tok = TokenizerConfig(**wm["tokenizer"])
+    tok = tokenizer_config or TokenizerConfig(**wm["tokenizer"])
     dyn = DynamicsConfig(codebook_size=tok.codebook_size, grid=tok.grid, tokenizer_image_size=tok.image_size,
                          tokenizer_levels=tok.levels, **wm["dynamics"])
     det = SuccessDetectorConfig(codebook_size=tok.codebook_size, grid=tok.grid, **wm["detector"])
@@ -180,18 +183,22 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         torch.set_num_threads(int(cfg.train.threads))
     show = bool(cfg.train.progress)
     started = time.time()
-    tok_cfg, dyn_cfg, det_cfg = build_configs(cfg)
-    stage_steps = {s: int(cfg.train[s].steps) for s in STAGES}
+    stages, loaded = trained_stages(cfg)
+    tok_cfg, dyn_cfg, det_cfg = build_configs(cfg, loaded["tokenizer"].config if "tokenizer" in loaded else None)
+    stage_steps = {s: int(cfg.train[s].steps) if s in stages else 0 for s in STAGES}
     offsets = dict(zip(STAGES, np.cumsum([0] + [stage_steps[s] for s in STAGES[:-1]]).tolist()))
 
-    # -- models and resume
-    tokenizer, dynamics, detector = FrameTokenizer(tok_cfg), DynamicsModel(dyn_cfg), SuccessDetector(det_cfg)
+    # -- models (parts not trained here come from init_from) and resume
+    tokenizer = loaded.get("tokenizer") or FrameTokenizer(tok_cfg)
+    dynamics = loaded.get("dynamics") or DynamicsModel(dyn_cfg)
+    detector = loaded.get("detector") or (SuccessDetector(det_cfg) if "detector" in stages else None)
+    dynamics.check_tokenizer(tokenizer.fingerprint(), source=f"init_from={cfg.get('init_from')}")
     resume_from = find_resume(cfg, run_dir)
-    counters: dict[str, Any] = {"stage": STAGES[0], "stage_step": 0, "wandb_id": None, "data_rng": None}
+    counters: dict[str, Any] = {"stage": stages[0], "stage_step": 0, "wandb_id": None, "data_rng": None}
     if resume_from is not None:
         counters.update(read_counters(resume_from))
         for name, model in (("tokenizer", tokenizer), ("dynamics", dynamics), ("detector", detector)):
-            if (resume_from / name).is_dir():
+            if model is not None and (resume_from / name).is_dir():
                 saved = type(model).from_pretrained(resume_from / name)
                 if saved.config != model.config:
                     raise ValueError(f"cannot resume from {resume_from}: its {name} config {saved.config} differs "
@@ -225,11 +232,13 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     if counters.get("data_rng") is not None:
         rng.bit_generator.state = counters["data_rng"]
     models = {"tokenizer": tokenizer, "dynamics": dynamics, "detector": detector}
-    summary: dict[str, Any] = {"output_dir": str(run_dir), "datasets": list(statistics)}
+    summary: dict[str, Any] = {"output_dir": str(run_dir), "datasets": list(statistics), "stages": list(stages)}
+    if loaded:
+        summary["init_from"] = str(cfg.init_from)
     start_index = STAGES.index(counters["stage"])
 
     for index, stage in enumerate(STAGES):
-        if index < start_index:
+        if index < start_index or stage not in stages:
             continue
         model = models[stage]
         if stage in ("dynamics", "detector") and episodes[0].tokens is None:
@@ -316,13 +325,47 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     return summary
 
 
+def trained_stages(cfg: DictConfig) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """The stages this run trains, and the parts it takes from `init_from` instead (loaded)."""
+    from worldmodel.dynamics import DynamicsModel
+    from worldmodel.success import SuccessDetector
+    from worldmodel.tokenizer import FrameTokenizer
+
+    stages = [str(s) for s in (cfg.get("stages") or STAGES)]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown} in stages={stages}; valid: {', '.join(STAGES)}")
+    stages = tuple(s for s in STAGES if s in stages)
+    kept = [s for s in STAGES if s not in stages]
+    source = cfg.get("init_from")
+    if not kept:
+        return stages, {}
+    if not source:
+        raise ValueError(f"stages={list(stages)} leaves out {kept}: pass init_from=<a saved world model directory> "
+                         "to take those parts from")
+    source = Path(str(source))
+    classes = {"tokenizer": ("tokenizer", FrameTokenizer), "dynamics": ("dynamics", DynamicsModel),
+               "detector": ("success_detector", SuccessDetector)}
+    loaded = {}
+    for stage in kept:
+        folder, cls = classes[stage]
+        if not (source / folder).is_dir():
+            if stage == "detector":  # a world model may lack a detector; the run then saves none
+                continue
+            raise FileNotFoundError(f"init_from={source}: no {folder}/ to take the {stage} from "
+                                    f"(expected a train_worldmodel output's worldmodel/ directory)")
+        loaded[stage] = cls.from_pretrained(source / folder)
+    return stages, loaded
+
+
 def save_run_checkpoint(run_dir, global_step, models, stage, stage_step, optimizer, scheduler, rng, keep_last,
                         logger) -> Path:
     upto = STAGES.index(stage)
 
     def write(tmp: Path) -> None:
         for name in STAGES[: upto + 1]:
-            models[name].save_pretrained(tmp / name)
+            if models[name] is not None:
+                models[name].save_pretrained(tmp / name)
         save_training_state(tmp, {stage: optimizer}, {stage: scheduler}, stage=stage, stage_step=stage_step,
                             global_step=global_step, data_rng=rng.bit_generator.state,
                             wandb_id=logger.run.id if logger.run is not None else None)

@@ -130,3 +130,32 @@ def test_train_worldmodel_trains_saves_and_resumes(tmp_path):
     # a checkpoint of a different model is refused before any data is read
     with pytest.raises(ValueError, match="cannot resume from .*its tokenizer config"):
         train(_cfg(data_dir, out, "worldmodel.tokenizer.channels=16"), out)
+
+
+def test_train_worldmodel_retrains_some_parts_on_a_saved_world_model(tmp_path):
+    from embodied.data.synthetic import write_platform_dataset
+    from embodied.train_worldmodel import train
+    from worldmodel.model import WorldModel
+
+    data_dir, _ = write_platform_dataset(tmp_path / "data", num_episodes=3, length=(6, 8), image_size=32)
+    first = train(_cfg(data_dir, tmp_path / "a"), tmp_path / "a")
+    base = WorldModel.from_pretrained(first["worldmodel_dir"])
+    # only the detector, with another architecture; tokenizer and dynamics are taken as they are
+    out = tmp_path / "b"
+    summary = train(_cfg(data_dir, out, "stages=[detector]", f"init_from={first['worldmodel_dir']}",
+                         "worldmodel.detector.channels=8", "train.detector.steps=3"), out)
+    world = WorldModel.from_pretrained(summary["worldmodel_dir"])
+    assert summary["stages"] == ["detector"] and world.detector.config.channels == 8
+    for part in ("tokenizer", "dynamics"):
+        for (name, a), b in zip(getattr(base, part).state_dict().items(), getattr(world, part).state_dict().values()):
+            assert torch.equal(a, b), f"{part}.{name} changed"
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "detector/loss" in r] == [1, 2, 3]
+    assert not any(k.startswith(("tokenizer/", "dynamics/")) for r in rows for k in r)
+
+    with pytest.raises(ValueError, match=r"leaves out \['tokenizer'\]: pass init_from="):
+        train(_cfg(data_dir, tmp_path / "c", "stages=[dynamics,detector]"), tmp_path / "c")
+    with pytest.raises(ValueError, match=r"unknown stage\(s\) \['policy'\]"):
+        train(_cfg(data_dir, tmp_path / "c", "stages=[policy]"), tmp_path / "c")
+    with pytest.raises(FileNotFoundError, match="no tokenizer/ to take the tokenizer from"):
+        train(_cfg(data_dir, tmp_path / "c", "stages=[dynamics]", f"init_from={tmp_path}"), tmp_path / "c")
