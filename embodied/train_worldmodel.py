@@ -339,6 +339,9 @@ def trained_stages(cfg: DictConfig) -> tuple[tuple[str, ...], dict[str, Any]]:
     kept = [s for s in STAGES if s not in stages]
     source = cfg.get("init_from")
     if not kept:
+        if source:
+            raise ValueError(f"init_from={source} is used only for the parts that stages= leaves out, and "
+                             f"stages={list(stages)} trains all of them")
         return stages, {}
     if not source:
         raise ValueError(f"stages={list(stages)} leaves out {kept}: pass init_from=<a saved world model directory> "

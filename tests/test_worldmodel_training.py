@@ -155,6 +155,8 @@ def test_train_worldmodel_retrains_some_parts_on_a_saved_world_model(tmp_path):
 
     with pytest.raises(ValueError, match=r"leaves out \['tokenizer'\]: pass init_from="):
         train(_cfg(data_dir, tmp_path / "c", "stages=[dynamics,detector]"), tmp_path / "c")
+    with pytest.raises(ValueError, match=r"init_from=.* is used only for the parts that stages= leaves out"):
+        train(_cfg(data_dir, tmp_path / "c", f"init_from={first['worldmodel_dir']}"), tmp_path / "c")
     with pytest.raises(ValueError, match=r"unknown stage\(s\) \['policy'\]"):
         train(_cfg(data_dir, tmp_path / "c", "stages=[policy]"), tmp_path / "c")
     with pytest.raises(FileNotFoundError, match="no tokenizer/ to take the tokenizer from"):
