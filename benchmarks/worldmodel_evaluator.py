@@ -58,7 +58,6 @@ def main() -> None:
     from worldmodel.model import WorldModel
 
     world = WorldModel.from_pretrained(args.worldmodel)
-    steps = args.steps if args.steps is not None else world.detector.config.rollout_steps
     cfg = EvalConfig(backend=args.backend, episodes_per_task=args.episodes_per_task, tasks=args.tasks.split(","),
                      num_envs=2, image_size=world.image_size, videos_per_task=1)
     policies = [NoisyExpert(float(s), seed=i) for i, s in enumerate(args.noise.split(","))]
@@ -68,9 +67,10 @@ def main() -> None:
     started = time.time()
     for policy in policies:
         out = Path(args.output_dir) / policy.name
-        imagined = evaluate_in_imagination(policy, cfg, out, world, steps=steps, show_progress=False)
+        imagined = evaluate_in_imagination(policy, cfg, out, world, steps=args.steps, show_progress=False)
         sim = json.loads((out / "sim" / "results.json").read_text())
         agreement = json.loads((out / "agreement.json").read_text())
+        steps = imagined["imagination"]["steps"]
         rows.append({"policy": policy.name, "sim": sim["overall"]["success_rate"],
                      "imagined": imagined["overall"]["success_rate"],
                      "episodes_agreeing": agreement["episodes_agreeing"], "episodes": sim["overall"]["episodes"]})

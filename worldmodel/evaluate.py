@@ -3,10 +3,11 @@
 Every episode first runs in the simulator as usual (same suite, seeds, randomization), recording
 its initial frame and the policy's actions. The world model then starts from that same initial
 frame and replays the same actions open-loop; the success detector judges each imagined frame
-(the first one it fires on ends the imagined episode as a success). Decode with the MaskGIT step
-count the detector was trained on (`detector.config.rollout_steps`, the default here). This works for every policy,
-including the scripted expert, whose actions need the simulator's privileged state. (A policy
-that acts on images can also be run closed-loop in imagination with `worldmodel.env.ImaginedEnv`.)
+(the first one it fires on ends the imagined episode as a success). Frames are decoded as the
+detector's training replays were (`detector.config.rollout_method/rollout_steps`) unless told
+otherwise. This works for every policy, including the scripted expert, whose actions need the
+simulator's privileged state. (A policy that acts on images can also be run closed-loop in
+imagination with `worldmodel.env.ImaginedEnv`.)
 
 Writes, in the output dir:
 * `results.json`, `results.md`, `success_rates.png`, `episodes.jsonl`: the imagined outcomes in
@@ -41,7 +42,6 @@ def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
     return x.permute(0, 2, 3, 1).numpy().reshape(*frames.shape[:-3], size, size, 3)
 
 
-@torch.no_grad()
 def rollout_decoding(world: WorldModel, method: str | None, steps: int | None) -> tuple[str, int]:
     """The decoding to imagine with: as given, else as the success detector's training rollouts were decoded."""
     detector = world.detector.config if world.detector is not None else None
@@ -50,6 +50,7 @@ def rollout_decoding(world: WorldModel, method: str | None, steps: int | None) -
     return method, steps
 
 
+@torch.no_grad()
 def imagine_episode(world: WorldModel, initial_frame: np.ndarray, actions: np.ndarray, method: str | None = None,
                     steps: int | None = None, seed: int = 0, pixel_anchor: bool = True,
                     keep_frames: bool = False) -> dict:

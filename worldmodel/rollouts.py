@@ -91,8 +91,9 @@ def imagine_episodes(dynamics, episodes, method: str = "maskgit", steps: int = 4
 
     if actions is not None and len(actions) != len(episodes):
         raise ValueError(f"{len(actions)} action sequences for {len(episodes)} episodes")
-    sequences = [np.asarray(a if actions is not None else e.actions_norm, np.float32)
-                 for a, e in zip(actions if actions is not None else episodes, episodes)]
+    if actions is None:
+        actions = [e.actions_norm for e in episodes]
+    sequences = [np.asarray(a, np.float32) for a in actions]
     for i, e in enumerate(episodes):
         if e.tokens is None:
             raise ValueError(f"episode {i} ({e.dataset}) is not tokenized; run the tokenizer over it first")

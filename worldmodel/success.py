@@ -58,10 +58,11 @@ class SuccessDetector(PretrainedMixin, nn.Module):
 
     @torch.no_grad()
     def scores(self, tokens: torch.Tensor | np.ndarray, batch: int = 1024) -> np.ndarray:
-        tokens = torch.as_tensor(np.asarray(tokens) if not torch.is_tensor(tokens) else tokens)
+        """P(task complete) of each frame (N, g*g), in batches."""
+        tokens = torch.as_tensor(tokens)
         device = self.head[-1].weight.device
-        return np.concatenate([torch.sigmoid(self(tokens[i:i + batch].to(device))).cpu().numpy()
-                               for i in range(0, max(len(tokens), 1), batch)]) if len(tokens) else np.zeros(0)
+        out = [torch.sigmoid(self(tokens[i:i + batch].to(device))).cpu().numpy() for i in range(0, len(tokens), batch)]
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
 
     @torch.no_grad()
     def predict(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -72,6 +73,14 @@ class SuccessDetector(PretrainedMixin, nn.Module):
         loss = F.binary_cross_entropy_with_logits(logits, labels.float(),
                                                   pos_weight=torch.tensor(pos_weight, device=logits.device))
         return loss, {"loss": loss.item()}
+
+
+def episode_scores(detector: SuccessDetector, episode_tokens: list[np.ndarray]) -> list[np.ndarray]:
+    """The detector's score of every frame, one array per episode (scored in one batched pass)."""
+    if not episode_tokens:
+        return []
+    scores = detector.scores(np.concatenate(episode_tokens))
+    return np.split(scores, np.cumsum([len(t) for t in episode_tokens])[:-1])
 
 
 def calibrate_episode_threshold(detector: SuccessDetector, episode_tokens: list[np.ndarray],
@@ -86,7 +95,7 @@ def calibrate_episode_threshold(detector: SuccessDetector, episode_tokens: list[
     successes = np.asarray(successes, bool)
     if len(episode_tokens) != len(successes):
         raise ValueError(f"{len(episode_tokens)} episodes but {len(successes)} success labels")
-    best = np.array([detector.scores(t).max() if len(t) else 0.0 for t in episode_tokens])
+    best = np.array([s.max() if len(s) else 0.0 for s in episode_scores(detector, episode_tokens)])
     threshold = 0.5
     if successes.any() and (~successes).any():
         candidates = np.unique(best)
@@ -102,10 +111,9 @@ def episode_metrics(detector: SuccessDetector, episode_tokens: list[np.ndarray],
     """Per-frame and per-episode figures of a detector on imagined episodes (labels: reward > 0 per frame)."""
     if not episode_tokens:
         return {}
-    frames = classification_metrics(detector.scores(np.concatenate(episode_tokens)) > detector.config.threshold,
-                                    np.concatenate(episode_labels))
-    fired = [bool((detector.scores(t) > detector.config.threshold).any()) for t in episode_tokens]
-    episodes = classification_metrics(np.array(fired), np.array([bool(np.any(y)) for y in episode_labels]))
+    fires = [s > detector.config.threshold for s in episode_scores(detector, episode_tokens)]
+    frames = classification_metrics(np.concatenate(fires), np.concatenate(episode_labels))
+    episodes = classification_metrics(np.array([f.any() for f in fires]), np.array([y.any() for y in episode_labels]))
     return {**{f"frame_{k}": v for k, v in frames.items()}, **{f"episode_{k}": v for k, v in episodes.items()}}
 
 
