@@ -95,9 +95,18 @@ class _Recording:
         return out
 
 
-def collect_task(task: str, cfg: CollectConfig, writer, progress=None) -> dict:
+def _seed_count(cfg: CollectConfig) -> int:
+    # Seed lists are prefix-stable, so asking for more (every episode has >= 1 step) changes no kept episode.
+    return max(cfg.episodes_per_task, cfg.min_steps_per_task) * max(1, cfg.max_attempts_per_episode)
+
+
+def _num_envs(cfg: CollectConfig) -> int:
+    return max(1, min(cfg.num_envs, _seed_count(cfg)))
+
+
+def collect_task(task: str, cfg: CollectConfig, writer, progress=None, envs=None) -> dict:
     """Run the expert on `task` until `episodes_per_task` successes and `min_steps_per_task` steps are
-    written (or seeds run out)."""
+    written (or seeds run out). `envs`: running vector env workers to reuse, switched to `task`."""
     from embodied.data.rlds_writer import make_episode
     from embodied.evaluation import make_vector_env
     from envs.env import ACTION_HIGH, ACTION_LOW
@@ -105,11 +114,11 @@ def collect_task(task: str, cfg: CollectConfig, writer, progress=None) -> dict:
 
     needed, min_steps = cfg.episodes_per_task, cfg.min_steps_per_task
     noise_rng = np.random.default_rng([cfg.seed, zlib.crc32(task.encode())])
-    # Seed lists are prefix-stable, so asking for more (every episode has >= 1 step) changes no kept episode.
-    seeds = get_suite(cfg.suite).episode_seeds(task, max(needed, min_steps) * max(1, cfg.max_attempts_per_episode),
-                                               seed=cfg.seed)
-    num_envs = max(1, min(cfg.num_envs, len(seeds)))
-    envs = make_vector_env(task, _eval_config(cfg), num_envs)
+    seeds = get_suite(cfg.suite).episode_seeds(task, _seed_count(cfg), seed=cfg.seed)
+    own = envs is None
+    if own:
+        envs = make_vector_env(task, _eval_config(cfg), _num_envs(cfg))
+    num_envs = envs.num_envs
     queue = list(enumerate(seeds))
     pending: dict[int, tuple[int, int]] = {}  # env slot -> (episode index, seed) being started
     finished: dict[int, tuple[bool, _Recording]] = {}  # completed, waiting to be written in seed order
@@ -146,6 +155,7 @@ def collect_task(task: str, cfg: CollectConfig, writer, progress=None) -> dict:
                     progress.update(1)
 
     try:
+        envs.call("set_task", task)
         pending.update({i: queue.pop(0) for i in range(num_envs)})
         obs, _ = envs.reset(seed=[s for _, s in pending.values()])
         start(list(range(num_envs)), obs)
@@ -187,7 +197,8 @@ def collect_task(task: str, cfg: CollectConfig, writer, progress=None) -> dict:
             if not wants_more():
                 break
     finally:
-        envs.close()
+        if own:
+            envs.close()
     return {"episodes": written, "attempts": attempts, "successes": successes,
             "expert_success_rate": successes / attempts if attempts else 0.0,
             "mean_length": float(np.mean(lengths)) if lengths else 0.0, "seeds": kept_seeds,
@@ -199,7 +210,7 @@ def collect(cfg: CollectConfig, output_dir: str | os.PathLike, show_progress: bo
     """Collect every task of the suite into one RLDS dataset under `output_dir`; returns a summary."""
     from embodied.data.errors import EmptyDatasetError
     from embodied.data.rlds_writer import RLDSWriter, episode_features
-    from embodied.evaluation import package_versions, resolve_tasks
+    from embodied.evaluation import make_vector_env, package_versions, resolve_tasks
     from envs.randomization import RandomizationConfig
 
     tasks = resolve_tasks(cfg)
@@ -223,12 +234,18 @@ def collect(cfg: CollectConfig, output_dir: str | os.PathLike, show_progress: bo
     total = None if cfg.min_steps_per_task else cfg.episodes_per_task * len(tasks)
     with tqdm(total=total, desc=f"collect {cfg.suite}/{cfg.backend}", unit="ep",
               disable=not show_progress) as bar:
+        envs = None
         try:
+            # one set of env workers for every task: starting them costs seconds per task
+            envs = make_vector_env(tasks[0], _eval_config(cfg), _num_envs(cfg))
             for task in tasks:
-                per_task[task] = collect_task(task, cfg, writer, progress=bar)
+                per_task[task] = collect_task(task, cfg, writer, progress=bar, envs=envs)
         except BaseException:
             writer.abort()
             raise
+        finally:
+            if envs is not None:
+                envs.close()
     try:
         builder_dir = writer.close()
     except EmptyDatasetError:

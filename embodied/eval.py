@@ -21,6 +21,19 @@ def config_from_hydra(cfg: DictConfig, image_size: int = 224) -> EvalConfig:
                       videos_per_task=int(cfg.videos_per_task), vector=cfg.vector)
 
 
+def set_policy_threads(num_threads, num_envs: int) -> int:
+    """torch threads for the policy: `auto` leaves one core to each env worker (at least one thread);
+    on 2 cores, a 2-thread policy competing with 2 env workers made evaluation slower."""
+    import os
+
+    import torch
+
+    if num_threads in (None, "auto"):
+        num_threads = max(1, (os.cpu_count() or 1) - num_envs)
+    torch.set_num_threads(int(num_threads))
+    return int(num_threads)
+
+
 # Apps that take a policy checkpoint path (eval, deploy, serve) live in conf/rollout: Hydra would
 # read `policy=PATH` as a choice of the training config group `policy` in conf/.
 @hydra.main(version_base="1.3", config_path="conf/rollout", config_name="eval")
@@ -29,6 +42,8 @@ def main(cfg: DictConfig) -> dict:
     policy = make_eval_policy(str(cfg.policy), seed=int(cfg.seed), n_action_steps=cfg.get("n_action_steps"))
     trained = getattr(policy, "policy", None)
     eval_cfg = config_from_hydra(cfg, getattr(getattr(trained, "config", None), "observation_image_size", 224))
+    if trained is not None:
+        set_policy_threads(cfg.get("num_threads", "auto"), eval_cfg.num_envs)
     if cfg.get("imagine"):
         from worldmodel.evaluate import evaluate_in_imagination
 

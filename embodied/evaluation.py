@@ -27,9 +27,11 @@ class VectorPolicy(Protocol):
 
     name: str
 
-    def reset(self, env_indices: list[int]) -> None: ...
+    def reset(self, env_ids: list[int]) -> None: ...
 
-    def act(self, observations: dict[str, Any], envs) -> np.ndarray: ...
+    def act(self, observations: dict[str, Any], envs, env_ids: list[int]) -> np.ndarray:
+        """Actions (len(env_ids), 7) for the envs of `envs` (a gymnasium vector env); `env_ids` names
+        them (the keys of per-env state, e.g. a chunked policy's action queues)."""
 
 
 class ScriptedPolicy:
@@ -37,10 +39,10 @@ class ScriptedPolicy:
 
     name = "scripted"
 
-    def reset(self, env_indices):
+    def reset(self, env_ids):
         pass
 
-    def act(self, observations, envs):
+    def act(self, observations, envs, env_ids):
         return np.stack(envs.call("expert_action")).astype(np.float32)
 
 
@@ -52,12 +54,12 @@ class RandomPolicy:
     def __init__(self, seed: int = 0):
         self.rng = np.random.default_rng(seed)
 
-    def reset(self, env_indices):
+    def reset(self, env_ids):
         pass
 
-    def act(self, observations, envs):
+    def act(self, observations, envs, env_ids):
         space = envs.single_action_space
-        n = envs.num_envs
+        n = len(env_ids)
         return self.rng.uniform(space.low, space.high, size=(n, *space.shape)).astype(np.float32)
 
 
@@ -79,22 +81,21 @@ class CheckpointPolicy:
             raise ValueError(f"n_action_steps must be in [1, action_chunk={chunk}], got {self.n_action_steps}")
         self.queues: dict[int, list[np.ndarray]] = {}
 
-    def reset(self, env_indices):
-        for i in env_indices:
+    def reset(self, env_ids):
+        for i in env_ids:
             self.queues[int(i)] = []
 
-    def act(self, observations, envs):
-        n = envs.num_envs
-        need = [i for i in range(n) if not self.queues.get(i)]
+    def act(self, observations, envs, env_ids):
+        need = [row for row, i in enumerate(env_ids) if not self.queues.get(i)]
         if need:
-            batch = [{key: observations[key][i] for key in ("image", "wrist_image", "state") if key in observations}
-                     for i in need]
-            predicted = np.asarray(self.policy.predict_actions(batch, [str(observations["instruction"][i]) for i in need]))
+            batch = [{key: observations[key][r] for key in ("image", "wrist_image", "state") if key in observations}
+                     for r in need]
+            predicted = np.asarray(self.policy.predict_actions(batch, [str(observations["instruction"][r]) for r in need]))
             if predicted.ndim == 2:  # (B, 7): one action per prediction
                 predicted = predicted[:, None]
-            for row, i in enumerate(need):
-                self.queues[i] = list(predicted[row][:self.n_action_steps])
-        return np.stack([self.queues[i].pop(0) for i in range(n)]).astype(np.float32)
+            for row, r in enumerate(need):
+                self.queues[env_ids[r]] = list(predicted[row][:self.n_action_steps])
+        return np.stack([self.queues[i].pop(0) for i in env_ids]).astype(np.float32)
 
 
 def resolve_tasks(cfg) -> list[str]:
@@ -193,78 +194,78 @@ def make_vector_env(task: str, cfg: EvalConfig, num_envs: int):
                                      context="forkserver")
 
 
-def run_task(task: str, policy: VectorPolicy, cfg: EvalConfig, seeds: list[int], progress=None) -> list[dict]:
-    """Run one episode per seed; episodes are refilled into whichever env finishes first."""
-    num_envs = max(1, min(cfg.num_envs, len(seeds)))
-    envs = make_vector_env(task, cfg, num_envs)
+class _Episode:
+    """An episode running in one env slot."""
+
+    def __init__(self, episode: int, seed: int, obs: dict, row: int, cfg: EvalConfig):
+        self.episode, self.seed, self.length = episode, seed, 0
+        self.instruction = str(obs["instruction"][row])
+        self.frames = [obs["image"][row].copy()] if episode < cfg.videos_per_task else None
+        self.initial_frame = obs["image"][row].copy() if cfg.record_actions else None
+        self.actions: list[np.ndarray] | None = [] if cfg.record_actions else None
+
+    def record(self, task: str, success: bool) -> dict:
+        record = {"task": task, "episode": self.episode, "seed": int(self.seed), "success": success,
+                  "length": self.length, "instruction": self.instruction, "frames": self.frames}
+        if self.actions is not None:
+            record["initial_frame"], record["actions"] = self.initial_frame, np.stack(self.actions)
+        return record
+
+
+def run_task(task: str, policy: VectorPolicy, cfg: EvalConfig, seeds: list[int], progress=None,
+             envs=None) -> list[dict]:
+    """Run one episode per seed; episodes are refilled into whichever env finishes first.
+
+    `envs`: a running vector env to reuse, switched to `task` (`TabletopEnv.set_task`); by default
+    one is started here.
+    """
+    own = envs is None
+    if own:
+        envs = make_vector_env(task, cfg, max(1, min(cfg.num_envs, len(seeds))))
     queue = list(enumerate(seeds))
     records: list[dict] = []
-    current: list[tuple[int, int] | None] = [None] * num_envs
-    lengths = np.zeros(num_envs, dtype=int)
-    frames: dict[int, list[np.ndarray]] = {}
-    replay: dict[int, tuple[np.ndarray, list[np.ndarray]]] = {}  # episode -> (first frame, actions)
+    slots: list[_Episode | None] = [None] * envs.num_envs
+    env_ids = list(range(envs.num_envs))
     try:
-        first = [queue.pop(0) for _ in range(num_envs)]
-        obs, _ = envs.reset(seed=[s for _, s in first])
-        current = list(first)
-        policy.reset(list(range(num_envs)))
-        instructions = list(obs["instruction"])
-        for i, (episode, _) in enumerate(current):
-            if episode < cfg.videos_per_task:
-                frames[episode] = [obs["image"][i].copy()]
-            if cfg.record_actions:
-                replay[episode] = (obs["image"][i].copy(), [])
-        while any(c is not None for c in current):
-            actions = policy.act(obs, envs)
-            if cfg.record_actions:
-                for i, slot in enumerate(current):
-                    if slot is not None:
-                        replay[slot[0]][1].append(np.asarray(actions[i], np.float32).copy())
-            obs, _, terminated, truncated, info = envs.step(actions)
-            lengths += 1
-            done = np.zeros(num_envs, dtype=bool)
-            idle_done = (terminated | truncated) & np.array([c is None for c in current])
-            next_seeds = [0] * num_envs
-            for i, slot in enumerate(current):
+        envs.call("set_task", task)
+
+        def start(mask: np.ndarray | None) -> dict:
+            """Reset the masked envs (all if None): new episodes while seeds last, else idle."""
+            rows = env_ids if mask is None else [int(i) for i in np.flatnonzero(mask)]
+            fresh = {i: queue.pop(0) for i in rows if queue}
+            seed_arg = [int(fresh[i][1]) if i in fresh else None for i in env_ids]
+            # With autoreset disabled, envs outside the mask keep their last observation. An idle env
+            # is stepped with the others and reset (unrecorded) when it finishes, so that a
+            # SyncVectorEnv, which refuses to step a finished env, keeps going.
+            obs, _ = envs.reset(seed=seed_arg, options=None if mask is None else {"reset_mask": mask})
+            for i in rows:
+                slots[i] = _Episode(*fresh[i], obs, i, cfg) if i in fresh else None
+            policy.reset(rows)
+            return obs
+
+        obs = start(None)
+        while any(slot is not None for slot in slots):
+            actions = policy.act(obs, envs, env_ids)
+            obs, _, terminated, truncated, _ = envs.step(actions)
+            finished = terminated | truncated
+            for i, slot in enumerate(slots):
                 if slot is None:
                     continue
-                episode, seed = slot
-                if episode in frames:
-                    frames[episode].append(obs["image"][i].copy())
-                if terminated[i] or truncated[i]:
-                    records.append({"task": task, "episode": episode, "seed": int(seed), "success": bool(terminated[i]),
-                                    "length": int(lengths[i]), "instruction": str(instructions[i])})
+                slot.length += 1
+                if slot.actions is not None:
+                    slot.actions.append(np.asarray(actions[i], np.float32).copy())
+                if slot.frames is not None:
+                    slot.frames.append(obs["image"][i].copy())
+                if finished[i]:
+                    records.append(slot.record(task, bool(terminated[i])))
                     if progress is not None:
                         progress.update(1)
-                    current[i] = queue.pop(0) if queue else None
-                    if current[i] is not None:
-                        done[i] = True
-                        next_seeds[i] = current[i][1]
-                    else:
-                        idle_done[i] = True
-                    lengths[i] = 0
-            if done.any() or idle_done.any():
-                seeds_arg = [int(s) if d else None for s, d in zip(next_seeds, done)]
-                # With autoreset disabled, envs outside the mask keep their last observation. Idle envs
-                # are stepped with the others; a finished one is reset (unrecorded) so that a
-                # SyncVectorEnv, which refuses to step a finished env, keeps going.
-                obs, _ = envs.reset(seed=seeds_arg, options={"reset_mask": done | idle_done})
-                policy.reset([int(i) for i in np.flatnonzero(done | idle_done)])
-                for i in np.flatnonzero(done):
-                    instructions[i] = obs["instruction"][i]
-                    episode = current[i][0]
-                    if episode < cfg.videos_per_task:
-                        frames[episode] = [obs["image"][i].copy()]
-                    if cfg.record_actions:
-                        replay[episode] = (obs["image"][i].copy(), [])
+            if finished.any():
+                obs = start(finished)
     finally:
-        envs.close()
+        if own:
+            envs.close()
     records.sort(key=lambda r: r["episode"])
-    for record in records:
-        record["frames"] = frames.get(record["episode"])
-        if cfg.record_actions:
-            record["initial_frame"], actions = replay[record["episode"]]
-            record["actions"] = np.stack(actions)
     return records
 
 
@@ -328,11 +329,16 @@ def run_suite(policy: VectorPolicy, cfg: EvalConfig, show_progress: bool = True)
     tasks = resolve_tasks(cfg)
     records = []
     total = cfg.episodes_per_task * len(tasks)
-    with tqdm(total=total, desc=f"eval {cfg.suite}/{cfg.backend}", unit="ep", disable=not show_progress) as bar:
-        for task in tasks:
-            bar.set_postfix_str(task)
-            seeds = get_suite(cfg.suite).episode_seeds(task, cfg.episodes_per_task, seed=cfg.seed)
-            records.extend(run_task(task, policy, cfg, seeds, progress=bar))
+    # one set of env workers for every task: starting them costs seconds per task
+    envs = make_vector_env(tasks[0], cfg, max(1, min(cfg.num_envs, cfg.episodes_per_task)))
+    try:
+        with tqdm(total=total, desc=f"eval {cfg.suite}/{cfg.backend}", unit="ep", disable=not show_progress) as bar:
+            for task in tasks:
+                bar.set_postfix_str(task)
+                seeds = get_suite(cfg.suite).episode_seeds(task, cfg.episodes_per_task, seed=cfg.seed)
+                records.extend(run_task(task, policy, cfg, seeds, progress=bar, envs=envs))
+    finally:
+        envs.close()
     return tasks, records
 
 

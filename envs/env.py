@@ -47,16 +47,15 @@ class TabletopEnv(gym.Env):
             raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"unsupported render_mode {render_mode!r}; valid: 'rgb_array' or None")
-        self.task = make_task(task)
         self.backend_name = backend
         self.randomization = RandomizationConfig.from_any(randomization)
         self.image_shape = _image_shape(image_size)
         self.wrist_camera = wrist_camera
         self.control_hz = float(control_hz)
         self.render_mode = render_mode
-        self.max_episode_steps = int(max_episode_steps or self.task.max_steps)
-        self.sim = make_backend(backend, image_size=self.image_shape, wrist_camera=wrist_camera, control_hz=self.control_hz)
-        self.sim.build(self.task.scene)
+        self._max_episode_steps_arg = max_episode_steps
+        self.sim = None
+        self.set_task(task)
 
         h, w = self.image_shape
         obs = {"image": spaces.Box(0, 255, (h, w, 3), np.uint8)}
@@ -73,6 +72,22 @@ class TabletopEnv(gym.Env):
         self._steps = 0
         self._expert: ScriptedExpert | None = None
         self._last_image: np.ndarray | None = None
+
+    def set_task(self, task: str) -> None:
+        """Switch this env to another task of the same observation and action spaces (its own scene,
+        built afresh, and episode length); the next call must be `reset`. Evaluation keeps its worker
+        processes across tasks this way instead of starting new ones per task."""
+        new_task = make_task(task)
+        if self.sim is not None and new_task.name == self.task.name:
+            return
+        if self.sim is not None:
+            self.sim.close()
+        self.task = new_task
+        self.max_episode_steps = int(self._max_episode_steps_arg or self.task.max_steps)
+        self.sim = make_backend(self.backend_name, image_size=self.image_shape, wrist_camera=self.wrist_camera,
+                                control_hz=self.control_hz)
+        self.sim.build(self.task.scene)
+        self.episode, self.instruction, self._expert, self._last_image = None, "", None, None
 
     # -- gymnasium API -------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None):

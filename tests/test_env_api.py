@@ -114,3 +114,31 @@ def test_missing_gl_library_names_the_package(monkeypatch):
         rendering.configure_mujoco_gl()
     monkeypatch.setattr(rendering, "_have_library", lambda name: name == "OSMesa")
     assert rendering.configure_mujoco_gl() == "osmesa"
+
+
+@pytest.mark.parametrize("backend", ["mujoco", "pybullet"])
+def test_set_task_matches_a_fresh_env(backend):
+    """Switching an env's task (how evaluation reuses its workers) gives the fresh env's episodes."""
+    fresh = TabletopEnv("PressButton", backend=backend, image_size=32)
+    switched = TabletopEnv("PickCube", backend=backend, image_size=32)
+    try:
+        switched.reset(seed=3)
+        switched.step(switched.expert_action())
+        pick_steps = switched.max_episode_steps
+        switched.set_task("PressButton")
+        assert switched.max_episode_steps == fresh.max_episode_steps != pick_steps
+        a, _ = fresh.reset(seed=11)
+        b, _ = switched.reset(seed=11)
+        np.testing.assert_array_equal(a["image"], b["image"])
+        assert a["instruction"] == b["instruction"]
+        for _ in range(5):
+            a, *_ = fresh.step(fresh.expert_action())
+            b, *_ = switched.step(switched.expert_action())
+        np.testing.assert_array_equal(a["state"], b["state"])
+        np.testing.assert_array_equal(a["image"], b["image"])
+        with pytest.raises(ValueError, match="valid tasks: .*PickCube"):
+            switched.set_task("FlipPancake")
+        assert switched.task.name == "PressButton"  # a refused switch leaves the env as it was
+    finally:
+        fresh.close()
+        switched.close()

@@ -57,10 +57,14 @@ def test_harness_writes_results_with_vector_envs(tmp_path):
     assert [e["seed"] for e in episodes if e["task"] == "ReachTarget"] == get_suite("tabletop10").episode_seeds("ReachTarget", 3)
     assert all(e["instruction"].startswith(("reach the ", "press the ")) for e in episodes)
     # In-process envs (SyncVectorEnv refuses to step a finished env): one env idles through the last
-    # episode, and the episodes are the same as the worker processes'.
-    sync = evaluate(ScriptedPolicy(), EvalConfig(**{**cfg.__dict__, "tasks": ["ReachTarget"], "vector": "sync",
-                                                    "videos_per_task": 0}), tmp_path / "sync", show_progress=False)
-    assert sync["tasks"]["ReachTarget"] == on_disk["tasks"]["ReachTarget"]
+    # episode, and the episodes are the same as the worker processes'. Both runs switch their envs from
+    # ReachTarget to PressButton (`set_task`) rather than starting new ones.
+    sync = evaluate(ScriptedPolicy(), EvalConfig(**{**cfg.__dict__, "vector": "sync", "videos_per_task": 0}),
+                    tmp_path / "sync", show_progress=False)
+    assert sync["tasks"] == on_disk["tasks"]
+    sync_episodes = [json.loads(line) for line in (tmp_path / "sync" / "episodes.jsonl").read_text().splitlines()]
+    assert [(e["task"], e["seed"], e["length"]) for e in sync_episodes] == \
+        [(e["task"], e["seed"], e["length"]) for e in episodes]
 
 
 @pytest.mark.timeout(120)
