@@ -51,7 +51,7 @@ def main() -> None:
     rows = []
     for method, steps in runs:
         out = imagine_clips(world, win.images, win.actions, 1, args.horizon, method=method, steps=steps or 1,
-                            seed=args.seed, batch_size=args.batch)
+                            seed=args.seed, batch_size=args.batch, states=win.states)
         rows.append({"method": method, "steps": steps if steps else n_tokens, "seconds": out["seconds"],
                      "frames_per_second": frames / out["seconds"],
                      "psnr_plain": pooled_psnr(out["plain"], target),

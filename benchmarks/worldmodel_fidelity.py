@@ -10,6 +10,8 @@ copy-last-frame baseline (predict the context frame forever), and Genie's contro
 ΔPSNR = PSNR(true actions) − PSNR(random actions). PSNR is computed from the mean squared error
 over all windows at that horizon (a per-frame mean would be dominated by the windows where the
 scene does not change at all and the baseline's PSNR is unbounded); SSIM is the per-frame mean.
+For a world model that imagines the robot state, the imagined TCP position's error (cm, mean over
+windows) and gripper opening's error are reported too, against holding the context frame's state.
 """
 from __future__ import annotations
 
@@ -53,8 +55,10 @@ def main() -> None:
 
     random_actions = rng.uniform(ACTION_LOW, ACTION_HIGH, size=win.actions.shape).astype(np.float32)
     started = time.time()
-    true = imagine_clips(world, win.images, win.actions, 1, horizon, steps=args.steps, seed=args.seed)
-    rand = imagine_clips(world, win.images, random_actions, 1, horizon, steps=args.steps, seed=args.seed)
+    true = imagine_clips(world, win.images, win.actions, 1, horizon, steps=args.steps, seed=args.seed,
+                         states=win.states)
+    rand = imagine_clips(world, win.images, random_actions, 1, horizon, steps=args.steps, seed=args.seed,
+                         states=win.states)
     target = win.images[:, 1:]
     copy_last = np.repeat(win.images[:, :1], horizon, 1)
     rows = {}
@@ -67,6 +71,12 @@ def main() -> None:
             row[f"{mode}_ssim"] = float(ssim(true[mode][:, i], target[:, i]).mean())
             row[f"{mode}_random_psnr"] = pooled_psnr(rand[mode][:, i], target[:, i])
             row[f"{mode}_delta_psnr"] = row[f"{mode}_psnr"] - row[f"{mode}_random_psnr"]
+        if "states" in true:
+            real, held = win.states[:, 1:][:, i], win.states[:, 0]
+            row["tcp_error_cm"] = float(np.linalg.norm(true["states"][:, i, :3] - real[:, :3], axis=-1).mean() * 100)
+            row["tcp_error_hold_cm"] = float(np.linalg.norm(held[:, :3] - real[:, :3], axis=-1).mean() * 100)
+            row["gripper_error"] = float(np.abs(true["states"][:, i, 7] - real[:, 7]).mean())
+            row["gripper_error_hold"] = float(np.abs(held[:, 7] - real[:, 7]).mean())
         rows[h] = row
     result = {"windows": int(len(win.images)), "episodes": len(episodes), "maskgit_steps": args.steps,
               "horizons": rows, "seconds": round(time.time() - started, 1)}
@@ -78,6 +88,12 @@ def main() -> None:
         print(f"| {h} | {r['copy_last_psnr']:.2f} / {r['copy_last_ssim']:.3f} | {r['plain_psnr']:.2f} / "
               f"{r['plain_ssim']:.3f} | {r['anchored_psnr']:.2f} / {r['anchored_ssim']:.3f} | "
               f"{r['plain_delta_psnr']:+.2f} / {r['anchored_delta_psnr']:+.2f} |")
+    if "tcp_error_cm" in rows[HORIZONS[0]]:
+        print("| horizon | imagined TCP error (cm) | holding the first state | gripper error (0-1) | holding |")
+        print("|---|---|---|---|---|")
+        for h, r in rows.items():
+            print(f"| {h} | {r['tcp_error_cm']:.2f} | {r['tcp_error_hold_cm']:.2f} | {r['gripper_error']:.3f} | "
+                  f"{r['gripper_error_hold']:.3f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

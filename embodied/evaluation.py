@@ -167,7 +167,7 @@ class EvalConfig:
     image_size: int = 224
     wrist_camera: bool = False
     videos_per_task: int = 1
-    record_actions: bool = False  # keep every episode's first frame and actions (for imagined replays)
+    record_actions: bool = False  # keep every episode's first frame, first state and actions (for imagined replays)
     vector: str = "async"  # "async" (one process per env) or "sync"
     env_kwargs: dict = field(default_factory=dict)
 
@@ -202,6 +202,7 @@ class _Episode:
         self.instruction = str(obs["instruction"][row])
         self.frames = [obs["image"][row].copy()] if episode < cfg.videos_per_task else None
         self.initial_frame = obs["image"][row].copy() if cfg.record_actions else None
+        self.initial_state = obs["state"][row].copy() if cfg.record_actions else None
         self.actions: list[np.ndarray] | None = [] if cfg.record_actions else None
 
     def record(self, task: str, success: bool) -> dict:
@@ -209,6 +210,7 @@ class _Episode:
                   "length": self.length, "instruction": self.instruction, "frames": self.frames}
         if self.actions is not None:
             record["initial_frame"], record["actions"] = self.initial_frame, np.stack(self.actions)
+            record["initial_state"] = self.initial_state
         return record
 
 
@@ -363,6 +365,7 @@ def write_outputs(results: dict, records: list[dict], output_dir: str | os.PathL
         for r in records:
             r = dict(r)
             r.pop("initial_frame", None)
+            r.pop("initial_state", None)
             r.pop("actions", None)
             frames = r.pop("frames", None)
             if frames:

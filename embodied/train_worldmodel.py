@@ -52,7 +52,8 @@ def build_configs(cfg: DictConfig, tokenizer_config=None):
     tok = tokenizer_config or TokenizerConfig(**wm["tokenizer"])
     dyn = DynamicsConfig(codebook_size=tok.codebook_size, grid=tok.grid, tokenizer_image_size=tok.image_size,
                          tokenizer_levels=tok.levels, **wm["dynamics"])
-    det = SuccessDetectorConfig(codebook_size=tok.codebook_size, grid=tok.grid, **wm["detector"])
+    det = SuccessDetectorConfig(codebook_size=tok.codebook_size, grid=tok.grid, state_dim=dyn.state_dim,
+                                **wm["detector"])
     return tok, dyn, det
 
 
@@ -115,14 +116,23 @@ def tokenizer_psnr(tokenizer, frames: np.ndarray, batch: int = 256) -> float:
 def dynamics_eval(dynamics, sampler, rng, batches: int = 4, batch_size: int = 8) -> dict[str, float]:
     dynamics.eval()
     gen = torch.Generator().manual_seed(0)
-    losses, accs = [], []
+    metrics: dict[str, list[float]] = {}
     for _ in range(batches):
-        tokens, actions = sampler.sample(batch_size, rng)
-        loss, m = dynamics.loss(torch.from_numpy(tokens), torch.from_numpy(actions), gen)
-        losses.append(m["loss"])
-        accs.append(m["masked_token_accuracy"])
+        loss, m = dynamics.loss(**clip_tensors(dynamics, sampler.sample(batch_size, rng)), generator=gen)
+        for key, value in m.items():
+            metrics.setdefault(key, []).append(value)
     dynamics.train()
-    return {"loss": float(np.mean(losses)), "masked_token_accuracy": float(np.mean(accs))}
+    return {key: float(np.mean(values)) for key, values in metrics.items()}
+
+
+def clip_tensors(dynamics, clip) -> dict[str, torch.Tensor | None]:
+    """A sampled clip as the dynamics loss's arguments (states only for a model that imagines them)."""
+    tokens, actions, states = clip
+    use_states = bool(dynamics.config.state_dim)
+    if use_states and states is None:
+        raise ValueError("the dynamics model imagines robot states (state_dim > 0) but the episodes have none")
+    return {"tokens": torch.from_numpy(tokens), "actions": torch.from_numpy(actions),
+            "states": torch.from_numpy(states) if use_states else None}
 
 
 def detector_data(dynamics, episodes, det_cfg, scfg, seed: int, show_progress: bool = True) -> dict[str, Any]:
@@ -134,13 +144,14 @@ def detector_data(dynamics, episodes, det_cfg, scfg, seed: int, show_progress: b
     from worldmodel.rollouts import imagine_episodes
 
     rng = np.random.default_rng(seed)
-    imagined = imagine_episodes(dynamics, episodes, det_cfg.rollout_method, det_cfg.rollout_steps, seed,
-                                show_progress=show_progress)
+    imagined, imagined_states = imagine_episodes(dynamics, episodes, det_cfg.rollout_method, det_cfg.rollout_steps,
+                                                 seed, show_progress=show_progress)
     labels = [e.rewards > 0 for e in episodes]
     order = rng.permutation(len(episodes))
     n_cal = int(round(float(scfg.calibration_fraction) * len(episodes)))
     cal, train_ids = order[:n_cal], order[n_cal:]
     tokens = [imagined[i] for i in train_ids]
+    states = [imagined_states[i] for i in train_ids]
     targets = [labels[i] for i in train_ids]
     extra = int(round(float(scfg.random_action_negatives) * len(train_ids)))
     if extra:
@@ -151,11 +162,17 @@ def detector_data(dynamics, episodes, det_cfg, scfg, seed: int, show_progress: b
             a = rng.uniform(-1, 1, e.actions_norm.shape).astype(np.float32)
             a[:, -1] = rng.integers(0, 2, len(a))  # the gripper is not normalized: 0/1
             random_actions.append(a)
-        tokens += imagine_episodes(dynamics, picks, det_cfg.rollout_method, det_cfg.rollout_steps, seed + 1,
-                                   actions=random_actions, show_progress=show_progress)
+        extra_tokens, extra_states = imagine_episodes(dynamics, picks, det_cfg.rollout_method,
+                                                      det_cfg.rollout_steps, seed + 1, actions=random_actions,
+                                                      show_progress=show_progress)
+        tokens += extra_tokens
+        states += extra_states
         targets += [np.zeros(len(e), bool) for e in picks]
+    use_states = bool(dynamics.config.state_dim)
     return {"tokens": np.concatenate(tokens).astype(np.int64), "labels": np.concatenate(targets),
-            "cal_tokens": [imagined[i] for i in cal], "cal_labels": [labels[i] for i in cal]}
+            "states": np.concatenate(states) if use_states else None,
+            "cal_tokens": [imagined[i] for i in cal], "cal_labels": [labels[i] for i in cal],
+            "cal_states": [imagined_states[i] for i in cal] if use_states else None}
 
 
 def detector_val(dynamics, detector, episodes, seed: int) -> dict[str, float]:
@@ -163,8 +180,9 @@ def detector_val(dynamics, detector, episodes, seed: int) -> dict[str, float]:
     from worldmodel.success import episode_metrics
 
     cfg = detector.config
-    imagined = imagine_episodes(dynamics, episodes, cfg.rollout_method, cfg.rollout_steps, seed)
-    return episode_metrics(detector.eval(), imagined, [e.rewards > 0 for e in episodes])
+    imagined, states = imagine_episodes(dynamics, episodes, cfg.rollout_method, cfg.rollout_steps, seed)
+    return episode_metrics(detector.eval(), imagined, [e.rewards > 0 for e in episodes],
+                           states if cfg.state_dim else None)
 
 
 # -- the run ------------------------------------------------------------------------------------------
@@ -191,6 +209,7 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     # -- models (parts not trained here come from init_from) and resume
     tokenizer = loaded.get("tokenizer") or FrameTokenizer(tok_cfg)
     dynamics = loaded.get("dynamics") or DynamicsModel(dyn_cfg)
+    det_cfg.state_dim = dynamics.config.state_dim  # the detector reads the states this dynamics imagines
     detector = loaded.get("detector") or (SuccessDetector(det_cfg) if "detector" in stages else None)
     dynamics.check_tokenizer(tokenizer.fingerprint(), source=f"init_from={cfg.get('init_from')}")
     resume_from = find_resume(cfg, run_dir)
@@ -262,14 +281,14 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
             if stage == "tokenizer":
                 loss, metrics = tokenizer.loss(frames[rng.integers(0, len(frames), int(scfg.batch_size))])
             elif stage == "dynamics":
-                tokens, actions = sampler.sample(int(scfg.batch_size), rng)
-                loss, metrics = dynamics.loss(torch.from_numpy(tokens), torch.from_numpy(actions))
+                loss, metrics = dynamics.loss(**clip_tensors(dynamics, sampler.sample(int(scfg.batch_size), rng)))
             else:
                 labels = det_data["labels"]
                 idx = rng.integers(0, len(labels), int(scfg.batch_size))
                 pos_weight = float((~labels).sum() / max(labels.sum(), 1))
+                states = None if det_data["states"] is None else torch.from_numpy(det_data["states"][idx])
                 loss, metrics = detector.loss(torch.from_numpy(det_data["tokens"][idx]),
-                                              torch.from_numpy(labels[idx]), pos_weight)
+                                              torch.from_numpy(labels[idx]), pos_weight, states)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{stage} loss is {loss.item()} at step {step + 1}; the last good "
                                          f"checkpoint is {latest_checkpoint(run_dir / CHECKPOINT_DIR)}")
@@ -308,8 +327,10 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
 
             detector.eval()
             summary["detector_threshold"] = calibrate_episode_threshold(
-                detector, det_data["cal_tokens"], np.array([y.any() for y in det_data["cal_labels"]]))
-            summary["detector_calibration"] = episode_metrics(detector, det_data["cal_tokens"], det_data["cal_labels"])
+                detector, det_data["cal_tokens"], np.array([y.any() for y in det_data["cal_labels"]]),
+                det_data["cal_states"])
+            summary["detector_calibration"] = episode_metrics(detector, det_data["cal_tokens"], det_data["cal_labels"],
+                                                              det_data["cal_states"])
             summary["detector_val"] = detector_val(dynamics, detector, val_episodes, int(cfg.train.seed) + 2)
             logger.log({f"detector/val_{k}": v for k, v in summary["detector_val"].items()},
                        offsets[stage] + stage_steps[stage])

@@ -41,15 +41,16 @@ def sim_episodes():
     try:
         for seed in range(3):
             obs, _ = env.reset(seed=seed)
-            images, actions = [obs["image"]], []
+            images, actions, states = [obs["image"]], [], [obs["state"]]
             for _ in range(10):
                 action = env.unwrapped.expert_action().astype(np.float32)
                 obs, _, terminated, truncated, _ = env.step(action)
                 actions.append(action)
                 images.append(obs["image"])
+                states.append(obs["state"])
                 if terminated or truncated:
                     break
-            episodes.append((np.stack(images), np.stack(actions)))
+            episodes.append((np.stack(images), np.stack(actions), np.stack(states)))
     finally:
         env.close()
     return episodes
@@ -58,7 +59,7 @@ def sim_episodes():
 @pytest.fixture(scope="module")
 def trained_tokenizer(sim_episodes):
     torch.manual_seed(0)
-    frames = np.concatenate([imgs for imgs, _ in sim_episodes])
+    frames = np.concatenate([imgs for imgs, _, _ in sim_episodes])
     tok = FrameTokenizer(TOK)
     opt = torch.optim.Adam(tok.parameters(), lr=3e-3)
     rng = np.random.default_rng(0)
@@ -107,26 +108,33 @@ def test_tokenizer_resizes_other_frame_sizes_and_refuses_bad_input():
 def test_dynamics_overfits_a_few_episodes(trained_tokenizer, sim_episodes):
     tok, _ = trained_tokenizer
     torch.manual_seed(0)
-    clips = [(tok.encode(imgs[:4]).reshape(4, -1), torch.from_numpy(acts[:4] / 0.05).clamp(-1, 1))
-             for imgs, acts in sim_episodes]
+    clips = [(tok.encode(imgs[:4]).reshape(4, -1), torch.from_numpy(acts[:4] / 0.05).clamp(-1, 1),
+              torch.from_numpy(states[:4] - states[:1]) * 20) for imgs, acts, states in sim_episodes]
     tokens = torch.stack([c[0] for c in clips])
     actions = torch.stack([c[1] for c in clips]).float()
-    model = DynamicsModel(_dyn_config(dim=48))
+    states = torch.stack([c[2] for c in clips]).float()  # normalized: relative to the start, in 5 cm units
+    model = DynamicsModel(_dyn_config(dim=48, state_dim=8))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
     first = None
     for _ in range(120):
-        loss, metrics = model.loss(tokens, actions, gen)
-        first = first if first is not None else metrics["loss"]
+        loss, metrics = model.loss(tokens, actions, gen, states=states)
+        first = first if first is not None else metrics
         opt.zero_grad()
         loss.backward()
         opt.step()
     model.eval()
-    assert metrics["loss"] < 0.25 * first, (first, metrics)
-    # decoding the memorized clips frame by frame from a clean context reproduces them
-    cache = model.encode_context(tokens[:, :1], None)
-    predicted = model.decode_frame(cache, actions[:, 0], 1, "maskgit", steps=4, temperature=0.0)
+    assert metrics["token_loss"] < 0.25 * first["token_loss"], (first, metrics)
+    assert metrics["state_mse"] < 0.1 * first["state_mse"], (first, metrics)
+    # decoding the memorized clips frame by frame from a clean context reproduces them: state first
+    # (from frame 0's summary, its state and the action), then the frame conditioned on it
+    cache, summary = model.encode_context(tokens[:, :1], None, states[:, :1])
+    state = model.predict_state(summary, states[:, 0], actions[:, 0])
+    assert (state - states[:, 1]).pow(2).mean() < 0.1 * first["state_mse"]
+    predicted = model.decode_frame(cache, actions[:, 0], 1, "maskgit", steps=4, temperature=0.0, state=state)
     assert (predicted == tokens[:, 1]).float().mean() > 0.9
+    with pytest.raises(ValueError, match=r"imagines the robot state \(state_dim=8\): give the context"):
+        model.encode_context(tokens[:, :1], None)
 
 
 def test_both_decoders_produce_valid_token_grids_and_maskgit_is_seeded():
@@ -135,7 +143,7 @@ def test_both_decoders_produce_valid_token_grids_and_maskgit_is_seeded():
     n = model.config.num_tokens
     context = torch.randint(0, model.config.codebook_size, (2, 2, n))
     actions = torch.randn(2, 1, 7)
-    cache = model.encode_context(context, actions)
+    cache, _ = model.encode_context(context, actions)
     action = torch.randn(2, 7)
     for method, steps in (("maskgit", 1), ("maskgit", 6), ("autoregressive", None)):
         out = model.decode_frame(cache, action, 2, method, steps=steps or 1, sample_temperature=1.0,
@@ -152,7 +160,7 @@ def test_both_decoders_produce_valid_token_grids_and_maskgit_is_seeded():
 
 def test_wrong_action_dimension_is_named():
     model = DynamicsModel(_dyn_config()).eval()
-    cache = model.encode_context(torch.zeros(1, 1, model.config.num_tokens, dtype=torch.long), None)
+    cache, _ = model.encode_context(torch.zeros(1, 1, model.config.num_tokens, dtype=torch.long), None)
     with pytest.raises(ValueError, match=r"action must have dimension 7 .*got shape \(1, 6\)"):
         model.decode_frame(cache, torch.zeros(1, 6), 1)
 
@@ -171,14 +179,16 @@ def test_rollout_longer_than_context_slides_its_window():
               torch.zeros(1, 5, model.config.num_tokens, dtype=torch.bool))
 
 
-def _world(tokenizer=None) -> WorldModel:
+def _world(tokenizer=None, state_dim: int = 0) -> WorldModel:
     tok = tokenizer or FrameTokenizer(TOK)
     det = SuccessDetector(SuccessDetectorConfig(codebook_size=TOK.codebook_size, grid=TOK.grid, embed_dim=4,
-                                                channels=8))
+                                                channels=8, state_dim=state_dim))
     stats = {"sim": {"action": {"q01": [-0.05] * 6 + [0.0], "q99": [0.05] * 6 + [1.0], "min": [-0.05] * 6 + [0.0],
                                 "max": [0.05] * 6 + [1.0], "mean": [0.0] * 7, "std": [1.0] * 7,
-                                "mask": [True] * 6 + [False]}}}
-    return WorldModel(tok, DynamicsModel(_dyn_config()), det, stats)
+                                "mask": [True] * 6 + [False]},
+                     "proprio": {"mean": [0.5, 0.0, 0.2, 0, 0, 0, 0, 0.5], "std": [0.1] * 8, "q01": [-1] * 8,
+                                 "q99": [1] * 8, "min": [-1] * 8, "max": [1] * 8}}}
+    return WorldModel(tok, DynamicsModel(_dyn_config(state_dim=state_dim)), det, stats)
 
 
 def test_world_model_round_trip_and_tokenizer_mismatch(tmp_path):
@@ -201,16 +211,28 @@ def test_imagined_env_passes_check_env_and_validates_actions():
 
     from worldmodel.env import ImaginedEnv
 
+    import envs
+
     torch.manual_seed(0)
-    env = ImaginedEnv(_world(), task="ReachTarget", backend="pybullet", randomization="none", steps=2,
-                      max_episode_steps=5)
-    check_env(env, skip_render_check=True)
-    obs, info = env.reset(seed=3)
-    assert obs["image"].shape == (SIZE, SIZE, 3) and obs["instruction"].startswith("reach")
-    obs2, reward, terminated, truncated, info = env.step(np.zeros(7, np.float32))
-    assert obs2["image"].dtype == np.uint8 and info["steps"] == 1
-    with pytest.raises(ValueError, match=r"action must have shape \(7,\)"):
-        env.step(np.zeros(6))
+    for state_dim in (0, 8):
+        env = ImaginedEnv(_world(state_dim=state_dim), task="ReachTarget", backend="pybullet", randomization="none",
+                          steps=2, max_episode_steps=5)
+        check_env(env, skip_render_check=True)
+        obs, info = env.reset(seed=3)
+        assert obs["image"].shape == (SIZE, SIZE, 3) and obs["instruction"].startswith("reach")
+        obs2, reward, terminated, truncated, info = env.step(np.zeros(7, np.float32))
+        assert obs2["image"].dtype == np.uint8 and info["steps"] == 1
+        with pytest.raises(ValueError, match=r"action must have shape \(7,\)"):
+            env.step(np.zeros(6))
+        env.close()
+    # with states, reset gives the simulator's real state and each step an imagined one in its space
+    assert set(obs) == {"image", "state", "instruction"}
+    sim = envs.make_env("ReachTarget", backend="pybullet", randomization="none", image_size=SIZE)
+    real, _ = sim.reset(seed=3)
+    sim.close()
+    env.reset(seed=3)
+    np.testing.assert_array_equal(env.reset(seed=3)[0]["state"], real["state"])
+    assert env.observation_space["state"].contains(env.step(np.zeros(7, np.float32))[0]["state"])
     env.close()
 
 
@@ -312,8 +334,8 @@ def test_imagine_episodes_matches_one_rollout_per_episode():
         actions = rng.uniform(-1, 1, (length, 7)).astype(np.float32)
         episodes.append(Episode("sim", np.zeros((length, SIZE, SIZE, 3), np.uint8), actions, actions,
                                 np.zeros(length, np.float32), "x", rng.integers(0, TOK.codebook_size, (length, n))))
-    batched = imagine_episodes(dyn, episodes, "maskgit", 2, seed=0, temperature=0.0, batch_size=8)
-    assert [b.shape for b in batched] == [(3, n), (6, n), (2, n)]
+    batched, states = imagine_episodes(dyn, episodes, "maskgit", 2, seed=0, temperature=0.0, batch_size=8)
+    assert [b.shape for b in batched] == [(3, n), (6, n), (2, n)] and states == [None] * 3
     for ep, frames in zip(episodes, batched):  # argmax decoding: padding a batch changes nothing
         roll = Rollout(dyn, torch.from_numpy(ep.tokens[:1].astype(np.int64))[:, None], None, "maskgit", 2,
                        temperature=0.0)
@@ -323,3 +345,13 @@ def test_imagine_episodes_matches_one_rollout_per_episode():
     ep.tokens = None
     with pytest.raises(ValueError, match="episode 0 .* is not tokenized"):
         imagine_episodes(dyn, [ep])
+
+
+def test_detector_with_states_reads_them():
+    torch.manual_seed(0)
+    det = SuccessDetector(SuccessDetectorConfig(codebook_size=8, grid=4, embed_dim=4, channels=8, state_dim=8))
+    tokens = torch.randint(0, 8, (3, 16))
+    states = torch.randn(3, 8)
+    assert not torch.equal(det(tokens, states), det(tokens, states + 1))  # the state changes the score
+    with pytest.raises(ValueError, match=r"reads the robot state \(state_dim=8\); got None"):
+        det(tokens)

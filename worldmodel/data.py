@@ -3,7 +3,8 @@
 The world model trains on whole clips, not shuffled frames, so episodes are read once with
 `RLDSSource.episodes` (standardized to the platform's observation/action layout, images
 resized), actions normalized with each dataset's q01/q99 statistics (BOUNDS_Q99, gripper
-untouched), and kept in memory; laptop-sized datasets (a few thousand 64×64 frames) fit easily.
+untouched), robot states with its mean/std (NORMAL: imagined states may leave the recorded range,
+which q01/q99 bounds would clip), and kept in memory; laptop-sized datasets (a few thousand 64×64 frames) fit easily.
 Per-step success labels come from the RLDS `reward` (> 0 on the step whose action completes
 the task).
 """
@@ -25,6 +26,8 @@ class Episode:
     rewards: np.ndarray  # (T,) float32
     instruction: str
     tokens: np.ndarray | None = None  # (T, g, g) int16, filled once the tokenizer is trained
+    states: np.ndarray | None = None  # (T, S) float32, raw: state t is the one image t shows
+    states_norm: np.ndarray | None = None  # (T, S) float32, normalized (mean/std)
 
     def __len__(self) -> int:
         return len(self.actions)
@@ -71,9 +74,11 @@ def load_episodes(datasets, data_dir: str | os.PathLike | None = None, split: st
             if len(rewards[i]) != len(actions):
                 raise ValueError(f"dataset {source.name!r} episode {i}: {len(rewards[i])} rewards for "
                                  f"{len(actions)} actions")
+            states = np.asarray(traj["state"], np.float32)
             episodes.append(Episode(source.name, np.asarray(traj["image"], np.uint8), actions,
                                     normalize(actions, stats["action"], "bounds_q99"), rewards[i],
-                                    traj["instruction"][0] if len(traj["instruction"]) else ""))
+                                    traj["instruction"][0] if len(traj["instruction"]) else "", None, states,
+                                    normalize(states, stats["proprio"], "normal")))
             bar.update(1)
         bar.close()
     if not episodes:
@@ -96,9 +101,10 @@ class ClipSampler:
         w = np.array([(weights or {}).get(n, 1.0) for n in names], np.float64)
         self.names, self.probs = names, w / w.sum()
 
-    def sample(self, batch_size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """tokens (B, L, g*g) int64 and actions (B, L, 7) float32; short episodes repeat their last frame."""
-        tokens, actions = [], []
+    def sample(self, batch_size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """tokens (B, L, g*g) int64, actions (B, L, 7) and normalized states (B, L, S) float32 (None if the
+        episodes have none); short episodes repeat their last frame."""
+        tokens, actions, states = [], [], []
         for _ in range(batch_size):
             pool = self.by_dataset[self.names[rng.choice(len(self.names), p=self.probs)]]
             ep = pool[rng.integers(len(pool))]
@@ -106,7 +112,9 @@ class ClipSampler:
             idx = np.minimum(np.arange(start, start + self.length), len(ep) - 1)
             tokens.append(ep.tokens[idx].reshape(self.length, -1))
             actions.append(ep.actions_norm[idx])
-        return np.stack(tokens).astype(np.int64), np.stack(actions).astype(np.float32)
+            states.append(None if ep.states_norm is None else ep.states_norm[idx])
+        states_out = None if any(x is None for x in states) else np.stack(states).astype(np.float32)
+        return np.stack(tokens).astype(np.int64), np.stack(actions).astype(np.float32), states_out
 
 
 def all_frames(episodes: list[Episode]) -> np.ndarray:

@@ -5,6 +5,14 @@ time at the same grid position (temporal, causal), then applies an MLP, as in Ge
 ST-transformer. The robot's 7-D action a_{t-1} (normalized) is added to every token embedding
 of frame t; frame 0 gets a learned "no action" embedding.
 
+With `state_dim > 0` the model imagines the robot's proprioceptive state too (the observation's
+`state`: TCP pose and gripper opening, normalized). State comes first: s_t is predicted from
+s_{t-1}, a_{t-1} and the model's pooled summary of frame t-1 (which sees what the gripper holds),
+and frame t's tokens are then decoded conditioned on s_t as well as a_{t-1}. The absolute pose
+tells the model where to draw the arm, which the per-step deltas alone leave it to infer from
+tokens; in training s_t is the recorded state (teacher forcing) and the state head is trained by
+regression on it.
+
 Training follows Emu3.5's DiDA layout: the clip is processed twice, once clean and once with
 each target frame's tokens partly replaced by [MASK] (absorbing-state noise). The noisy copy of
 frame t attends temporally to the *clean* frames < t and to itself, so training sees exactly
@@ -53,6 +61,8 @@ class DynamicsConfig:
     dropout: float = 0.0
     raster_mask_prob: float = 0.25  # fraction of frames trained with a raster-suffix mask
     changed_token_weight: float = 4.0  # loss weight of tokens that differ from the previous frame's
+    state_dim: int = 0  # > 0: imagine the robot state too (8: TCP position, quaternion, gripper)
+    state_loss_weight: float = 1.0  # weight of the state regression (MSE, normalized units) in the loss
 
     def __post_init__(self):
         self.tokenizer_levels = tuple(int(x) for x in self.tokenizer_levels)
@@ -161,6 +171,10 @@ class DynamicsModel(PretrainedMixin, nn.Module):
         self.temporal_pos = nn.Parameter(torch.randn(cfg.max_frames, cfg.dim) * 0.02)
         self.action_proj = nn.Sequential(nn.Linear(cfg.action_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
         self.no_action = nn.Parameter(torch.zeros(cfg.dim))
+        if cfg.state_dim:
+            self.state_proj = nn.Sequential(nn.Linear(cfg.state_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+            self.state_head = nn.Sequential(nn.Linear(cfg.dim + cfg.state_dim + cfg.action_dim, cfg.dim), nn.SiLU(),
+                                            nn.Linear(cfg.dim, cfg.state_dim))
         self.blocks = nn.ModuleList(STBlock(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.codebook_size)  # the [MASK] id is never predicted
@@ -184,22 +198,45 @@ class DynamicsModel(PretrainedMixin, nn.Module):
             raise ValueError(f"action must have dimension {self.config.action_dim} "
                              f"([dx, dy, dz, droll, dpitch, dyaw, gripper]); got shape {tuple(actions.shape)}")
 
+    def check_states(self, states: torch.Tensor | None) -> None:
+        dim = self.config.state_dim
+        if not dim:
+            if states is not None:
+                raise ValueError("this dynamics model was trained without robot states (state_dim=0); pass none")
+            return
+        if states is None:
+            raise ValueError(f"this dynamics model imagines the robot state (state_dim={dim}): give the context "
+                             "frames' states")
+        if states.shape[-1] != dim:
+            raise ValueError(f"state must have dimension {dim}; got shape {tuple(states.shape)}")
+
     # -- embeddings --------------------------------------------------------------------------
-    def embed(self, tokens: torch.Tensor, actions_in: torch.Tensor | None, frame_index: torch.Tensor | int):
-        """tokens (B, T, N) + conditioning action per frame (B, T, A) or None (no action) → (B, T, N, D)."""
+    def embed(self, tokens: torch.Tensor, actions_in: torch.Tensor | None, frame_index: torch.Tensor | int,
+              states_in: torch.Tensor | None = None):
+        """tokens (B, T, N) + conditioning action per frame (B, T, A) or None (no action), and the frame's
+        state (B, T, S) when the model uses states → (B, T, N, D)."""
         x = self.token_embed(tokens) + self.spatial_pos
         x = x + self.temporal_pos[frame_index].unsqueeze(-2)
         if actions_in is None:
             cond = self.no_action.expand(tokens.shape[0], tokens.shape[1], -1)
         else:
             cond = self.action_proj(actions_in)
+        if self.config.state_dim:
+            cond = cond + self.state_proj(states_in)
         return x + cond.unsqueeze(-2)
 
-    def _conditioning(self, actions: torch.Tensor, T: int) -> torch.Tensor:
-        """Frame t is conditioned on a_{t-1}; frame 0 on the learned no-action embedding."""
+    def _conditioning(self, actions: torch.Tensor, T: int, states: torch.Tensor | None = None) -> torch.Tensor:
+        """Frame t is conditioned on a_{t-1} (frame 0 on the learned no-action embedding) and on s_t."""
         B = actions.shape[0]
         cond = self.action_proj(actions[:, : T - 1])
-        return torch.cat([self.no_action.expand(B, 1, -1), cond], 1)
+        cond = torch.cat([self.no_action.expand(B, 1, -1), cond], 1)
+        if self.config.state_dim:
+            cond = cond + self.state_proj(states[:, :T])
+        return cond
+
+    def predict_state(self, summary: torch.Tensor, state: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """s_t from frame t-1's pooled output (B, D), s_{t-1} (B, S) and a_{t-1} (B, A): a residual step."""
+        return state + self.state_head(torch.cat([summary, state, action], -1))
 
     # -- training ----------------------------------------------------------------------------
     def sample_mask(self, B: int, T: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -215,26 +252,34 @@ class DynamicsModel(PretrainedMixin, nn.Module):
         mask[:, 0] = False
         return mask
 
-    def forward(self, tokens: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Logits (B, T, N, V) for the noisy stream; tokens (B, T, N), actions (B, T, A) or (B, T-1, A)."""
+    def forward(self, tokens: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor,
+                states: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, N, V) for the noisy stream, and (with states) the predicted states of frames
+        1..T-1 (B, T-1, S); tokens (B, T, N), actions (B, T, A) or (B, T-1, A), states (B, T, S)."""
         B, T, N = tokens.shape
         if T > self.config.max_frames:
             raise ValueError(f"clip of {T} frames is longer than the model's context max_frames="
                              f"{self.config.max_frames}")
         self.check_actions(actions)
+        self.check_states(states)
         frame = torch.arange(T, device=tokens.device)
-        cond = self._conditioning(actions, T).unsqueeze(-2)
+        cond = self._conditioning(actions, T, states).unsqueeze(-2)
         base = self.spatial_pos + self.temporal_pos[frame].unsqueeze(-2) + cond
         clean = self.token_embed(tokens) + base
         noisy = self.token_embed(torch.where(mask, self.config.mask_id, tokens)) + base
         for block in self.blocks:
             clean, noisy = block.forward_train(clean, noisy)
-        return self.head(self.norm(noisy))
+        predicted_states = None
+        if self.config.state_dim:
+            summary = self.norm(clean).mean(-2)  # (B, T, D)
+            predicted_states = self.predict_state(summary[:, :-1], states[:, :-1], actions[:, : T - 1])
+        return self.head(self.norm(noisy)), predicted_states
 
-    def loss(self, tokens: torch.Tensor, actions: torch.Tensor, generator: torch.Generator | None = None):
+    def loss(self, tokens: torch.Tensor, actions: torch.Tensor, generator: torch.Generator | None = None,
+             states: torch.Tensor | None = None):
         B, T, N = tokens.shape
         mask = self.sample_mask(B, T, generator)
-        logits = self(tokens, actions, mask)
+        logits, predicted_states = self(tokens, actions, mask, states)
         # most tokens just persist from the previous frame; weighting the ones that change keeps the
         # model from settling on "copy the last frame" before it learns what the actions do
         changed = torch.zeros_like(mask)
@@ -243,18 +288,26 @@ class DynamicsModel(PretrainedMixin, nn.Module):
         loss = (F.cross_entropy(logits[mask], tokens[mask], reduction="none") * weight).sum() / weight.sum()
         with torch.no_grad():
             acc = (logits[mask].argmax(-1) == tokens[mask]).float().mean().item()
-        return loss, {"loss": loss.item(), "masked_token_accuracy": acc}
+        metrics = {"token_loss": loss.item(), "masked_token_accuracy": acc}
+        if predicted_states is not None:
+            state_loss = F.mse_loss(predicted_states, states[:, 1:])
+            loss = loss + self.config.state_loss_weight * state_loss
+            metrics["state_mse"] = state_loss.item()
+        return loss, {"loss": loss.item(), **metrics}
 
     # -- inference -----------------------------------------------------------------------------
     def frame_forward(self, tokens: torch.Tensor, action: torch.Tensor | None, position: int,
-                      cache: list | None) -> tuple[torch.Tensor, list]:
-        """One frame (B, N) at temporal `position` → (logits (B, N, V), its per-layer temporal k/v)."""
-        x = self.embed(tokens.unsqueeze(1), None if action is None else action.unsqueeze(1), position)[:, 0]
+                      cache: list | None, state: torch.Tensor | None = None) -> tuple[torch.Tensor, list, torch.Tensor]:
+        """One frame (B, N) at temporal `position` (with its state (B, S) when the model uses states) →
+        (logits (B, N, V), its per-layer temporal k/v, its pooled output (B, D): what predicts the next state)."""
+        x = self.embed(tokens.unsqueeze(1), None if action is None else action.unsqueeze(1), position,
+                       None if state is None else state.unsqueeze(1))[:, 0]
         kvs = []
         for i, block in enumerate(self.blocks):
             x, k, v = block.forward_step(x, None if cache is None else cache[i])
             kvs.append((k, v))
-        return self.head(self.norm(x)), kvs
+        x = self.norm(x)
+        return self.head(x), kvs, x.mean(-2)
 
     @staticmethod
     def extend_cache(cache: list | None, kvs: list) -> list:
@@ -263,25 +316,32 @@ class DynamicsModel(PretrainedMixin, nn.Module):
         return [(torch.cat([ck, k], -2), torch.cat([cv, v], -2)) for (ck, cv), (k, v) in zip(cache, kvs)]
 
     @torch.no_grad()
-    def encode_context(self, tokens: torch.Tensor, actions: torch.Tensor | None) -> list | None:
-        """Cache (per layer temporal k/v) of clean context frames tokens (B, T, N), actions (B, T-1, A)."""
-        cache = None
+    def encode_context(self, tokens: torch.Tensor, actions: torch.Tensor | None, states: torch.Tensor | None = None
+                       ) -> tuple[list | None, torch.Tensor]:
+        """Cache (per layer temporal k/v) of clean context frames tokens (B, T, N), actions (B, T-1, A),
+        states (B, T, S), and the last frame's pooled output."""
+        self.check_states(states)
+        cache, summary = None, None
         for t in range(tokens.shape[1]):
             action = None if t == 0 else actions[:, t - 1]
-            _, kvs = self.frame_forward(tokens[:, t], action, t, cache)
+            _, kvs, summary = self.frame_forward(tokens[:, t], action, t, cache,
+                                                 None if states is None else states[:, t])
             cache = self.extend_cache(cache, kvs)
-        return cache
+        return cache, summary
 
     @torch.no_grad()
     def decode_frame(self, cache: list, action: torch.Tensor, position: int, method: str = "maskgit",
                      steps: int = 8, temperature: float = 1.0, sample_temperature: float = 0.0,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-        """The next frame's tokens (B, N) given the clean past (cache) and the action a_{t-1} (B, A)."""
+                     generator: torch.Generator | None = None, state: torch.Tensor | None = None) -> torch.Tensor:
+        """The next frame's tokens (B, N) given the clean past (cache), the action a_{t-1} (B, A) and, when
+        the model uses states, the frame's (imagined) state s_t (B, S)."""
         self.check_actions(action)
+        self.check_states(state)
         if method == "maskgit":
-            return self._decode_maskgit(cache, action, position, steps, temperature, sample_temperature, generator)
+            return self._decode_maskgit(cache, action, position, steps, temperature, sample_temperature, generator,
+                                        state)
         if method in ("autoregressive", "ar"):
-            return self._decode_raster(cache, action, position, sample_temperature, generator)
+            return self._decode_raster(cache, action, position, sample_temperature, generator, state)
         raise ValueError(f"unknown decoding method {method!r}; valid: 'maskgit', 'autoregressive'")
 
     def _sample(self, logits, sample_temperature, generator):
@@ -290,14 +350,14 @@ class DynamicsModel(PretrainedMixin, nn.Module):
         probs = torch.softmax(logits / sample_temperature, -1)
         return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).reshape(probs.shape[:-1])
 
-    def _decode_maskgit(self, cache, action, position, steps, temperature, sample_temperature, generator):
+    def _decode_maskgit(self, cache, action, position, steps, temperature, sample_temperature, generator, state):
         if steps < 1:
             raise ValueError(f"maskgit steps must be >= 1, got {steps}")
         B, N = action.shape[0], self.config.num_tokens
         tokens = torch.full((B, N), self.config.mask_id, dtype=torch.long, device=self.device)
         masked = torch.ones(B, N, dtype=torch.bool, device=self.device)
         for step in range(steps):
-            logits, _ = self.frame_forward(tokens, action, position, cache)
+            logits, _, _ = self.frame_forward(tokens, action, position, cache, state)
             logp = torch.log_softmax(logits.float(), -1)
             last = step == steps - 1
             sampled = logits.argmax(-1) if last else self._sample(logits, sample_temperature, generator)
@@ -318,11 +378,11 @@ class DynamicsModel(PretrainedMixin, nn.Module):
             tokens = tokens.masked_fill(masked, self.config.mask_id)
         return tokens
 
-    def _decode_raster(self, cache, action, position, sample_temperature, generator):
+    def _decode_raster(self, cache, action, position, sample_temperature, generator, state):
         B, N = action.shape[0], self.config.num_tokens
         tokens = torch.full((B, N), self.config.mask_id, dtype=torch.long, device=self.device)
         for i in range(N):
-            logits, _ = self.frame_forward(tokens, action, position, cache)
+            logits, _, _ = self.frame_forward(tokens, action, position, cache, state)
             tokens[:, i] = self._sample(logits[:, i], sample_temperature, generator)
         return tokens
 
@@ -336,21 +396,28 @@ class Rollout:
     embedding, as a clip's first frame does in training). Every prediction thus sees between
     max_frames // 2 and max_frames - 1 past frames, and the rebuild costs one frame forward per
     step on average.
+
+    A model with `state_dim > 0` needs the context frames' (normalized) states and imagines one
+    state per step, before the frame (`states[-1]` after `step`).
     """
 
     def __init__(self, model: DynamicsModel, context_tokens: torch.Tensor, context_actions: torch.Tensor | None = None,
                  method: str = "maskgit", steps: int = 8, temperature: float = 1.0, sample_temperature: float = 0.0,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, context_states: torch.Tensor | None = None):
         self.model, self.method, self.steps = model, method, steps
         self.temperature, self.sample_temperature, self.generator = temperature, sample_temperature, generator
         tokens = context_tokens.to(model.device).reshape(context_tokens.shape[0], -1, model.config.num_tokens)
         B, T = tokens.shape[:2]
+        if context_states is not None:
+            context_states = context_states.to(model.device, torch.float32).reshape(B, T, -1)
+        model.check_states(context_states)
         if context_actions is None:
             context_actions = torch.zeros(B, max(T - 1, 0), model.config.action_dim, device=model.device)
         self.frames = [tokens[:, t] for t in range(T)]
         self.actions = [context_actions[:, t].to(model.device) for t in range(T - 1)]
+        self.states = [] if context_states is None else [context_states[:, t] for t in range(T)]
         self._trim()
-        self.cache = self._encode()
+        self.cache, self.summary = self._encode()
 
     def _trim(self) -> bool:
         limit = self.model.config.max_frames - 1  # room for the frame being predicted
@@ -360,12 +427,15 @@ class Rollout:
         keep = max(1, self.model.config.max_frames // 2)
         self.frames = self.frames[len(self.frames) - keep:]
         self.actions = self.actions[len(self.actions) - (keep - 1):]  # actions between kept frames
+        if self.states:
+            self.states = self.states[len(self.states) - keep:]
         return True
 
     def _encode(self):
         tokens = torch.stack(self.frames, 1)
         actions = torch.stack(self.actions, 1) if self.actions else None
-        return self.model.encode_context(tokens, actions)
+        states = torch.stack(self.states, 1) if self.states else None
+        return self.model.encode_context(tokens, actions, states)
 
     @torch.no_grad()
     def step(self, action: torch.Tensor) -> torch.Tensor:
@@ -373,13 +443,18 @@ class Rollout:
         action = action.to(self.model.device, torch.float32)
         self.model.check_actions(action)
         position = len(self.frames)
+        state = None
+        if self.states:
+            state = self.model.predict_state(self.summary, self.states[-1], action)
         tokens = self.model.decode_frame(self.cache, action, position, self.method, self.steps, self.temperature,
-                                         self.sample_temperature, self.generator)
+                                         self.sample_temperature, self.generator, state)
         self.frames.append(tokens)
         self.actions.append(action)
+        if state is not None:
+            self.states.append(state)
         if self._trim():
-            self.cache = self._encode()
+            self.cache, self.summary = self._encode()
         else:
-            _, kvs = self.model.frame_forward(tokens, action, position, self.cache)
+            _, kvs, self.summary = self.model.frame_forward(tokens, action, position, self.cache, state)
             self.cache = self.model.extend_cache(self.cache, kvs)
         return tokens

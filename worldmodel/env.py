@@ -9,8 +9,10 @@
   frames of recorded episodes (`episodes=`, a list of `worldmodel.data.Episode`; `options=
   {"episode": i}` picks one, else the seed does; `context_frames` real frames and the actions
   between them are used as context).
-* Observations: `image` (uint8, the world model's frame size) and `instruction`. There is no
-  `state`: the world model imagines pixels, not proprioception.
+* Observations: `image` (uint8, the world model's frame size), `instruction` and, when the world
+  model imagines the robot state (`state_dim > 0`, the default), `state` as `TabletopEnv` gives it:
+  the real one at reset, the imagined one after each step. A policy that reads proprioception can
+  therefore run closed-loop in imagination.
 * `step(action)`: the 7-D action is validated like `TabletopEnv` (wrong shape or NaN → ValueError
   naming it; values clipped to the bounds); the success detector judges whether the imagined
   frame after the action shows the task complete; reward 1 and `terminated` on success;
@@ -42,7 +44,8 @@ class ImaginedEnv(gym.Env):
                  episodes: list | None = None, context_frames: int = 1, method: str | None = None,
                  steps: int | None = None, temperature: float = 1.0, sample_temperature: float = 0.0,
                  pixel_anchor: bool = True, max_episode_steps: int | None = None, render_mode: str | None = None):
-        from envs.env import ACTION_HIGH, ACTION_LOW, INSTRUCTION_CHARSET, INSTRUCTION_MAX_LENGTH
+        from envs.env import (ACTION_HIGH, ACTION_LOW, INSTRUCTION_CHARSET, INSTRUCTION_MAX_LENGTH, STATE_HIGH,
+                              STATE_LOW)
 
         if not isinstance(world_model, WorldModel):
             world_model = WorldModel.from_pretrained(world_model)
@@ -76,9 +79,13 @@ class ImaginedEnv(gym.Env):
                 max_episode_steps = max(len(e) for e in episodes)
         self.max_episode_steps = int(max_episode_steps)
         size = world_model.image_size
-        self.observation_space = spaces.Dict({
-            "image": spaces.Box(0, 255, (size, size, 3), np.uint8),
-            "instruction": spaces.Text(INSTRUCTION_MAX_LENGTH, min_length=1, charset=INSTRUCTION_CHARSET)})
+        obs = {"image": spaces.Box(0, 255, (size, size, 3), np.uint8)}
+        if world_model.uses_states:
+            obs["state"] = spaces.Box(STATE_LOW, STATE_HIGH, dtype=np.float32)
+        obs["instruction"] = spaces.Text(INSTRUCTION_MAX_LENGTH, min_length=1, charset=INSTRUCTION_CHARSET)
+        self.observation_space = spaces.Dict(obs)
+        self._state_bounds = (STATE_LOW, STATE_HIGH)
+        self._state = None
         self.action_space = spaces.Box(ACTION_LOW, ACTION_HIGH, dtype=np.float32)
         self.instruction = ""
         self._rollout = None
@@ -95,26 +102,32 @@ class ImaginedEnv(gym.Env):
                                       image_size=self.world.image_size)
         return self._sim
 
-    def _initial(self, seed: int, options: dict) -> tuple[np.ndarray, np.ndarray | None, str]:
+    def _initial(self, seed: int, options: dict) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, str]:
+        """(context frames, actions between them, their raw states or None, instruction)."""
         if self.reset_from == "sim":
             obs, _ = self._sim_env().reset(seed=seed)
-            return obs["image"][None], None, str(obs["instruction"])
+            return obs["image"][None], None, obs["state"][None], str(obs["instruction"])
         index = int(options.get("episode", seed % len(self.episodes)))
         if not 0 <= index < len(self.episodes):
             raise IndexError(f"episode {index} out of range: {len(self.episodes)} episodes")
         ep = self.episodes[index]
         n = min(self.context_frames, len(ep))
-        return ep.images[:n], ep.actions[: n - 1], ep.instruction or "do the task"
+        states = None if ep.states is None else ep.states[:n]
+        return ep.images[:n], ep.actions[: n - 1], states, ep.instruction or "do the task"
 
     # -- gymnasium API -----------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         options = dict(options or {})
         episode_seed = int(seed) if seed is not None else int(self.np_random.integers(2**31))
-        frames, actions, self.instruction = self._initial(episode_seed, options)
+        frames, actions, states, self.instruction = self._initial(episode_seed, options)
+        if self.world.uses_states and states is None:
+            raise ValueError("this world model imagines the robot state, but the reset episode has no states")
         self._anchor_image = frames[-1]
         self._rollout = self.world.rollout(frames, None if actions is None else actions[None], self.method,
-                                           self.steps, self.temperature, self.sample_temperature, seed=episode_seed)
+                                           self.steps, self.temperature, self.sample_temperature, seed=episode_seed,
+                                           context_states=None if states is None else states[None])
+        self._state = None if states is None else np.asarray(states[-1], np.float32)
         self._tokens = self._rollout.frames[-1]
         self._anchor_tokens = self._tokens
         self._image = self._render_tokens(self._tokens, first=True)
@@ -128,7 +141,10 @@ class ImaginedEnv(gym.Env):
             raise RuntimeError("call reset() before step()")
         action = TabletopEnv.validate_action(action).astype(np.float32)
         self._tokens = self._rollout.step(torch.from_numpy(self.world.normalize_actions(action[None])))
-        success = bool(self.world.success(self._tokens)[0])
+        state = self._rollout.states[-1] if self._rollout.states else None
+        success = bool(self.world.success(self._tokens, state)[0])
+        if state is not None:
+            self._state = np.clip(self.world.unnormalize_states(state.cpu().numpy())[0], *self._state_bounds)
         self._image = self._render_tokens(self._tokens)
         self._steps += 1
         truncated = self._steps >= self.max_episode_steps and not success
@@ -152,7 +168,11 @@ class ImaginedEnv(gym.Env):
         return self.world.decode(tokens)[0]
 
     def _obs(self) -> dict:
-        return {"image": self._image.copy(), "instruction": self.instruction}
+        obs = {"image": self._image.copy()}
+        if self.world.uses_states:
+            obs["state"] = self._state.astype(np.float32).copy()
+        obs["instruction"] = self.instruction
+        return obs
 
 
 def render_anchored(world: WorldModel, tokens: torch.Tensor, anchor_tokens: torch.Tensor,

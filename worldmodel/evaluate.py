@@ -53,19 +53,21 @@ def rollout_decoding(world: WorldModel, method: str | None, steps: int | None) -
 @torch.no_grad()
 def imagine_episode(world: WorldModel, initial_frame: np.ndarray, actions: np.ndarray, method: str | None = None,
                     steps: int | None = None, seed: int = 0, pixel_anchor: bool = True,
-                    keep_frames: bool = False) -> dict:
-    """Replay `actions` from `initial_frame` in imagination; stops at the first detected success."""
+                    keep_frames: bool = False, initial_state: np.ndarray | None = None) -> dict:
+    """Replay `actions` from `initial_frame` (and `initial_state`, the robot state, for a world model that
+    imagines states) in imagination; stops at the first detected success."""
     from worldmodel.env import render_anchored
 
     method, steps = rollout_decoding(world, method, steps)
     frame = resize_frames(initial_frame, world.image_size)
-    rollout = world.rollout(frame[None, None], None, method, steps, seed=seed)
+    state = None if initial_state is None or not world.uses_states else np.asarray(initial_state)[None, None]
+    rollout = world.rollout(frame[None, None], None, method, steps, seed=seed, context_states=state)
     anchor_tokens = tokens = rollout.frames[-1]
     frames = [frame] if keep_frames else None
     success, length = False, len(actions)
     for t, action in enumerate(np.asarray(actions, np.float32)):
         tokens = rollout.step(torch.from_numpy(world.normalize_actions(action[None])))
-        if world.success(tokens)[0]:
+        if world.success(tokens, rollout.states[-1] if rollout.states else None)[0]:
             success, length = True, t + 1
         if keep_frames:
             image = (render_anchored(world, tokens, anchor_tokens, frame) if pixel_anchor
@@ -96,8 +98,9 @@ def evaluate_in_imagination(policy, cfg, output_dir: str | os.PathLike, world_mo
     for r in tqdm(records, desc="imagine", unit="ep", disable=not show_progress):
         keep = r.get("frames") is not None
         out = imagine_episode(world, r["initial_frame"], r["actions"], method, steps, seed=int(r["seed"]),
-                              keep_frames=keep)
-        imagined.append({**{k: v for k, v in r.items() if k not in ("frames", "initial_frame", "actions")},
+                              keep_frames=keep, initial_state=r.get("initial_state"))
+        imagined.append({**{k: v for k, v in r.items() if k not in ("frames", "initial_frame", "initial_state",
+                                                                    "actions")},
                          "success": out["success"], "length": out["length"], "sim_success": r["success"],
                          "sim_length": r["length"]})
         if keep:

@@ -3,7 +3,7 @@
     <dir>/tokenizer/        FrameTokenizer (config.json, model.safetensors)
     <dir>/dynamics/         DynamicsModel
     <dir>/success_detector/ SuccessDetector (optional)
-    <dir>/dataset_statistics.json   action statistics the actions were normalized with
+    <dir>/dataset_statistics.json   action (and robot state) statistics the inputs were normalized with
     <dir>/worldmodel.json   which statistics entry to use, training metrics
 
 `from_pretrained` refuses a tokenizer whose image size, grid or codebook differs from the one
@@ -70,10 +70,39 @@ class WorldModel:
             return actions
         return normalize(actions, self.statistics[self.statistics_key]["action"], "bounds_q99")
 
+    # -- robot states ------------------------------------------------------------------------
+    @property
+    def uses_states(self) -> bool:
+        """Whether the model imagines the robot state (and needs the context frames' states)."""
+        return bool(self.dynamics.config.state_dim)
+
+    def _state_statistics(self) -> dict:
+        entry = self.statistics.get(self.statistics_key, {}).get("proprio") if self.statistics_key else None
+        if entry is None:
+            raise ValueError("this world model imagines robot states but has no 'proprio' statistics to "
+                             "normalize them with")
+        return entry
+
+    def normalize_states(self, states) -> np.ndarray:
+        """Raw robot states (..., S) → the normalized form the model imagines (mean/std)."""
+        from embodied.data.statistics import normalize
+
+        states = np.asarray(states, np.float32)
+        if states.shape[-1] != self.dynamics.config.state_dim:
+            raise ValueError(f"state must have dimension {self.dynamics.config.state_dim}; got shape {states.shape}")
+        return normalize(states, self._state_statistics(), "normal")
+
+    def unnormalize_states(self, states) -> np.ndarray:
+        from embodied.data.statistics import unnormalize
+
+        return unnormalize(np.asarray(states, np.float32), self._state_statistics(), "normal")
+
     # -- imagination -------------------------------------------------------------------------
     def rollout(self, context_frames, context_actions=None, method: str = "maskgit", steps: int = 8,
-                temperature: float = 1.0, sample_temperature: float = 0.0, seed: int | None = None) -> Rollout:
-        """Start imagining from real frames (B, T, H, W, 3) uint8 and the raw actions between them (B, T-1, 7)."""
+                temperature: float = 1.0, sample_temperature: float = 0.0, seed: int | None = None,
+                context_states=None) -> Rollout:
+        """Start imagining from real frames (B, T, H, W, 3) uint8, the raw actions between them (B, T-1, 7)
+        and, for a model that imagines states, the frames' raw robot states (B, T, S)."""
         frames = np.asarray(context_frames)
         if frames.ndim == 4:
             frames = frames[None]
@@ -82,11 +111,18 @@ class WorldModel:
         if context_actions is not None and frames.shape[1] > 1:
             actions = torch.from_numpy(self.normalize_actions(np.asarray(context_actions).reshape(
                 frames.shape[0], frames.shape[1] - 1, -1)))
+        states = None
+        if self.uses_states:
+            if context_states is None:
+                raise ValueError("this world model imagines the robot state too: give context_states, the "
+                                 "context frames' states (B, T, S)")
+            states = torch.from_numpy(self.normalize_states(np.asarray(context_states, np.float32).reshape(
+                frames.shape[0], frames.shape[1], -1)))
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(int(seed))
         return Rollout(self.dynamics, tokens, actions, method=method, steps=steps, temperature=temperature,
-                       sample_temperature=sample_temperature, generator=generator)
+                       sample_temperature=sample_temperature, generator=generator, context_states=states)
 
     def decode(self, tokens: torch.Tensor) -> np.ndarray:
         """Tokens (..., g*g) or (..., g, g) → uint8 frames."""
@@ -99,12 +135,15 @@ class WorldModel:
         return to_uint8(self.tokenizer.decode(tokens))
 
     @torch.no_grad()
-    def success(self, tokens: torch.Tensor) -> np.ndarray:
-        """Whether each (imagined) frame (B, g*g) shows the task complete, by the success detector."""
+    def success(self, tokens: torch.Tensor, states: torch.Tensor | None = None) -> np.ndarray:
+        """Whether each (imagined) frame (B, g*g), with its imagined normalized state (B, S) for a detector
+        that reads states, shows the task complete, by the success detector."""
         if self.detector is None:
             raise RuntimeError("this world model has no success detector (train one with train_worldmodel "
                                "stage 'detector')")
-        return self.detector.predict(torch.as_tensor(tokens).to(self.device)).cpu().numpy()
+        if states is not None:
+            states = torch.as_tensor(states).to(self.device)
+        return self.detector.predict(torch.as_tensor(tokens).to(self.device), states).cpu().numpy()
 
     # -- persistence -------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> Path:

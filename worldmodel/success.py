@@ -1,4 +1,6 @@
-"""Success detector: P(the task is complete in this frame), from the frame's tokens.
+"""Success detector: P(the task is complete in this frame), from the frame's tokens (and, for a world
+model that imagines the robot state, that imagined state: where the gripper is and how far it is
+closed).
 
 It judges what the world model imagines, so it is trained on imagined frames, not real ones:
 every training episode is replayed open-loop in the world model from its first real frame with
@@ -31,6 +33,7 @@ class SuccessDetectorConfig:
     embed_dim: int = 32
     channels: int = 64
     threshold: float = 0.5
+    state_dim: int = 0  # > 0: also reads the imagined (normalized) robot state of the frame
     # how the imagined frames it was trained on were decoded; judge rollouts decoded the same way
     rollout_method: str = "maskgit"
     rollout_steps: int = 4
@@ -48,43 +51,57 @@ class SuccessDetector(PretrainedMixin, nn.Module):
         self.conv = nn.Sequential(nn.Conv2d(cfg.embed_dim, c, 3, padding=1), nn.SiLU(),
                                   nn.Conv2d(c, c, 3, stride=2, padding=1), nn.SiLU(),
                                   nn.Conv2d(c, c, 3, padding=1), nn.SiLU())
-        self.head = nn.Sequential(nn.Linear(c, c), nn.SiLU(), nn.Linear(c, 1))
+        if cfg.state_dim:
+            self.state_proj = nn.Sequential(nn.Linear(cfg.state_dim, c), nn.SiLU())
+        self.head = nn.Sequential(nn.Linear(c * (2 if cfg.state_dim else 1), c), nn.SiLU(), nn.Linear(c, 1))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, g, g) or (B, g*g) → logits (B,)."""
+    def forward(self, tokens: torch.Tensor, states: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, g, g) or (B, g*g) (and states (B, S) when the detector reads them) → logits (B,)."""
         g = self.config.grid
         x = self.embed(tokens.reshape(-1, g, g).long()).permute(0, 3, 1, 2)
-        return self.head(self.conv(x).mean((2, 3))).squeeze(-1)
+        features = self.conv(x).mean((2, 3))
+        if self.config.state_dim:
+            if states is None or states.shape[-1] != self.config.state_dim:
+                raise ValueError(f"this success detector reads the robot state (state_dim={self.config.state_dim}); "
+                                 f"got {None if states is None else tuple(states.shape)}")
+            features = torch.cat([features, self.state_proj(states.float())], -1)
+        return self.head(features).squeeze(-1)
 
     @torch.no_grad()
-    def scores(self, tokens: torch.Tensor | np.ndarray, batch: int = 1024) -> np.ndarray:
-        """P(task complete) of each frame (N, g*g), in batches."""
+    def scores(self, tokens: torch.Tensor | np.ndarray, states: torch.Tensor | np.ndarray | None = None,
+               batch: int = 1024) -> np.ndarray:
+        """P(task complete) of each frame (N, g*g) (with its state (N, S)), in batches."""
         tokens = torch.as_tensor(tokens)
+        states = None if states is None or not self.config.state_dim else torch.as_tensor(states)
         device = self.head[-1].weight.device
-        out = [torch.sigmoid(self(tokens[i:i + batch].to(device))).cpu().numpy() for i in range(0, len(tokens), batch)]
+        out = [torch.sigmoid(self(tokens[i:i + batch].to(device),
+                                  None if states is None else states[i:i + batch].to(device))).cpu().numpy()
+               for i in range(0, len(tokens), batch)]
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 
     @torch.no_grad()
-    def predict(self, tokens: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self(tokens)) > self.config.threshold
+    def predict(self, tokens: torch.Tensor, states: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.sigmoid(self(tokens, states if self.config.state_dim else None)) > self.config.threshold
 
-    def loss(self, tokens, labels, pos_weight: float = 1.0):
-        logits = self(tokens)
+    def loss(self, tokens, labels, pos_weight: float = 1.0, states=None):
+        logits = self(tokens, states)
         loss = F.binary_cross_entropy_with_logits(logits, labels.float(),
                                                   pos_weight=torch.tensor(pos_weight, device=logits.device))
         return loss, {"loss": loss.item()}
 
 
-def episode_scores(detector: SuccessDetector, episode_tokens: list[np.ndarray]) -> list[np.ndarray]:
+def episode_scores(detector: SuccessDetector, episode_tokens: list[np.ndarray],
+                   episode_states: list[np.ndarray] | None = None) -> list[np.ndarray]:
     """The detector's score of every frame, one array per episode (scored in one batched pass)."""
     if not episode_tokens:
         return []
-    scores = detector.scores(np.concatenate(episode_tokens))
+    states = np.concatenate(episode_states) if detector.config.state_dim else None
+    scores = detector.scores(np.concatenate(episode_tokens), states)
     return np.split(scores, np.cumsum([len(t) for t in episode_tokens])[:-1])
 
 
 def calibrate_episode_threshold(detector: SuccessDetector, episode_tokens: list[np.ndarray],
-                                successes: np.ndarray) -> float:
+                                successes: np.ndarray, episode_states: list[np.ndarray] | None = None) -> float:
     """Set (and return) the threshold that best separates successful from failed episodes.
 
     An episode counts as a success when any of its frames scores above the threshold, so the
@@ -95,7 +112,7 @@ def calibrate_episode_threshold(detector: SuccessDetector, episode_tokens: list[
     successes = np.asarray(successes, bool)
     if len(episode_tokens) != len(successes):
         raise ValueError(f"{len(episode_tokens)} episodes but {len(successes)} success labels")
-    best = np.array([s.max() if len(s) else 0.0 for s in episode_scores(detector, episode_tokens)])
+    best = np.array([s.max() if len(s) else 0.0 for s in episode_scores(detector, episode_tokens, episode_states)])
     threshold = 0.5
     if successes.any() and (~successes).any():
         candidates = np.unique(best)
@@ -106,12 +123,12 @@ def calibrate_episode_threshold(detector: SuccessDetector, episode_tokens: list[
     return detector.config.threshold
 
 
-def episode_metrics(detector: SuccessDetector, episode_tokens: list[np.ndarray], episode_labels: list[np.ndarray]
-                    ) -> dict[str, float]:
+def episode_metrics(detector: SuccessDetector, episode_tokens: list[np.ndarray], episode_labels: list[np.ndarray],
+                    episode_states: list[np.ndarray] | None = None) -> dict[str, float]:
     """Per-frame and per-episode figures of a detector on imagined episodes (labels: reward > 0 per frame)."""
     if not episode_tokens:
         return {}
-    fires = [s > detector.config.threshold for s in episode_scores(detector, episode_tokens)]
+    fires = [s > detector.config.threshold for s in episode_scores(detector, episode_tokens, episode_states)]
     frames = classification_metrics(np.concatenate(fires), np.concatenate(episode_labels))
     episodes = classification_metrics(np.array([f.any() for f in fires]), np.array([y.any() for y in episode_labels]))
     return {**{f"frame_{k}": v for k, v in frames.items()}, **{f"episode_{k}": v for k, v in episodes.items()}}
