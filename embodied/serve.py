@@ -20,12 +20,13 @@ import base64
 import http
 import json
 import logging
-import threading
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+
+from robots.server_thread import ServerThread
 
 log = logging.getLogger(__name__)
 # Apps that take a policy checkpoint path live in conf/rollout (a `policy` config group is in conf/).
@@ -147,10 +148,14 @@ def _check_request(request) -> tuple[dict, str]:
     return observation, instruction
 
 
-class PolicyServer:
+class PolicyServer(ServerThread):
     """Serves one policy; requests are answered one at a time (one model, one device)."""
 
+    description = "the policy server"
+    thread_name = "policy-server"
+
     def __init__(self, policy, host: str = "127.0.0.1", port: int = 8000, metadata: Mapping | None = None):
+        super().__init__()
         self.policy = policy
         self.host, self.port = host, port
         self.meta = {"protocol_version": PROTOCOL_VERSION, "action_dim": 7, "encodings": ["msgpack", "json"],
@@ -159,11 +164,6 @@ class PolicyServer:
         self.requests = 0
         self.errors = 0
         self._lock: asyncio.Lock | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
 
     def _health(self, connection, request):
         if request.path.split("?")[0] in ("/healthz", "/health"):
@@ -203,11 +203,10 @@ class PolicyServer:
         except websockets.ConnectionClosed:
             pass
 
-    async def _main(self) -> None:
+    async def _serve(self) -> None:
         import websockets
 
         self._lock = asyncio.Lock()
-        self._stop = asyncio.Event()
         async with websockets.serve(self._handler, self.host, self.port, process_request=self._health,
                                     max_size=MAX_MESSAGE_BYTES, ping_interval=None,
                                     compression=None) as server:  # images: deflate costs more than it saves
@@ -217,37 +216,9 @@ class PolicyServer:
                      self.port, self.host, self.port)
             await self._stop.wait()
 
-    def _run(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        try:
-            self._loop.run_until_complete(self._main())
-        except BaseException as err:
-            self._error = err
-            self._ready.set()
-        finally:
-            self._loop.close()
-
-    def start(self, timeout: float = 10.0) -> "PolicyServer":
-        """Serve on a background thread (tests, benchmarks)."""
-        self._thread = threading.Thread(target=self._run, daemon=True, name="policy-server")
-        self._thread.start()
-        if not self._ready.wait(timeout) or self._error is not None:
-            raise RuntimeError(f"the policy server failed to start on {self.host}:{self.port}: {self._error}")
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None and self._stop is not None and not self._loop.is_closed():
-            try:
-                self._loop.call_soon_threadsafe(self._stop.set)
-            except RuntimeError:
-                pass
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    def serve_forever(self) -> None:
-        self._run()
-        if self._error is not None and not isinstance(self._error, KeyboardInterrupt):
-            raise self._error
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
 
     @property
     def url(self) -> str:

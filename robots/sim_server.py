@@ -33,6 +33,7 @@ import numpy as np
 
 from robots import messages as M
 from robots import rosbridge as rb
+from robots.server_thread import ServerThread
 
 log = logging.getLogger(__name__)
 
@@ -106,13 +107,17 @@ class _Client:
     dropped: int = 0
 
 
-class SimArmServer:
+class SimArmServer(ServerThread):
     """The server. `start()` runs it on a background thread (tests, benchmarks); `serve_forever()`
     runs it on the calling thread (the CLI). Server-side records for checks: `commands` (every
     twist accepted, with its receive time), `applied` (the motion integrated each servo period),
     `stats` (counters) and `rejections` (recent reasons)."""
 
+    description = "the simulated arm server"
+    thread_name = "sim-arm-server"
+
     def __init__(self, config: SimServerConfig | dict | None = None):
+        super().__init__()
         self.config = config if isinstance(config, SimServerConfig) else SimServerConfig.from_dict(config)
         self.stats = collections.Counter()
         self.rejections: collections.deque = collections.deque(maxlen=256)
@@ -128,11 +133,6 @@ class SimArmServer:
         self._client_ids = itertools.count()
         self._last_twist: tuple[float, np.ndarray, np.ndarray] | None = None
         self._gripper = 1.0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
-        self._stop: asyncio.Event | None = None
-        self._startup_error: BaseException | None = None
         self._last_reject_log = 0.0
         self.env = None  # built on the server's own thread: a GL context must not be shared across threads
         self.seed = self.config.seed
@@ -443,10 +443,9 @@ class SimArmServer:
             self._clients.pop(cid, None)
             log.info("%s disconnected", client.name)
 
-    async def _main(self) -> None:
+    async def _serve(self) -> None:
         import websockets
 
-        self._stop = asyncio.Event()
         cfg = self.config
         async with websockets.serve(self._handler, cfg.host, cfg.port, max_size=cfg.max_message_bytes,
                                     max_queue=64, ping_interval=None,
@@ -461,46 +460,20 @@ class SimArmServer:
             for client in list(self._clients.values()):
                 await client.ws.close()
 
-    def _run(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        try:
-            self._make_env()
-            self._loop.run_until_complete(self._main())
-        except BaseException as err:  # reported to start()
-            self._startup_error = err
-            self._ready.set()
-        finally:
-            self._loop.close()
+    def _setup(self) -> None:
+        self._make_env()
 
-    def start(self, timeout: float = 30.0) -> "SimArmServer":
-        self._thread = threading.Thread(target=self._run, daemon=True, name="sim-arm-server")
-        self._thread.start()
-        if not self._ready.wait(timeout):
-            raise TimeoutError(f"the simulated arm server did not start within {timeout} s")
-        if self._startup_error is not None:
-            raise RuntimeError(f"the simulated arm server failed to start on {self.config.host}:{self.config.port}: "
-                               f"{self._startup_error}") from self._startup_error
-        return self
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.config.port}"
 
     def stop(self) -> None:
-        if self._loop is not None and self._stop is not None and not self._loop.is_closed():
-            try:
-                self._loop.call_soon_threadsafe(self._stop.set)
-            except RuntimeError:
-                pass
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            if self._thread.is_alive():
-                log.error("the simulated arm server thread did not stop within 10 s")
-                return  # never close the simulator under a running thread
+        if not super().stop():
+            log.error("the simulated arm server thread did not stop within 10 s")
+            return  # never close the simulator under a running thread
         if self.env is not None:
             self.env.close()
             self.env = None
-
-    def serve_forever(self) -> None:
-        self._run()
-        if self._startup_error is not None and not isinstance(self._startup_error, KeyboardInterrupt):
-            raise self._startup_error
 
     @property
     def url(self) -> str:
