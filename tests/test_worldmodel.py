@@ -260,7 +260,8 @@ def test_ssim_and_psnr_sanity():
     assert (psnr(noisy, a) > 20).all() and (psnr(a, a) >= 99).all()
 
 
-def test_eval_in_imagination_writes_the_results_schema_and_side_by_side_videos(tmp_path):
+@pytest.mark.parametrize("state_dim", [0, 8])
+def test_eval_in_imagination_writes_the_results_schema_and_side_by_side_videos(tmp_path, state_dim):
     import json
 
     from embodied.evaluation import EvalConfig, ScriptedPolicy
@@ -269,7 +270,8 @@ def test_eval_in_imagination_writes_the_results_schema_and_side_by_side_videos(t
     torch.manual_seed(0)
     cfg = EvalConfig(backend="pybullet", episodes_per_task=1, tasks=["ReachTarget"], num_envs=1, image_size=SIZE,
                      randomization="none", videos_per_task=1)
-    results = evaluate_in_imagination(ScriptedPolicy(), cfg, tmp_path, _world(), steps=2, show_progress=False)
+    results = evaluate_in_imagination(ScriptedPolicy(), cfg, tmp_path, _world(state_dim=state_dim), steps=2,
+                                      show_progress=False)
     assert results["policy"] == "scripted (imagined)"
     assert set(results) >= {"suite", "backend", "policy", "seed", "tasks", "overall", "versions"}
     assert results["tasks"]["ReachTarget"]["episodes"] == 1

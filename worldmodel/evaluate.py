@@ -1,8 +1,8 @@
 """`python -m embodied.eval ... imagine=true worldmodel=RUN/worldmodel`: a policy judged in imagination.
 
 Every episode first runs in the simulator as usual (same suite, seeds, randomization), recording
-its initial frame and the policy's actions. The world model then starts from that same initial
-frame and replays the same actions open-loop; the success detector judges each imagined frame
+its initial frame and state and the policy's actions. The world model then starts from that same
+initial frame (and state) and replays the same actions open-loop, all episodes in one batch; the success detector judges each imagined frame
 (the first one it fires on ends the imagined episode as a success). Frames are decoded as the
 detector's training replays were (`detector.config.rollout_method/rollout_steps`) unless told
 otherwise. This works for every policy, including the scripted expert, whose actions need the
@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from worldmodel.model import WorldModel
 
@@ -51,31 +50,41 @@ def rollout_decoding(world: WorldModel, method: str | None, steps: int | None) -
 
 
 @torch.no_grad()
-def imagine_episode(world: WorldModel, initial_frame: np.ndarray, actions: np.ndarray, method: str | None = None,
-                    steps: int | None = None, seed: int = 0, pixel_anchor: bool = True,
-                    keep_frames: bool = False, initial_state: np.ndarray | None = None) -> dict:
-    """Replay `actions` from `initial_frame` (and `initial_state`, the robot state, for a world model that
-    imagines states) in imagination; stops at the first detected success."""
+def imagine_replays(world: WorldModel, records: list[dict], method: str | None = None, steps: int | None = None,
+                    seed: int = 0, pixel_anchor: bool = True, show_progress: bool = False) -> list[dict]:
+    """Each simulated episode's actions replayed open-loop from its first frame (and state), batched
+    (`worldmodel.rollouts.imagine_episodes`, the detector's own training protocol). An imagined
+    episode succeeds at the first frame the detector fires on. Records with `frames` (the ones
+    filmed in the simulator) get their imagined frames too, for side-by-side videos."""
+    from worldmodel.data import Episode
     from worldmodel.env import render_anchored
+    from worldmodel.rollouts import imagine_episodes
+    from worldmodel.success import episode_scores
 
     method, steps = rollout_decoding(world, method, steps)
-    frame = resize_frames(initial_frame, world.image_size)
-    state = None if initial_state is None or not world.uses_states else np.asarray(initial_state)[None, None]
-    rollout = world.rollout(frame[None, None], None, method, steps, seed=seed, context_states=state)
-    anchor_tokens = tokens = rollout.frames[-1]
-    frames = [frame] if keep_frames else None
-    success, length = False, len(actions)
-    for t, action in enumerate(np.asarray(actions, np.float32)):
-        tokens = rollout.step(torch.from_numpy(world.normalize_actions(action[None])))
-        if world.success(tokens, rollout.states[-1] if rollout.states else None)[0]:
-            success, length = True, t + 1
-        if keep_frames:
-            image = (render_anchored(world, tokens, anchor_tokens, frame) if pixel_anchor
-                     else world.decode(tokens))[0]
-            frames.append(image)
-        if success:
-            break
-    return {"success": success, "length": length, "frames": frames}
+    episodes = []
+    for r in records:
+        frame = resize_frames(r["initial_frame"], world.image_size)
+        first = world.tokenizer.encode(frame[None]).reshape(1, -1).cpu().numpy()
+        states = world.normalize_states(np.asarray(r["initial_state"])[None]) if world.uses_states else None
+        actions = np.asarray(r["actions"], np.float32)
+        episodes.append(Episode("replay", frame[None], actions, world.normalize_actions(actions),
+                                np.zeros(len(actions), np.float32), "", first, None, states))
+    tokens, states = imagine_episodes(world.dynamics, episodes, method, steps, seed, show_progress=show_progress)
+    scores = episode_scores(world.detector, tokens, states if world.uses_states else None)
+    out = []
+    for r, episode, ep_tokens, ep_scores in zip(records, episodes, tokens, scores):
+        fired = np.flatnonzero(ep_scores > world.detector.config.threshold)
+        length = int(fired[0]) + 1 if fired.size else len(ep_scores)
+        frames = None
+        if r.get("frames") is not None:
+            kept = torch.from_numpy(ep_tokens[:length].astype(np.int64))
+            first = episode.images[0]
+            rendered = (render_anchored(world, kept, torch.from_numpy(episode.tokens[:1].astype(np.int64)), first)
+                        if pixel_anchor else world.decode(kept))
+            frames = [first, *rendered]
+        out.append({"success": bool(fired.size), "length": length, "frames": frames})
+    return out
 
 
 def evaluate_in_imagination(policy, cfg, output_dir: str | os.PathLike, world_model: str | os.PathLike | WorldModel,
@@ -95,15 +104,13 @@ def evaluate_in_imagination(policy, cfg, output_dir: str | os.PathLike, world_mo
     name = policy_name or policy.name
     imagined = []
     videos = []
-    for r in tqdm(records, desc="imagine", unit="ep", disable=not show_progress):
-        keep = r.get("frames") is not None
-        out = imagine_episode(world, r["initial_frame"], r["actions"], method, steps, seed=int(r["seed"]),
-                              keep_frames=keep, initial_state=r.get("initial_state"))
+    for r, out in zip(records, imagine_replays(world, records, method, steps, seed=cfg.seed,
+                                                             show_progress=show_progress)):
         imagined.append({**{k: v for k, v in r.items() if k not in ("frames", "initial_frame", "initial_state",
                                                                     "actions")},
                          "success": out["success"], "length": out["length"], "sim_success": r["success"],
                          "sim_length": r["length"]})
-        if keep:
+        if out["frames"] is not None:
             videos.append((r, out["frames"]))
     write_outputs(build_results(records, tasks, sim_cfg, name), records, output_dir / "sim")
     results = build_results(imagined, tasks, sim_cfg, f"{name} (imagined)")
