@@ -238,8 +238,10 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     if val_datasets == datasets and cfg.data.val_split == "train" and cfg.data.max_episodes is None:
         val_episodes = list(episodes)  # evaluating on the training data itself: no second read
     else:
+        # held-out datasets are normalized as the world model will normalize at inference
         val_episodes, _, _ = load_episodes(val_datasets, cfg.data.data_dir, cfg.data.val_split, tok_cfg.image_size,
-                                           cfg.data.spec, statistics=statistics, show_progress=show)
+                                           cfg.data.spec, statistics=statistics, show_progress=show,
+                                           fallback_statistics=statistics[next(iter(statistics))])
     frames = all_frames(episodes)
     print(f"[train_worldmodel] {len(episodes)} train episodes ({len(frames)} frames), {len(val_episodes)} "
           f"held-out episodes from {', '.join(statistics)}", flush=True)

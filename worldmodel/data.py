@@ -50,8 +50,12 @@ def _rewards(source) -> list[np.ndarray]:
 
 def load_episodes(datasets, data_dir: str | os.PathLike | None = None, split: str = "train", image_size: int = 64,
                   spec: str | None = None, statistics: dict | None = None, max_episodes: int | None = None,
-                  show_progress: bool = True) -> tuple[list[Episode], dict[str, dict], dict[str, float]]:
-    """(episodes, {dataset: statistics}, {dataset: sampling weight}) of a dataset, list or mixture."""
+                  show_progress: bool = True, fallback_statistics: dict | None = None
+                  ) -> tuple[list[Episode], dict[str, dict], dict[str, float]]:
+    """(episodes, {dataset: statistics}, {dataset: sampling weight}) of a dataset, list or mixture.
+
+    A dataset's statistics come from `statistics` (by name), else `fallback_statistics` (e.g. a world
+    model's own, for held-out data it must see as it will at inference), else its own."""
     from embodied.data import RLDSSource, normalize
     from embodied.data.mixtures import parse_datasets
 
@@ -61,7 +65,8 @@ def load_episodes(datasets, data_dir: str | os.PathLike | None = None, split: st
     weights: dict[str, float] = {}
     for name, weight in entries:
         source = RLDSSource(name, data_dir, split, spec=spec)
-        stats = (statistics or {}).get(source.name) or source.statistics(show_progress=show_progress)
+        stats = ((statistics or {}).get(source.name) or fallback_statistics
+                 or source.statistics(show_progress=show_progress))
         stats_out[source.name], weights[source.name] = stats, float(weight)
         rewards = _rewards(source)
         total = min(source.num_episodes, max_episodes or source.num_episodes)
