@@ -26,10 +26,10 @@ class NoisyExpert:
         self.scale, self.rng = scale, np.random.default_rng(seed)
         self.name = f"expert+noise{scale:g}"
 
-    def reset(self, env_ids):
+    def reset(self, env_indices):
         pass
 
-    def act(self, observations, envs, env_ids):
+    def act(self, observations, envs):
         from envs.env import ACTION_HIGH, ACTION_LOW
 
         actions = np.stack(envs.call("expert_action")).astype(np.float32)

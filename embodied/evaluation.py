@@ -27,11 +27,9 @@ class VectorPolicy(Protocol):
 
     name: str
 
-    def reset(self, env_ids: list[int]) -> None: ...
+    def reset(self, env_indices: list[int]) -> None: ...
 
-    def act(self, observations: dict[str, Any], envs, env_ids: list[int]) -> np.ndarray:
-        """Actions (len(env_ids), 7) for the envs of `envs` (a gymnasium vector env); `env_ids` names
-        them (the keys of per-env state, e.g. a chunked policy's action queues)."""
+    def act(self, observations: dict[str, Any], envs) -> np.ndarray: ...
 
 
 class ScriptedPolicy:
@@ -39,10 +37,10 @@ class ScriptedPolicy:
 
     name = "scripted"
 
-    def reset(self, env_ids):
+    def reset(self, env_indices):
         pass
 
-    def act(self, observations, envs, env_ids):
+    def act(self, observations, envs):
         return np.stack(envs.call("expert_action")).astype(np.float32)
 
 
@@ -54,12 +52,12 @@ class RandomPolicy:
     def __init__(self, seed: int = 0):
         self.rng = np.random.default_rng(seed)
 
-    def reset(self, env_ids):
+    def reset(self, env_indices):
         pass
 
-    def act(self, observations, envs, env_ids):
+    def act(self, observations, envs):
         space = envs.single_action_space
-        n = len(env_ids)
+        n = envs.num_envs
         return self.rng.uniform(space.low, space.high, size=(n, *space.shape)).astype(np.float32)
 
 
@@ -81,21 +79,22 @@ class CheckpointPolicy:
             raise ValueError(f"n_action_steps must be in [1, action_chunk={chunk}], got {self.n_action_steps}")
         self.queues: dict[int, list[np.ndarray]] = {}
 
-    def reset(self, env_ids):
-        for i in env_ids:
+    def reset(self, env_indices):
+        for i in env_indices:
             self.queues[int(i)] = []
 
-    def act(self, observations, envs, env_ids):
-        need = [row for row, i in enumerate(env_ids) if not self.queues.get(i)]
+    def act(self, observations, envs):
+        n = envs.num_envs
+        need = [i for i in range(n) if not self.queues.get(i)]
         if need:
-            batch = [{key: observations[key][r] for key in ("image", "wrist_image", "state") if key in observations}
-                     for r in need]
-            predicted = np.asarray(self.policy.predict_actions(batch, [str(observations["instruction"][r]) for r in need]))
+            batch = [{key: observations[key][i] for key in ("image", "wrist_image", "state") if key in observations}
+                     for i in need]
+            predicted = np.asarray(self.policy.predict_actions(batch, [str(observations["instruction"][i]) for i in need]))
             if predicted.ndim == 2:  # (B, 7): one action per prediction
                 predicted = predicted[:, None]
-            for row, r in enumerate(need):
-                self.queues[env_ids[r]] = list(predicted[row][:self.n_action_steps])
-        return np.stack([self.queues[i].pop(0) for i in env_ids]).astype(np.float32)
+            for row, i in enumerate(need):
+                self.queues[i] = list(predicted[row][:self.n_action_steps])
+        return np.stack([self.queues[i].pop(0) for i in range(n)]).astype(np.float32)
 
 
 def resolve_tasks(cfg) -> list[str]:
@@ -247,7 +246,7 @@ def run_task(task: str, policy: VectorPolicy, cfg: EvalConfig, seeds: list[int],
 
         obs = start(None)
         while any(slot is not None for slot in slots):
-            actions = policy.act(obs, envs, env_ids)
+            actions = policy.act(obs, envs)
             obs, _, terminated, truncated, _ = envs.step(actions)
             finished = terminated | truncated
             for i, slot in enumerate(slots):
