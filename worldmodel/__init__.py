@@ -1,8 +1,8 @@
 """World models: frame tokenizer and action-conditioned dynamics for imagined rollouts.
 
     FrameTokenizer, TokenizerConfig      FSQ frame tokenizer          (tokenizer.py)
-    DynamicsModel, DynamicsConfig, Rollout   ST-transformer, AR + MaskGIT decoding (dynamics.py)
-    SuccessDetector                      is the task complete in this (imagined) frame (success.py)
+    DynamicsModel, DynamicsConfig, Rollout   ST-transformer, AR + MaskGIT decoding, imagined robot state (dynamics.py)
+    SuccessDetector                      is the task complete in this (imagined) frame and state (success.py)
     WorldModel                           all parts as one save_pretrained directory (model.py)
     ImaginedEnv                          a gymnasium env whose steps are imagined (env.py)
 """
