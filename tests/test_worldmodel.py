@@ -357,3 +357,28 @@ def test_detector_with_states_reads_them():
     assert not torch.equal(det(tokens, states), det(tokens, states + 1))  # the state changes the score
     with pytest.raises(ValueError, match=r"reads the robot state \(state_dim=8\); got None"):
         det(tokens)
+
+
+def test_a_proprio_policy_runs_closed_loop_in_imagination():
+    """The imagined state is what lets a policy with a proprio token act inside ImaginedEnv."""
+    from policy_helpers import tiny
+
+    from policies.openvla import OpenVLAPolicy
+    from worldmodel.env import ImaginedEnv
+
+    policy = tiny(OpenVLAPolicy, use_proprio=True, decoding="parallel", action_chunk=2).eval()
+    torch.manual_seed(0)
+    env = ImaginedEnv(_world(state_dim=8), task="ReachTarget", backend="pybullet", randomization="none", steps=2,
+                      max_episode_steps=4)
+    obs, _ = env.reset(seed=1)
+    states = [obs["state"]]
+    for _ in range(3):
+        obs, *_ = env.step(policy.select_action(obs, obs["instruction"]))
+        states.append(obs["state"])
+    env.close()
+    assert not np.allclose(states[0], states[-1])  # the imagined state moves with the actions
+    blind = ImaginedEnv(_world(state_dim=0), task="ReachTarget", backend="pybullet", randomization="none", steps=2)
+    obs, _ = blind.reset(seed=1)
+    blind.close()
+    with pytest.raises(KeyError, match="has no 'state' key"):
+        policy.predict_action(obs, obs["instruction"])
