@@ -52,8 +52,7 @@ def build_configs(cfg: DictConfig, tokenizer_config=None):
     tok = tokenizer_config or TokenizerConfig(**wm["tokenizer"])
     dyn = DynamicsConfig(codebook_size=tok.codebook_size, grid=tok.grid, tokenizer_image_size=tok.image_size,
                          tokenizer_levels=tok.levels, **wm["dynamics"])
-    det = SuccessDetectorConfig(codebook_size=tok.codebook_size, grid=tok.grid, state_dim=dyn.state_dim,
-                                **wm["detector"])
+    det = SuccessDetectorConfig(codebook_size=tok.codebook_size, grid=tok.grid, **wm["detector"])
     return tok, dyn, det
 
 
@@ -181,8 +180,7 @@ def detector_val(dynamics, detector, episodes, seed: int) -> dict[str, float]:
 
     cfg = detector.config
     imagined, states = imagine_episodes(dynamics, episodes, cfg.rollout_method, cfg.rollout_steps, seed)
-    return episode_metrics(detector.eval(), imagined, [e.rewards > 0 for e in episodes],
-                           states if cfg.state_dim else None)
+    return episode_metrics(detector.eval(), imagined, [e.rewards > 0 for e in episodes], states)
 
 
 # -- the run ------------------------------------------------------------------------------------------

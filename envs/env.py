@@ -65,13 +65,8 @@ class TabletopEnv(gym.Env):
         obs["instruction"] = spaces.Text(INSTRUCTION_MAX_LENGTH, min_length=1, charset=INSTRUCTION_CHARSET)
         self.observation_space = spaces.Dict(obs)
         self.action_space = spaces.Box(ACTION_LOW, ACTION_HIGH, dtype=np.float32)
-
-        self.instruction = ""
-        self.episode = None
         self.seed_used: int | None = None
         self._steps = 0
-        self._expert: ScriptedExpert | None = None
-        self._last_image: np.ndarray | None = None
 
     def set_task(self, task: str) -> None:
         """Switch this env to another task of the same observation and action spaces (its own scene,
@@ -87,7 +82,9 @@ class TabletopEnv(gym.Env):
         self.sim = make_backend(self.backend_name, image_size=self.image_shape, wrist_camera=self.wrist_camera,
                                 control_hz=self.control_hz)
         self.sim.build(self.task.scene)
-        self.episode, self.instruction, self._expert, self._last_image = None, "", None, None
+        self.episode, self.instruction = None, ""
+        self._expert: ScriptedExpert | None = None
+        self._last_image: np.ndarray | None = None
 
     # -- gymnasium API -------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None):

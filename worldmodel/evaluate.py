@@ -62,16 +62,16 @@ def imagine_replays(world: WorldModel, records: list[dict], method: str | None =
     from worldmodel.success import episode_scores
 
     method, steps = rollout_decoding(world, method, steps)
+    frames = resize_frames(np.stack([r["initial_frame"] for r in records]), world.image_size)
+    first_tokens = world.tokenizer.encode(frames).reshape(len(records), 1, -1).cpu().numpy()
     episodes = []
-    for r in records:
-        frame = resize_frames(r["initial_frame"], world.image_size)
-        first = world.tokenizer.encode(frame[None]).reshape(1, -1).cpu().numpy()
+    for r, frame, first in zip(records, frames, first_tokens):
         states = world.normalize_states(np.asarray(r["initial_state"])[None]) if world.uses_states else None
         actions = np.asarray(r["actions"], np.float32)
         episodes.append(Episode("replay", frame[None], actions, world.normalize_actions(actions),
                                 np.zeros(len(actions), np.float32), "", first, None, states))
     tokens, states = imagine_episodes(world.dynamics, episodes, method, steps, seed, show_progress=show_progress)
-    scores = episode_scores(world.detector, tokens, states if world.uses_states else None)
+    scores = episode_scores(world.detector, tokens, states)
     out = []
     for r, episode, ep_tokens, ep_scores in zip(records, episodes, tokens, scores):
         fired = np.flatnonzero(ep_scores > world.detector.config.threshold)
