@@ -21,6 +21,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -410,6 +411,9 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, dist: Distribut
         dataset.save_statistics(run_dir)
     policy = build_policy(cfg, dataset.statistics, device)
     inner = base_policy(policy)
+    if getattr(inner.config, "keyframe_loss_weight", 0) > 0 and not dataset.config.keyframe_states:
+        # the policy (perhaps from init_from) trains its keyframe head: the batches must carry the targets
+        dataset = RLDSDataset(replace(dataset.config, keyframe_states=True, statistics=dataset.statistics))
     if resume_from is not None:
         check_same_architecture(resume_from, inner)
         load_checkpoint_weights(policy, resume_from)

@@ -64,8 +64,8 @@ def apply_lora(policy: nn.Module, settings: LoraSettings | None = None):
     modules_to_save = []
     if settings.train_projector:
         modules_to_save += ["projector", "action_slots"]
-        if getattr(policy, "proprio_projector", None) is not None:
-            modules_to_save.append("proprio_projector")
+        modules_to_save += [name for name in ("proprio_projector", "keyframe_head", "keyframe_projector")
+                            if getattr(policy, name, None) is not None]
     if settings.train_vision:
         modules_to_save.append("vision")
     config = peft.LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,

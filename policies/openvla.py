@@ -12,6 +12,12 @@
   other bidirectionally and all K actions come out of a single forward pass.
 - Proprioception (`use_proprio`, off by default as in OpenVLA): OpenVLA-OFT's projected state token,
   placed after the image patches.
+- Keyframe head (`keyframe_loss_weight > 0`): an auxiliary regression of the state at the episode's
+  next keyframe (the next grasp or release, else the end), read from the projected patches by one
+  cross-attention (with spatial-softmax coordinates) whose query carries the instruction and the
+  robot state. It gives the vision towers a direct, dense localization signal. With `keyframe_token`
+  the prediction also becomes a token after the patches, so that the LLM acts towards it; otherwise
+  inference never runs the head.
 - Preprocessing (image resize and normalization per tower, prompt, action tokens, statistics) lives
   in one `VLAProcessor`, shared by `forward()` and `predict_action()`.
 
@@ -62,6 +68,8 @@ class VLAConfig:
     use_proprio: bool = False  # OpenVLA-OFT's proprio token: the robot state, projected, after the image patches
     proprio_dim: int = 8  # the common state: end-effector position 3, quaternion xyzw 4, gripper 1
     label_sigma_bins: float = 0.0  # 0: one-hot cross-entropy (OpenVLA); > 0: Gaussian soft labels, std in bins
+    keyframe_loss_weight: float = 0.0  # > 0: auxiliary loss on the next keyframe's state (batches need keyframe_state)
+    keyframe_token: bool = False  # the predicted keyframe also becomes a token the LLM reads (needs the loss)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,6 +95,10 @@ class VLAConfig:
             raise ValueError(f"use_proprio needs proprio_dim >= 1, got {self.proprio_dim}")
         if self.label_sigma_bins < 0:
             raise ValueError(f"label_sigma_bins must be >= 0, got {self.label_sigma_bins}")
+        if self.keyframe_loss_weight < 0:
+            raise ValueError(f"keyframe_loss_weight must be >= 0, got {self.keyframe_loss_weight}")
+        if self.keyframe_token and self.keyframe_loss_weight <= 0:
+            raise ValueError("keyframe_token needs keyframe_loss_weight > 0 (the keyframe head must be trained)")
         if self.projector not in PROJECTORS:
             raise ValueError(f"unknown projector {self.projector!r}; valid: {', '.join(PROJECTORS)}")
 
@@ -162,6 +174,34 @@ def action_token_loss(logits: torch.Tensor, targets: torch.Tensor, tokenizer, si
     return torch.where(tokenizer.is_action_token(targets), smoothed, one_hot)
 
 
+class KeyframeHead(nn.Module):
+    """Where the arm goes next, read from the image: one cross-attention over the projected patches,
+    queried by a learned vector plus the instruction's mean embedding and the proprio token. As a
+    spatial softmax, each head also returns the attention-weighted patch-grid coordinates: pooled
+    features alone say what was attended to, not where it is."""
+
+    def __init__(self, width: int, state_dim: int, num_patches: int, heads: int = 4):
+        super().__init__()
+        side = int(round(num_patches ** 0.5))
+        if side * side != num_patches:
+            raise ValueError(f"the keyframe head needs a square patch grid, got {num_patches} patches")
+        axis = torch.linspace(-1, 1, side)
+        grid = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), dim=-1).reshape(num_patches, 2)
+        self.register_buffer("grid", grid, persistent=False)  # (row, column) of each patch in [-1, 1]
+        self.query = nn.Parameter(torch.zeros(width))
+        self.query_norm, self.patch_norm = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.position = nn.Linear(2, width)  # so that the query can prefer places, not only looks
+        self.attention = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.out = nn.Sequential(nn.Linear(width + 2 * heads, width), nn.GELU(), nn.Linear(width, state_dim))
+
+    def forward(self, patches: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        query = self.query_norm(context + self.query)[:, None]
+        keys = self.patch_norm(patches) + self.position(self.grid.to(patches.dtype))
+        pooled, weights = self.attention(query, keys, keys, need_weights=True, average_attn_weights=False)
+        where = weights[:, :, 0] @ self.grid.to(weights.dtype)  # (B, heads, 2) expected coordinates
+        return self.out(torch.cat([pooled[:, 0], where.flatten(1)], dim=-1))
+
+
 # -- the policy ----------------------------------------------------------------------------------------
 
 class OpenVLAPolicy(nn.Module):
@@ -191,6 +231,11 @@ class OpenVLAPolicy(nn.Module):
         # OFT's proprio projector: the normalized state becomes one token after the image patches.
         self.proprio_projector = nn.Sequential(nn.Linear(config.proprio_dim, width), nn.GELU(),
                                                nn.Linear(width, width)) if config.use_proprio else None
+        self.keyframe_head = (KeyframeHead(width, config.proprio_dim, self.vision.num_patches, heads=max(1, width // 32))
+                              if config.keyframe_loss_weight > 0 else None)
+        # The predicted keyframe as one more token after the patches: the LLM acts towards it.
+        self.keyframe_projector = nn.Sequential(nn.Linear(config.proprio_dim, width), nn.GELU(),
+                                                nn.Linear(width, width)) if config.keyframe_token else None
         self.tokenizer = tokenizer
         self._processor = VLAProcessor(config, tokenizer, statistics) if tokenizer is not None else None
         if tokenizer is not None and tokenizer.vocab_size > self.llm.get_input_embeddings().num_embeddings:
@@ -301,7 +346,8 @@ class OpenVLAPolicy(nn.Module):
 
     def set_trainable(self, vision: bool = True, projector: bool = True, llm: bool = True) -> None:
         for module, flag in ((self.vision, vision), (self.projector, projector), (self.llm, llm),
-                             (self.action_slots, projector), (self.proprio_projector, projector)):
+                             (self.action_slots, projector), (self.proprio_projector, projector),
+                             (self.keyframe_head, projector), (self.keyframe_projector, projector)):
             if module is None:
                 continue
             module.requires_grad_(flag)
@@ -326,25 +372,37 @@ class OpenVLAPolicy(nn.Module):
         return torch.autocast(self.device.type, dtype=getattr(torch, mode))
 
     # -- the shared forward pass --------------------------------------------------------------------------
-    def _embed(self, inputs: Mapping[str, Any]):
-        """Token embeddings: image patches (then the proprio token, if used) after BOS, slot embeddings on the parallel slots."""
+    def _embed(self, inputs: Mapping[str, Any], keyframe: bool = False):
+        """Token embeddings: image patches (then the proprio and keyframe tokens, if used) after BOS, slot
+        embeddings on the parallel slots. Returns (embeds, valid, positions, keyframe prediction), the
+        prediction None unless `keyframe` is asked for or the policy reads it as a token."""
         embed = self.llm.get_input_embeddings()
         text = embed(inputs["input_ids"])
+        n = inputs["n_slots"]
         if inputs["decoding"] == "parallel":
-            n = inputs["n_slots"]
             text = torch.cat([text[:, :-n], self.action_slots.weight[:n].to(text.dtype).expand(len(text), -1, -1)], 1)
         train_vision = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision.parameters())
         with torch.set_grad_enabled(train_vision):
             features = self.vision(inputs["pixel_values"])
         patches = self.projector(features.to(self.projector_dtype)).to(text.dtype)
+        extra = []
         if self.proprio_projector is not None:
-            proprio = self.proprio_projector(inputs["proprio"].to(self.projector_dtype)).to(text.dtype)
-            patches = torch.cat([patches, proprio[:, None]], dim=1)
+            extra.append(self.proprio_projector(inputs["proprio"].to(self.projector_dtype)).to(text.dtype))
+        prediction = None
+        if self.keyframe_head is not None and (keyframe or self.keyframe_projector is not None):
+            # the query: the instruction (mean prompt embedding, slots excluded) and the robot state
+            prompt_mask = inputs["attention_mask"][:, 1:text.shape[1] - n, None].to(text.dtype)
+            context = (text[:, 1:text.shape[1] - n] * prompt_mask).sum(1) / prompt_mask.sum(1).clamp(min=1)
+            prediction = self.keyframe_head(patches, context + (extra[0] if extra else 0))
+            if self.keyframe_projector is not None:
+                extra.append(self.keyframe_projector(prediction).to(text.dtype))
+        if extra:
+            patches = torch.cat([patches, torch.stack(extra, dim=1)], dim=1)
         embeds = torch.cat([text[:, :1], patches, text[:, 1:]], dim=1)
         mask = inputs["attention_mask"]
         valid = torch.cat([mask[:, :1], mask.new_ones(patches.shape[:2]), mask[:, 1:]], dim=1).bool()
         positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-        return embeds, valid, positions
+        return embeds, valid, positions, prediction
 
     @property
     def projector_dtype(self) -> torch.dtype:
@@ -359,9 +417,9 @@ class OpenVLAPolicy(nn.Module):
             allowed[-bidirectional:, -bidirectional:] = True
         return allowed[None, None] & valid[:, None, None, :]
 
-    def _slot_logits(self, inputs: Mapping[str, Any]) -> torch.Tensor:
-        """Logits that predict the slot tokens: (B, n_slots, vocab)."""
-        embeds, valid, positions = self._embed(inputs)
+    def _slot_logits(self, inputs: Mapping[str, Any], embedded=None) -> torch.Tensor:
+        """Logits that predict the slot tokens: (B, n_slots, vocab); `embedded`: `_embed(inputs)` when already computed."""
+        embeds, valid, positions, _ = embedded if embedded is not None else self._embed(inputs)
         n = inputs["n_slots"]
         parallel = inputs["decoding"] == "parallel"
         out = self.llm(inputs_embeds=embeds, attention_mask=self._attention(valid, n if parallel else 0),
@@ -381,12 +439,24 @@ class OpenVLAPolicy(nn.Module):
         inputs = self.processor(batch["image"], batch["instruction"], actions=batch["action"],
                                 action_mask=batch.get("action_mask"), states=batch.get("state"), decoding=decoding,
                                 device=self.device)
+        if self.keyframe_head is not None and "keyframe_state" not in batch:
+            raise KeyError(f"this policy trains a keyframe head (keyframe_loss_weight="
+                           f"{self.config.keyframe_loss_weight}): the batch needs 'keyframe_state' "
+                           f"(data.keyframe_states=true); keys: {', '.join(batch)}")
         with self._autocast():
-            logits = self._slot_logits(inputs)
+            embedded = self._embed(inputs, keyframe=True)
+            logits = self._slot_logits(inputs, embedded)
+            keyframe = embedded[3]
         targets, weights = inputs["target_ids"], inputs["target_weights"]
         losses = action_token_loss(logits.float(), targets, self.processor.action_tokenizer,
                                    self.config.label_sigma_bins)
         loss = (losses * weights).sum() / weights.sum().clamp(min=1)
+        extra = {}
+        if keyframe is not None:
+            target = self.processor.normalize_states(batch["keyframe_state"]).to(keyframe.device)
+            keyframe_loss = F.mse_loss(keyframe.float(), target)
+            loss = loss + self.config.keyframe_loss_weight * keyframe_loss
+            extra["keyframe_loss"] = float(keyframe_loss.detach())
         with torch.no_grad():
             n_act = inputs["chunk"] * self.config.action_dim  # the stop token (autoregressive) is not an action
             tok = self.processor.action_tokenizer
@@ -394,7 +464,7 @@ class OpenVLAPolicy(nn.Module):
             w = weights[:, :n_act]
             correct = ((predicted == targets[:, :n_act]).float() * w).sum() / w.sum().clamp(min=1)
             l1 = ((tok.decode(predicted) - tok.decode(targets[:, :n_act])).abs() * w).sum() / w.sum().clamp(min=1)
-        metrics = {"loss": float(loss.detach()), "action_accuracy": float(correct), "action_l1": float(l1)}
+        metrics = {"loss": float(loss.detach()), "action_accuracy": float(correct), "action_l1": float(l1), **extra}
         return loss, metrics
 
     # -- inference ----------------------------------------------------------------------------------
@@ -412,7 +482,7 @@ class OpenVLAPolicy(nn.Module):
         from transformers import DynamicCache
 
         tok = self.processor.action_tokenizer
-        embeds, valid, positions = self._embed(inputs)
+        embeds, valid, positions, _ = self._embed(inputs)
         cache = DynamicCache(config=self.llm.config)
         out = self.llm(inputs_embeds=embeds, attention_mask=self._attention(valid), position_ids=positions,
                        past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -444,6 +514,17 @@ class OpenVLAPolicy(nn.Module):
         inputs = self.processor.from_observations(observations, instructions, decoding=decoding, device=self.device)
         ids = self.predict_action_tokens(inputs, num_actions)
         return self.processor.decode_actions(ids, unnorm_key)
+
+    @torch.inference_mode()
+    def predict_keyframe_states(self, observations: Sequence[Mapping[str, Any]],
+                                instructions: Sequence[str] | None = None) -> np.ndarray:
+        """(B, proprio_dim) raw states at the next keyframe, as the keyframe head predicts them."""
+        if self.keyframe_head is None:
+            raise ValueError("this policy has no keyframe head (it was trained with keyframe_loss_weight=0)")
+        inputs = self.processor.from_observations(observations, instructions)
+        with self._autocast():
+            prediction = self._embed(inputs, keyframe=True)[3]
+        return self.processor.unnormalize_states(prediction)
 
     def predict_action_chunk(self, observation: Mapping[str, Any], instruction: str | None = None,
                              **kwargs) -> np.ndarray:

@@ -115,6 +115,12 @@ class VLAProcessor:
         return torch.from_numpy(normalize(states, stats, NormalizationMode.parse(self.config.normalization))
                                 .astype(np.float32))
 
+    def unnormalize_states(self, normalized, unnorm_key: str | None = None) -> np.ndarray:
+        """Normalized (B, proprio_dim) → raw float32 states (e.g. the keyframe head's predictions)."""
+        normalized = normalized.detach().float().cpu().numpy() if isinstance(normalized, torch.Tensor) else normalized
+        stats = self.action_statistics(unnorm_key, part="proprio")
+        return unnormalize(np.asarray(normalized), stats, NormalizationMode.parse(self.config.normalization)).astype(np.float32)
+
     # -- text --------------------------------------------------------------------------------------
     def prompt(self, instruction: str) -> str:
         if not isinstance(instruction, str):

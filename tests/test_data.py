@@ -178,6 +178,21 @@ def test_hold_padding_trains_the_chunk_to_stand_still_past_the_end(dataset, cach
         RLDSDataset(_config(path, cache, action_chunk=4, chunk_padding="zeros"))
 
 
+def test_keyframe_states_are_the_state_at_the_next_gripper_change_or_the_end(dataset, cache):
+    _, path, raw = dataset
+    frames = _frames(RLDSDataset(_config(path, cache, keyframe_states=True)))
+    checked_changes = 0
+    for frame in frames:
+        episode = raw[_episode(frame["instruction"])]
+        gripper, states = episode["actions"][:, 6], episode["observations"]["state"]
+        t, length = int(frame["timestep"]), len(gripper)
+        key = next((j for j in range(max(t, 1), length) if abs(gripper[j] - gripper[j - 1]) > 0.5), length - 1)
+        checked_changes += key < length - 1
+        np.testing.assert_array_equal(frame["keyframe_state"], states[key])  # raw, not normalized
+    assert checked_changes > 0 and len(frames) == sum(len(r["actions"]) for r in raw)
+    assert "keyframe_state" not in _frames(RLDSDataset(_config(path, cache)))[0]
+
+
 def test_augmentation_uses_openvla_settings_and_is_random(dataset, cache):
     _, path, _ = dataset
     assert (OPENVLA_AUGMENT.crop_scale, OPENVLA_AUGMENT.brightness, OPENVLA_AUGMENT.contrast,

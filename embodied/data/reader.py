@@ -39,7 +39,7 @@ from embodied.data.mixtures import parse_datasets, sampling_weights
 from embodied.data.statistics import (NormalizationMode, StatisticsCache, compute_statistics, fingerprint,
                                       load_dataset_statistics, save_dataset_statistics)
 from embodied.data.transforms import (CHUNK_PADDINGS, OPENVLA_AUGMENT, AugmentConfig, chunk_actions, decode_image,
-                                       normalize_tf)
+                                      next_keyframe_states, normalize_tf)
 
 log = logging.getLogger(__name__)
 STATISTICS_VERSION = 1  # bump when the statistics computation changes
@@ -381,6 +381,7 @@ class DataConfig:
     chunk_padding: str = "repeat"  # past an episode's end: repeat (masked out) | hold (zero motion, trained on)
     normalization: str = "bounds_q99"  # bounds_q99 | bounds | normal
     normalize_state: bool = False
+    keyframe_states: bool = False  # also yield each frame's next-keyframe state (raw), an auxiliary target
     balance_weights: bool = False  # multiply mixture weights by frame counts
     statistics: Any = None  # precomputed {name: stats}, or a dataset_statistics.json path
     statistics_cache_dir: str | None = None
@@ -509,6 +510,8 @@ class RLDSDataset(_IterableDataset):
                    "dataset_index": tf.fill([length], index), "timestep": tf.range(length)}
             if cfg.wrist_image:
                 out["wrist_image"] = traj["wrist_image"]
+            if cfg.keyframe_states:
+                out["keyframe_state"] = next_keyframe_states(traj["state"], traj["action"])
             if cfg.action_chunk > 1:  # chunked before normalizing: "hold" pads with raw zero motion
                 action, out["action_mask"] = chunk_actions(traj["action"], cfg.action_chunk, cfg.chunk_padding)
                 out["action"] = normalize_tf(action, stats["action"], mode)

@@ -67,6 +67,26 @@ def chunk_actions(action, horizon: int, padding: str = "repeat"):
     return tf.where(inside[..., None], windows, hold), tf.ones_like(inside)
 
 
+def next_keyframe_states(state, action, gripper_change: float = 0.5):
+    """(T, S) states, (T, D) actions → (T, S): for each frame, the state at the episode's next keyframe.
+
+    A keyframe is a frame whose gripper command (the action's last entry) differs from the previous
+    frame's by more than `gripper_change` (the tool is where a grasp or a release happens), or the
+    episode's last frame. These hindsight targets say where the arm is going next, which only the
+    image can tell (the object, the drawer handle, the button); they need nothing but the recorded
+    episode, so they exist for any RLDS dataset with a gripper action and an end-effector state.
+    """
+    tf = _tf()
+    length = tf.shape(action)[0]
+    gripper = action[:, -1]
+    change = tf.abs(gripper[1:] - gripper[:-1]) > gripper_change
+    is_key = tf.concat([[False], change], axis=0)
+    is_key = tf.logical_or(is_key, tf.range(length) == length - 1)
+    keys = tf.cast(tf.where(is_key)[:, 0], tf.int32)
+    before = tf.cumsum(tf.cast(is_key, tf.int32), exclusive=True)  # keyframes strictly before each frame
+    return tf.gather(state, tf.gather(keys, before))
+
+
 def _crop_box(scale: float, center: bool, seed=None):
     tf = _tf()
     side = float(np.sqrt(scale))
