@@ -185,3 +185,18 @@ def test_reusing_demonstrations_collected_with_other_settings_is_said(tmp_path, 
     assert "image_size" not in out
     _note_reused_collection(version.parent, OmegaConf.create({"episodes_per_task": 10, "image_size": 112}))
     assert capsys.readouterr().out == ""
+
+
+def test_keyframe_head_trains_and_lora_from_its_checkpoint_keeps_training_it(data_dir, tmp_path):
+    from embodied.train import train
+
+    cfg = compose(data_dir, tmp_path / "full", max_steps=3, **{"policy.keyframe_loss_weight": 1.0,
+                                                              "policy.keyframe_token": "true"})
+    train(cfg, tmp_path / "full")
+    logged = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["keyframe_loss"]) for r in logged if "loss" in r)
+    # the LoRA config does not ask for keyframe targets: the checkpoint's head does, so the batches carry them
+    cfg = compose(data_dir, tmp_path / "lora", max_steps=2, finetune="lora", init_from=str(tmp_path / "full" / "final"))
+    train(cfg, tmp_path / "lora")
+    logged = [json.loads(line) for line in (tmp_path / "lora" / "metrics.jsonl").read_text().splitlines()]
+    assert all("keyframe_loss" in r for r in logged if "loss" in r)
