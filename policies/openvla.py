@@ -385,15 +385,16 @@ class OpenVLAPolicy(nn.Module):
         with torch.set_grad_enabled(train_vision):
             features = self.vision(inputs["pixel_values"])
         patches = self.projector(features.to(self.projector_dtype)).to(text.dtype)
-        extra = []
+        extra, proprio = [], None
         if self.proprio_projector is not None:
-            extra.append(self.proprio_projector(inputs["proprio"].to(self.projector_dtype)).to(text.dtype))
+            proprio = self.proprio_projector(inputs["proprio"].to(self.projector_dtype)).to(text.dtype)
+            extra.append(proprio)
         prediction = None
         if self.keyframe_head is not None and (keyframe or self.keyframe_projector is not None):
             # the query: the instruction (mean prompt embedding, slots excluded) and the robot state
             prompt_mask = inputs["attention_mask"][:, 1:text.shape[1] - n, None].to(text.dtype)
             context = (text[:, 1:text.shape[1] - n] * prompt_mask).sum(1) / prompt_mask.sum(1).clamp(min=1)
-            prediction = self.keyframe_head(patches, context + (extra[0] if extra else 0))
+            prediction = self.keyframe_head(patches, context if proprio is None else context + proprio)
             if self.keyframe_projector is not None:
                 extra.append(self.keyframe_projector(prediction).to(text.dtype))
         if extra:
