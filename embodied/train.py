@@ -224,7 +224,7 @@ def wrap_distributed(policy, cfg: DictConfig, dist: Distributed, device: torch.d
         from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
 
         bf16 = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, buffer_dtype=torch.float32)
-        return FullyShardedDataParallel(policy, device_id=device, use_orig_params=True,
+        return FullyShardedDataParallel(policy, device_id=device, use_orig_params=True, sync_module_states=True,
                                         mixed_precision=bf16 if resolve_precision(cfg, device) == "bf16" else None)
     if cfg.distributed != "ddp":
         raise ValueError(f"unknown distributed={cfg.distributed!r}; valid: ddp, fsdp")
@@ -417,6 +417,16 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, dist: Distribut
     if resume_from is not None:
         check_same_architecture(resume_from, inner)
         load_checkpoint_weights(policy, resume_from)
+    elif int(cfg.get("vision_pretraining", {}).get("layouts", 0)) > 0 and not cfg.init_from:
+        from embodied.vision_pretraining import VisionPretrainingConfig, pretrain_vision
+
+        pretraining = VisionPretrainingConfig.from_dict(OmegaConf.to_container(cfg.vision_pretraining, resolve=True))
+        if dist.main:  # the other processes get these weights when DDP/FSDP wraps the model (rank 0 broadcasts)
+            pretrain_vision(inner, pretraining, run_dir)
+        dist.barrier()
+    elif getattr(inner, "object_readout", None) is not None and not cfg.init_from:
+        raise ValueError("policy.object_slots reads objects located by a readout that only vision pretraining "
+                         "trains: set vision_pretraining.layouts > 0 (e.g. 20000) or init_from a checkpoint that has one")
     precision = resolve_precision(cfg, device)
     if precision == "bf16" and hasattr(inner.config, "autocast"):
         inner.config.autocast = "bfloat16"

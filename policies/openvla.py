@@ -70,6 +70,7 @@ class VLAConfig:
     label_sigma_bins: float = 0.0  # 0: one-hot cross-entropy (OpenVLA); > 0: Gaussian soft labels, std in bins
     keyframe_loss_weight: float = 0.0  # > 0: auxiliary loss on the next keyframe's state (batches need keyframe_state)
     keyframe_token: bool = False  # the predicted keyframe also becomes a token the LLM reads (needs the loss)
+    object_slots: int = 0  # > 0: an object readout locates that many objects (envs.layouts.SLOTS: 10); each is a token
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,6 +100,11 @@ class VLAConfig:
             raise ValueError(f"keyframe_loss_weight must be >= 0, got {self.keyframe_loss_weight}")
         if self.keyframe_token and self.keyframe_loss_weight <= 0:
             raise ValueError("keyframe_token needs keyframe_loss_weight > 0 (the keyframe head must be trained)")
+        if self.object_slots < 0:
+            raise ValueError(f"object_slots must be >= 0, got {self.object_slots}")
+        if self.object_slots and self.train_vision:
+            raise ValueError("object_slots needs train_vision=false: the object readout is trained once (vision "
+                             "pretraining) and frozen, so the towers it reads must not change under it")
         if self.projector not in PROJECTORS:
             raise ValueError(f"unknown projector {self.projector!r}; valid: {', '.join(PROJECTORS)}")
 
@@ -202,6 +208,27 @@ class KeyframeHead(nn.Module):
         return self.out(torch.cat([pooled[:, 0], where.flatten(1)], dim=-1))
 
 
+class ObjectReadout(nn.Module):
+    """Where each object is: the vision features through its own projector (the policy's architecture),
+    then one keyframe-head cross-attention per slot, queried by a learned slot embedding. A slot is an
+    object as the image tells it apart (a colour, a fixture; envs.layouts.SLOTS). Trained by vision
+    pretraining on rendered layouts with privileged positions; the policy keeps it frozen."""
+
+    def __init__(self, feature_dim: int, width: int, num_patches: int, num_slots: int, projector: str):
+        super().__init__()
+        self.input = PROJECTORS[projector](feature_dim, width)
+        self.slots = nn.Parameter(torch.randn(num_slots, width) * 0.02)
+        self.head = KeyframeHead(width, 3, num_patches, heads=max(1, width // 32))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, patches, feature_dim) → (B, slots, 3): positions in the units vision pretraining trained."""
+        patches = self.input(features)
+        batch, slots = len(patches), len(self.slots)
+        repeated = patches[:, None].expand(batch, slots, *patches.shape[1:]).reshape(batch * slots, *patches.shape[1:])
+        queries = self.slots[None].expand(batch, slots, -1).reshape(batch * slots, -1).to(patches.dtype)
+        return self.head(repeated, queries).reshape(batch, slots, 3)
+
+
 # -- the policy ----------------------------------------------------------------------------------------
 
 class OpenVLAPolicy(nn.Module):
@@ -236,6 +263,14 @@ class OpenVLAPolicy(nn.Module):
         # The predicted keyframe as one more token after the patches: the LLM acts towards it.
         self.keyframe_projector = nn.Sequential(nn.Linear(config.proprio_dim, width), nn.GELU(),
                                                 nn.Linear(width, width)) if config.keyframe_token else None
+        # Located objects as tokens: the readout is frozen here (vision pretraining trains it).
+        self.object_readout, self.object_projector, self.object_embeddings = None, None, None
+        if config.object_slots:
+            self.object_readout = ObjectReadout(self.vision.feature_dim, width, self.vision.num_patches,
+                                                config.object_slots, config.projector).requires_grad_(False)
+            self.object_projector = nn.Sequential(nn.Linear(3, width), nn.GELU(), nn.Linear(width, width))
+            self.object_embeddings = nn.Embedding(config.object_slots, width)
+            nn.init.normal_(self.object_embeddings.weight, std=0.02)
         self.tokenizer = tokenizer
         self._processor = VLAProcessor(config, tokenizer, statistics) if tokenizer is not None else None
         if tokenizer is not None and tokenizer.vocab_size > self.llm.get_input_embeddings().num_embeddings:
@@ -347,7 +382,8 @@ class OpenVLAPolicy(nn.Module):
     def set_trainable(self, vision: bool = True, projector: bool = True, llm: bool = True) -> None:
         for module, flag in ((self.vision, vision), (self.projector, projector), (self.llm, llm),
                              (self.action_slots, projector), (self.proprio_projector, projector),
-                             (self.keyframe_head, projector), (self.keyframe_projector, projector)):
+                             (self.keyframe_head, projector), (self.keyframe_projector, projector),
+                             (self.object_projector, projector), (self.object_embeddings, projector)):
             if module is None:
                 continue
             module.requires_grad_(flag)
@@ -373,7 +409,7 @@ class OpenVLAPolicy(nn.Module):
 
     # -- the shared forward pass --------------------------------------------------------------------------
     def _embed(self, inputs: Mapping[str, Any], keyframe: bool = False):
-        """Token embeddings: image patches (then the proprio and keyframe tokens, if used) after BOS, slot
+        """Token embeddings: image patches (then the proprio, keyframe and object tokens, if used) after BOS, slot
         embeddings on the parallel slots. Returns (embeds, valid, positions, keyframe prediction), the
         prediction None unless `keyframe` is asked for or the policy reads it as a token."""
         embed = self.llm.get_input_embeddings()
@@ -397,6 +433,11 @@ class OpenVLAPolicy(nn.Module):
             prediction = self.keyframe_head(patches, context if proprio is None else context + proprio)
             if self.keyframe_projector is not None:
                 extra.append(self.keyframe_projector(prediction).to(text.dtype))
+        if self.object_readout is not None:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.object_readout.slots.requires_grad):
+                located = self.object_readout(features.to(self.projector_dtype))
+            objects = self.object_projector(located) + self.object_embeddings.weight.to(located.dtype)
+            extra.extend(objects.to(text.dtype).unbind(1))
         if extra:
             patches = torch.cat([patches, torch.stack(extra, dim=1)], dim=1)
         embeds = torch.cat([text[:, :1], patches, text[:, 1:]], dim=1)

@@ -135,10 +135,15 @@ def test_torchrun_ddp_two_processes(data_dir, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "embodied.train", *overrides(data_dir, out, max_steps=4, **{"checkpoint.every": 2})],
+                           "-m", "embodied.train", *overrides(data_dir, out, max_steps=4, **{
+                               "checkpoint.every": 2, "vision_pretraining.layouts": 20, "vision_pretraining.steps": 3,
+                               "vision_pretraining.batch_size": 4, "vision_pretraining.num_workers": 1})],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout
+    # rank 0 pretrained the towers on rendered layouts; DDP gave its weights to rank 1
+    assert proc.stdout.count("vision pretraining: held-out localization error") == 1
+    assert json.loads((out / "vision_pretraining.json").read_text())["layouts"] == 20
     assert sorted(losses(out)) == [1, 2, 3, 4]
     assert (out / "final" / "model.safetensors").exists()
 

@@ -1,0 +1,199 @@
+"""Localization pretraining of a policy's vision towers on rendered layouts.
+
+Trained only through action tokens, from-scratch towers do not learn to read object positions from
+a few hundred demonstrated layouts (benchmarks/RESULTS.md, "Keyframe head"). Before policy training,
+this stage renders many more layouts of the suite's tasks (`envs.layouts`: a reset and a render each,
+no episode) and trains the towers, through an object readout (`policies.openvla.ObjectReadout`: its
+own projector, then one spatial-softmax cross-attention per object slot), to regress where each
+object is. A policy with `object_slots` keeps the readout, frozen, and reads its positions as tokens;
+otherwise the readout is discarded. Either way the policy's projector starts from the readout's, so
+the patches the LLM reads start from features that locate objects. The run directory gets
+`vision_pretraining.json` with the held-out error per slot, next to two references: every slot's
+mean position, and the same model fed shuffled images.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+# Positions are regressed relative to the workspace centre, in units of 10 cm.
+CENTRE, SCALE = np.array([0.5, 0.0, 0.1], dtype=np.float32), 0.1
+SEED_SALT = 7_340_033  # layout seeds never coincide with the suite's evaluation (0) or collection (1) seeds
+
+
+@dataclass
+class VisionPretrainingConfig:
+    layouts: int = 0               # rendered layouts, spread evenly over the suite's tasks (0: off)
+    steps: int = 3000              # optimizer steps
+    batch_size: int = 32
+    lr: float = 1.0e-3
+    warmup_steps: int = 100
+    arm_steps: int = 10            # the arm moves up to this many 3 cm steps before a layout is rendered
+    heldout_fraction: float = 0.05
+    num_workers: int = 2           # rendering processes
+    suite: str = "tabletop10"
+    backend: str = "mujoco"
+    randomization: Any = "default"
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "VisionPretrainingConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown vision_pretraining key(s) {unknown}; valid: {', '.join(sorted(known))}")
+        config = cls(**values)
+        if config.layouts < 0 or config.steps <= 0 or config.batch_size <= 0:
+            raise ValueError(f"vision_pretraining needs layouts >= 0 and steps, batch_size > 0; got layouts="
+                             f"{config.layouts}, steps={config.steps}, batch_size={config.batch_size}")
+        if not 0 < config.heldout_fraction < 1:
+            raise ValueError(f"vision_pretraining.heldout_fraction must be in (0, 1), got {config.heldout_fraction}")
+        return config
+
+
+def _render_chunk(args) -> dict[str, np.ndarray]:
+    from envs.layouts import render_layouts
+
+    task, seeds, backend, image_size, randomization, arm_steps = args
+    return render_layouts(task, seeds, backend=backend, image_size=image_size, randomization=randomization,
+                          arm_steps=arm_steps)
+
+
+def render_suite_layouts(config: VisionPretrainingConfig, image_size: int, chunk: int = 200) -> dict[str, np.ndarray]:
+    """`config.layouts` layouts spread over the suite's tasks, rendered by `num_workers` processes."""
+    from envs.suites import get_suite
+
+    suite = get_suite(config.suite)
+    per_task = -(-config.layouts // len(suite.tasks))
+    jobs = []
+    for task in suite.tasks:
+        seeds = suite.episode_seeds(task, per_task, seed=SEED_SALT + int(config.seed))
+        jobs += [(task, seeds[i:i + chunk], config.backend, image_size, config.randomization, config.arm_steps)
+                 for i in range(0, per_task, chunk)]
+    parts = []
+    bar = tqdm(total=per_task * len(suite.tasks), desc="render layouts", unit="layout", dynamic_ncols=True)
+    with ProcessPoolExecutor(max_workers=max(1, int(config.num_workers))) as pool:
+        for part in pool.map(_render_chunk, jobs):
+            parts.append(part)
+            bar.update(len(part["images"]))
+    bar.close()
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+def _errors_cm(prediction: np.ndarray, target: np.ndarray, present: np.ndarray) -> np.ndarray:
+    distance = np.linalg.norm(prediction - target, axis=-1) * SCALE * 100
+    return (distance * present).sum(0) / np.maximum(present.sum(0), 1)
+
+
+def pretrain_vision(policy, config: VisionPretrainingConfig, run_dir: Path | None = None) -> dict[str, Any]:
+    """Train `policy.vision` (and the policy's object readout, if it has one) to locate objects; start the
+    policy's projector from the readout's. Returns (and writes to `run_dir`) the report."""
+    from envs.layouts import SLOTS
+    from policies.openvla import ObjectReadout
+
+    generator_state = torch.get_rng_state()  # restored at the end: policy training draws what it would without this stage
+    torch.manual_seed(config.seed)
+    device = policy.device
+    readout = policy.object_readout
+    if readout is None:
+        readout = ObjectReadout(policy.vision.feature_dim, policy.llm.config.hidden_size, policy.vision.num_patches,
+                                len(SLOTS), policy.config.projector).to(device)
+    elif len(readout.slots) != len(SLOTS):
+        raise ValueError(f"policy.object_slots={len(readout.slots)} but vision pretraining locates {len(SLOTS)} "
+                         f"slots ({', '.join(SLOTS)}); set policy.object_slots={len(SLOTS)}")
+    image_size = int(policy.config.observation_image_size)
+    data = render_suite_layouts(config, image_size)
+    targets = ((data["positions"] - CENTRE) / SCALE).astype(np.float32)
+    present = data["present"].astype(np.float32)
+    order = np.random.default_rng(config.seed).permutation(len(targets))
+    n_heldout = max(1, int(round(config.heldout_fraction * len(order))))
+    heldout, train_idx = order[:n_heldout], order[n_heldout:]
+
+    parts = [policy.vision, readout]
+    params = [p for part in parts for p in part.parameters()]
+    grad_before = {id(p): p.requires_grad for p in params}
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    warmup, steps = config.warmup_steps, config.steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)) * (
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
+
+    def predict(images: np.ndarray) -> torch.Tensor:
+        pixels = policy.processor.pixel_values(torch.from_numpy(images), device=device)
+        return readout(policy.vision(pixels).to(policy.projector_dtype)).float()
+
+    def heldout_errors(shuffle: bool = False) -> np.ndarray:
+        images = data["images"][heldout]
+        if shuffle:
+            images = images[np.random.default_rng(1).permutation(len(images))]
+        with torch.no_grad():
+            predicted = np.concatenate([predict(images[i:i + 64]).cpu().numpy() for i in range(0, len(images), 64)])
+        return _errors_cm(predicted, targets[heldout], present[heldout])
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)  # no data readers run yet: use every core
+    rng = np.random.default_rng(config.seed)
+    for part in parts:
+        part.train()
+    bar = tqdm(total=steps, desc="pretrain vision", unit="step", dynamic_ncols=True)
+    losses = []
+    try:
+        for step in range(steps):
+            idx = rng.choice(train_idx, config.batch_size)
+            predicted = predict(data["images"][idx])
+            target = torch.from_numpy(targets[idx]).to(device)
+            mask = torch.from_numpy(present[idx]).to(device)
+            loss = (((predicted - target) ** 2).sum(-1) * mask).sum() / mask.sum().clamp(min=1)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"vision pretraining loss is {loss.item()} at step {step + 1}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+            bar.update(1)
+            if (step + 1) % 10 == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
+    finally:
+        bar.close()
+        optimizer.zero_grad(set_to_none=True)
+        torch.set_num_threads(threads)
+        torch.set_rng_state(generator_state)
+        for p in params:
+            p.requires_grad_(grad_before[id(p)])
+    for part in parts:
+        part.eval()
+    policy.projector.load_state_dict(readout.input.state_dict())
+    mean_position = (targets[train_idx] * present[train_idx, :, None]).sum(0) / np.maximum(
+        present[train_idx].sum(0), 1)[:, None]
+    report = {
+        "layouts": int(len(targets)), "heldout_layouts": int(n_heldout), "steps": steps,
+        "slots": list(SLOTS), "heldout_present": present[heldout].sum(0).astype(int).tolist(),
+        "heldout_error_cm": heldout_errors().round(2).tolist(),
+        "shuffled_images_error_cm": heldout_errors(shuffle=True).round(2).tolist(),
+        "mean_position_error_cm": _errors_cm(np.broadcast_to(mean_position, targets[heldout].shape),
+                                             targets[heldout], present[heldout]).round(2).tolist(),
+        "first_loss": float(np.mean(losses[:10])), "final_loss": float(np.mean(losses[-10:])),
+        "config": {f.name: getattr(config, f.name) for f in fields(config)},
+    }
+    weights = present[heldout].sum(0)
+    summary = {key: float((np.asarray(report[key]) * weights).sum() / weights.sum())
+               for key in ("heldout_error_cm", "shuffled_images_error_cm", "mean_position_error_cm")}
+    report["overall_cm"] = summary
+    print(f"[train] vision pretraining: held-out localization error {summary['heldout_error_cm']:.1f} cm "
+          f"(shuffled images {summary['shuffled_images_error_cm']:.1f} cm, mean position "
+          f"{summary['mean_position_error_cm']:.1f} cm) over {n_heldout} held-out layouts", flush=True)
+    if run_dir is not None:
+        (Path(run_dir) / "vision_pretraining.json").write_text(json.dumps(report, indent=2))
+    return report
