@@ -210,23 +210,37 @@ class KeyframeHead(nn.Module):
 
 class ObjectReadout(nn.Module):
     """Where each object is: the vision features through its own projector (the policy's architecture),
-    then one keyframe-head cross-attention per slot, queried by a learned slot embedding. A slot is an
-    object as the image tells it apart (a colour, a fixture; envs.layouts.SLOTS). Trained by vision
-    pretraining on rendered layouts with privileged positions; the policy keeps it frozen."""
+    then, per slot, a few spatial soft-argmax heatmaps over the patches (a linear score per patch, so
+    every patch gets gradient from the start; a query-key attention's bilinear score does not, and
+    slots stalled at the mean position); their expected grid coordinates and pooled features give
+    the position. A slot is an object as the image tells it apart (a colour, a fixture;
+    envs.layouts.SLOTS). Trained by vision pretraining on rendered layouts with privileged positions;
+    the policy keeps it frozen."""
 
-    def __init__(self, feature_dim: int, width: int, num_patches: int, num_slots: int, projector: str):
+    def __init__(self, feature_dim: int, width: int, num_patches: int, num_slots: int, projector: str,
+                 maps_per_slot: int = 4):
         super().__init__()
+        side = int(round(num_patches ** 0.5))
+        if side * side != num_patches:
+            raise ValueError(f"the object readout needs a square patch grid, got {num_patches} patches")
+        axis = torch.linspace(-1, 1, side)
+        grid = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), dim=-1).reshape(num_patches, 2)
+        self.register_buffer("grid", grid, persistent=False)
+        self.num_slots, self.maps = num_slots, maps_per_slot
         self.input = PROJECTORS[projector](feature_dim, width)
+        self.norm = nn.LayerNorm(width)
+        self.scores = nn.Linear(width, num_slots * maps_per_slot)
         self.slots = nn.Parameter(torch.randn(num_slots, width) * 0.02)
-        self.head = KeyframeHead(width, 3, num_patches, heads=max(1, width // 32))
+        self.out = nn.Sequential(nn.Linear(width + 2 * maps_per_slot, width), nn.GELU(), nn.Linear(width, 3))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(B, patches, feature_dim) → (B, slots, 3): positions in the units vision pretraining trained."""
-        patches = self.input(features)
-        batch, slots = len(patches), len(self.slots)
-        repeated = patches[:, None].expand(batch, slots, *patches.shape[1:]).reshape(batch * slots, *patches.shape[1:])
-        queries = self.slots[None].expand(batch, slots, -1).reshape(batch * slots, -1).to(patches.dtype)
-        return self.head(repeated, queries).reshape(batch, slots, 3)
+        patches = self.norm(self.input(features))
+        batch = len(patches)
+        weights = self.scores(patches).softmax(dim=1).transpose(1, 2)  # (B, slots * maps, patches)
+        where = (weights @ self.grid.to(weights.dtype)).reshape(batch, self.num_slots, 2 * self.maps)
+        what = (weights @ patches).reshape(batch, self.num_slots, self.maps, -1).mean(2) + self.slots.to(patches.dtype)
+        return self.out(torch.cat([what, where], dim=-1))
 
 
 # -- the policy ----------------------------------------------------------------------------------------

@@ -95,7 +95,7 @@ def test_object_tokens_read_the_pretrained_readout_frozen_and_survive_save_and_l
     inputs = policy.processor.from_observations(observations(data))
     with torch.no_grad():
         logits = policy._slot_logits(inputs)
-        policy.object_readout.head.out[-1].bias.add_(1.0)  # other positions, other actions
+        policy.object_readout.out[-1].bias.add_(1.0)  # other positions, other actions
         assert (policy._slot_logits(inputs) - logits).abs().max() > 1e-3
     policy.save_pretrained(tmp_path)
     loaded = policies.load_pretrained(tmp_path)
@@ -113,3 +113,14 @@ def test_object_slots_errors():
     policy = tiny(OpenVLAPolicy, object_slots=3, train_vision=False)
     with pytest.raises(ValueError, match=f"set policy.object_slots={len(SLOTS)}"):
         pretrain_vision(policy, VisionPretrainingConfig(layouts=10, steps=1))
+
+
+def test_lora_trains_the_object_tokens_and_keeps_the_readout_frozen():
+    from policies.lora import LoraSettings, apply_lora
+    from policies.openvla import OpenVLAPolicy
+    from policy_helpers import tiny
+
+    model = apply_lora(tiny(OpenVLAPolicy, object_slots=len(SLOTS), train_vision=False), LoraSettings())
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert any("object_projector" in n for n in trainable) and any("object_embeddings" in n for n in trainable)
+    assert not any("object_readout" in n or ".vision." in n for n in trainable)
