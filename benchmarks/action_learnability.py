@@ -1,0 +1,146 @@
+"""How learnable are the expert's actions from a few demonstrations, given where the objects truly are?
+
+    python benchmarks/action_learnability.py --policy RUN/final --train-episodes 60 --heldout-episodes 15
+
+Collects fresh scripted-expert episodes of every `tabletop10` task on MuJoCo (DART noise of 1 cm on
+the executed motion, as the default's collection), recording on every step the simulator's
+privileged object positions (`envs.layouts.object_positions`) beside the image, state, instruction
+and the expert's action. An MLP (2 x 256) is fit on the first episodes of each task and scored on the
+rest (Pearson r of the translation x, y, z), from three inputs:
+- the robot state and the instruction (task, colour words);
+- those plus the positions a policy's object readout locates in the image (`--policy`, a checkpoint
+  with `policy.object_slots`), absolute and relative to the tool centre point;
+- those plus the true positions instead.
+It also reports the readout's error on these episode frames, where the arm is near or holding the
+objects (vision pretraining measures it on rendered layouts). If even the true positions leave
+held-out r low, the limit is learning the action mapping from this many demonstrations, not vision.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from object_readout_probe import fit_and_score  # noqa: E402
+
+
+def expert_episodes(args) -> dict[str, np.ndarray]:
+    from envs.env import TabletopEnv
+    from envs.layouts import object_positions
+    from envs.rendering import configure_mujoco_gl
+
+    configure_mujoco_gl()
+    task, seeds, image_size, noise = args
+    env = TabletopEnv(task, backend="mujoco", image_size=image_size)
+    rows = {k: [] for k in ("image", "state", "positions", "present", "action", "instruction", "episode")}
+    try:
+        for seed in seeds:
+            obs, _ = env.reset(seed=seed)
+            rng = np.random.default_rng(seed)
+            for _ in range(env.max_episode_steps):
+                label = env.expert_action()
+                positions, present = object_positions(env)
+                for key, value in (("image", obs["image"]), ("state", obs["state"]), ("positions", positions),
+                                   ("present", present), ("action", label[:3]), ("instruction", env.instruction),
+                                   ("episode", seed)):
+                    rows[key].append(value)
+                executed = label.copy()
+                executed[:3] += rng.normal(0.0, noise, 3)
+                obs, _, terminated, truncated, _ = env.step(executed)
+                if terminated or truncated:
+                    break
+    finally:
+        env.close()
+    return {k: np.array(v) for k, v in rows.items()}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--policy", required=True, help="a checkpoint with object tokens (policy.object_slots > 0)")
+    parser.add_argument("--train-episodes", type=int, default=60, help="per task")
+    parser.add_argument("--heldout-episodes", type=int, default=15, help="per task")
+    parser.add_argument("--noise", type=float, default=0.01, help="DART noise on the executed motion (m)")
+    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    import policies
+    from embodied.vision_pretraining import CENTRE, SCALE
+    from envs.tasks import COLORS, TASKS
+
+    policy = policies.load_pretrained(args.policy).eval()
+    if policy.object_readout is None:
+        raise SystemExit(f"{args.policy} has no object readout (policy.object_slots=0)")
+    tasks, colours = list(TASKS), list(COLORS)
+    per_task = args.train_episodes + args.heldout_episodes
+    jobs = [(task, list(range(100 + 1000 * i, 100 + 1000 * i + per_task)), int(policy.config.observation_image_size),
+             args.noise) for i, task in enumerate(tasks)]
+    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+        episodes = dict(zip(tasks, pool.map(expert_episodes, jobs)))
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    splits = {"train": {}, "heldout": {}}
+    for k, task in enumerate(tasks):
+        data = episodes[task]
+        seeds = sorted(set(data["episode"].tolist()))
+        for split, chosen in (("train", seeds[:args.train_episodes]), ("heldout", seeds[args.train_episodes:])):
+            keep = np.isin(data["episode"], chosen)
+            images = data["image"][keep]
+            with torch.no_grad():
+                located = np.concatenate([
+                    policy.object_readout(policy.vision(policy.processor.pixel_values(torch.from_numpy(images[i:i + 128]))))
+                    .numpy() for i in range(0, len(images), 128)])
+            words = np.zeros((len(images), 2 * len(colours)), dtype=np.float32)
+            for row, instruction in enumerate(data["instruction"][keep]):
+                for i, word in enumerate([w for w in instruction.split() if w in colours][:2]):
+                    words[row, i * len(colours) + colours.index(word)] = 1
+            tcp = ((data["state"][keep][:, :3] - CENTRE) / SCALE)[:, None]
+            true = (data["positions"][keep] - CENTRE) / SCALE
+            part = {"state": data["state"][keep], "action": data["action"][keep], "words": words,
+                    "task": np.tile(np.eye(len(tasks))[k], (len(images), 1)), "task_id": np.full(len(images), k),
+                    "located": np.concatenate([located, located - tcp], 1).reshape(len(images), -1),
+                    "true": np.concatenate([true, true - tcp], 1).reshape(len(images), -1),
+                    "present": data["present"][keep].astype(np.float32),
+                    "located_error_cm": np.linalg.norm(located - true, axis=-1) * SCALE * 100}
+            for key, value in part.items():
+                splits[split].setdefault(key, []).append(value)
+    train, heldout = ({k: np.concatenate(v) for k, v in s.items()} for s in (splits["train"], splits["heldout"]))
+    train["task_names"] = heldout["task_names"] = np.array(tasks)
+    present = heldout["present"]
+    slot_error = (heldout["located_error_cm"] * present).sum(0) / np.maximum(present.sum(0), 1)
+
+    base = ["state", "task", "words"]
+    report = {"policy": args.policy, "train_frames": len(train["action"]), "heldout_frames": len(heldout["action"]),
+              "readout_error_cm_on_episode_frames": {
+                  "per_slot": slot_error.round(2).tolist(),
+                  "all": float((heldout["located_error_cm"] * present).sum() / present.sum())},
+              "state_and_instruction": fit_and_score(train, heldout, base, args.steps, 0),
+              "with_located_objects": fit_and_score(train, heldout, base + ["located"], args.steps, 0),
+              "with_true_objects": fit_and_score(train, heldout, base + ["true", "present"], args.steps, 0)}
+    print(f"{report['train_frames']} training frames ({args.train_episodes} episodes per task), "
+          f"{report['heldout_frames']} held-out frames; readout error on held-out episode frames "
+          f"{report['readout_error_cm_on_episode_frames']['all']:.1f} cm; held-out r (x, y, z):")
+    print("| task | state + instruction | + located objects | + true objects |")
+    print("|---|---|---|---|")
+    fmt = lambda values: ", ".join(f"{v:.2f}" for v in values)  # noqa: E731
+    for task in tasks:
+        print(f"| {task} | {fmt(report['state_and_instruction'][task])} | {fmt(report['with_located_objects'][task])} "
+              f"| {fmt(report['with_true_objects'][task])} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
