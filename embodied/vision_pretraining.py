@@ -4,7 +4,7 @@ Trained only through action tokens, from-scratch towers do not learn to read obj
 a few hundred demonstrated layouts (benchmarks/RESULTS.md, "Keyframe head"). Before policy training,
 this stage renders many more layouts of the suite's tasks (`envs.layouts`: a reset and a render each,
 no episode) and trains the towers, through an object readout (`policies.openvla.ObjectReadout`: its
-own projector, then one spatial-softmax cross-attention per object slot), to regress where each
+own projector, then spatial soft-argmax heatmaps per object slot), to regress where each
 object is. A policy with `object_slots` keeps the readout, frozen, and reads its positions as tokens;
 otherwise the readout is discarded. Either way the policy's projector starts from the readout's, so
 the patches the LLM reads start from features that locate objects. The run directory gets
