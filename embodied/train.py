@@ -197,9 +197,12 @@ def check_same_architecture(checkpoint: Path, policy) -> None:
 
 
 def make_schedule(optimizer, cfg: DictConfig):
-    warmup, total = int(cfg.schedule.warmup_steps), int(cfg.max_steps)
     floor = float(cfg.schedule.min_lr_ratio) if "min_lr_ratio" in cfg.schedule else 0.0
-    name = cfg.schedule.name
+    return warmup_schedule(optimizer, cfg.schedule.name, int(cfg.schedule.warmup_steps), int(cfg.max_steps), floor)
+
+
+def warmup_schedule(optimizer, name: str, warmup: int, total: int, floor: float = 0.0):
+    """Linear warmup over `warmup` steps, then constant, cosine or linear decay to `floor` x the lr at `total`."""
     if name not in ("constant", "cosine", "linear"):
         raise ValueError(f"unknown schedule {name!r}; valid: constant, cosine, linear")
 

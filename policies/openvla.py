@@ -180,6 +180,15 @@ def action_token_loss(logits: torch.Tensor, targets: torch.Tensor, tokenizer, si
     return torch.where(tokenizer.is_action_token(targets), smoothed, one_hot)
 
 
+def patch_grid(num_patches: int, what: str) -> torch.Tensor:
+    """(row, column) of each patch of a square grid, in [-1, 1]: (num_patches, 2)."""
+    side = int(round(num_patches ** 0.5))
+    if side * side != num_patches:
+        raise ValueError(f"{what} needs a square patch grid, got {num_patches} patches")
+    axis = torch.linspace(-1, 1, side)
+    return torch.stack(torch.meshgrid(axis, axis, indexing="ij"), dim=-1).reshape(num_patches, 2)
+
+
 class KeyframeHead(nn.Module):
     """Where the arm goes next, read from the image: one cross-attention over the projected patches,
     queried by a learned vector plus the instruction's mean embedding and the proprio token. As a
@@ -188,12 +197,7 @@ class KeyframeHead(nn.Module):
 
     def __init__(self, width: int, state_dim: int, num_patches: int, heads: int = 4):
         super().__init__()
-        side = int(round(num_patches ** 0.5))
-        if side * side != num_patches:
-            raise ValueError(f"the keyframe head needs a square patch grid, got {num_patches} patches")
-        axis = torch.linspace(-1, 1, side)
-        grid = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), dim=-1).reshape(num_patches, 2)
-        self.register_buffer("grid", grid, persistent=False)  # (row, column) of each patch in [-1, 1]
+        self.register_buffer("grid", patch_grid(num_patches, "the keyframe head"), persistent=False)
         self.query = nn.Parameter(torch.zeros(width))
         self.query_norm, self.patch_norm = nn.LayerNorm(width), nn.LayerNorm(width)
         self.position = nn.Linear(2, width)  # so that the query can prefer places, not only looks
@@ -220,12 +224,7 @@ class ObjectReadout(nn.Module):
     def __init__(self, feature_dim: int, width: int, num_patches: int, num_slots: int, projector: str,
                  maps_per_slot: int = 4):
         super().__init__()
-        side = int(round(num_patches ** 0.5))
-        if side * side != num_patches:
-            raise ValueError(f"the object readout needs a square patch grid, got {num_patches} patches")
-        axis = torch.linspace(-1, 1, side)
-        grid = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), dim=-1).reshape(num_patches, 2)
-        self.register_buffer("grid", grid, persistent=False)
+        self.register_buffer("grid", patch_grid(num_patches, "the object readout"), persistent=False)
         self.num_slots, self.maps = num_slots, maps_per_slot
         self.input = PROJECTORS[projector](feature_dim, width)
         self.norm = nn.LayerNorm(width)
