@@ -6,7 +6,9 @@ this stage renders many more layouts of the suite's tasks (`envs.layouts`: a res
 no episode) and trains the towers, through an object readout (`policies.openvla.ObjectReadout`: its
 own projector, then spatial soft-argmax heatmaps per object slot), to regress where each
 object is. A policy with `object_slots` keeps the readout, frozen, and reads its positions as tokens;
-otherwise the readout is discarded. Either way the policy's projector starts from the readout's, so
+otherwise the readout is discarded. A policy with `named_objects` also has its instruction grounding
+(`policies.openvla.InstructionGrounding`) trained here, on the rendered layouts' instructions, to say
+which located object each object the instruction names is. Either way the policy's projector starts from the readout's, so
 the patches the LLM reads start from features that locate objects. The run directory gets
 `vision_pretraining.json` with the held-out error per slot, next to two references: every slot's
 mean position, and the same model fed shuffled images.
@@ -22,10 +24,13 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from policies.openvla import POSITION_CENTRE, POSITION_SCALE
+
 # Positions are regressed relative to the workspace centre, in units of 10 cm.
-CENTRE, SCALE = np.array([0.5, 0.0, 0.1], dtype=np.float32), 0.1
+CENTRE, SCALE = np.array(POSITION_CENTRE, dtype=np.float32), POSITION_SCALE
 SEED_SALT = 7_340_033  # layout seeds never coincide with the suite's evaluation (0) or collection (1) seeds
 
 
@@ -37,6 +42,7 @@ class VisionPretrainingConfig:
     lr: float = 1.0e-3
     warmup_steps: int = 100
     arm_steps: int = 10            # the arm moves up to this many 3 cm steps before a layout is rendered
+    expert_fraction: float = 0.0   # of the layouts, those where the scripted expert moves the arm instead (~4x slower to render)
     heldout_fraction: float = 0.05
     num_workers: int = 2           # rendering processes
     suite: str = "tabletop10"
@@ -54,6 +60,8 @@ class VisionPretrainingConfig:
         if config.layouts < 0 or config.steps <= 0 or config.batch_size <= 0:
             raise ValueError(f"vision_pretraining needs layouts >= 0 and steps, batch_size > 0; got layouts="
                              f"{config.layouts}, steps={config.steps}, batch_size={config.batch_size}")
+        if not 0 <= config.expert_fraction <= 1:
+            raise ValueError(f"vision_pretraining.expert_fraction must be in [0, 1], got {config.expert_fraction}")
         if not 0 < config.heldout_fraction < 1:
             raise ValueError(f"vision_pretraining.heldout_fraction must be in (0, 1), got {config.heldout_fraction}")
         return config
@@ -62,13 +70,14 @@ class VisionPretrainingConfig:
 def _render_chunk(args) -> dict[str, np.ndarray]:
     from envs.layouts import render_layouts
 
-    task, seeds, backend, image_size, randomization, arm_steps = args
+    task, seeds, backend, image_size, randomization, arm_steps, arm = args
     return render_layouts(task, seeds, backend=backend, image_size=image_size, randomization=randomization,
-                          arm_steps=arm_steps)
+                          arm_steps=arm_steps, arm=arm)
 
 
 def render_suite_layouts(config: VisionPretrainingConfig, image_size: int, chunk: int = 200) -> dict[str, np.ndarray]:
-    """`config.layouts` layouts spread over the suite's tasks, rendered by `num_workers` processes."""
+    """`config.layouts` layouts spread over the suite's tasks (the arm moved by the expert in the first
+    `expert_fraction` of each task's), rendered by `num_workers` processes."""
     from envs.suites import get_suite
 
     suite = get_suite(config.suite)
@@ -76,8 +85,10 @@ def render_suite_layouts(config: VisionPretrainingConfig, image_size: int, chunk
     jobs = []
     for task in suite.tasks:
         seeds = suite.episode_seeds(task, per_task, seed=SEED_SALT + int(config.seed))
-        jobs += [(task, seeds[i:i + chunk], config.backend, image_size, config.randomization, config.arm_steps)
-                 for i in range(0, per_task, chunk)]
+        n_expert = int(round(config.expert_fraction * per_task))
+        for arm, part in (("expert", seeds[:n_expert]), ("random", seeds[n_expert:])):
+            jobs += [(task, part[i:i + chunk], config.backend, image_size, config.randomization, config.arm_steps, arm)
+                     for i in range(0, len(part), chunk)]
     parts = []
     bar = tqdm(total=per_task * len(suite.tasks), desc="render layouts", unit="layout", dynamic_ncols=True)
     with ProcessPoolExecutor(max_workers=max(1, int(config.num_workers))) as pool:
@@ -97,7 +108,7 @@ def pretrain_vision(policy, config: VisionPretrainingConfig, run_dir: Path | Non
     """Train `policy.vision` (and the policy's object readout, if it has one) to locate objects; start the
     policy's projector from the readout's. Returns (and writes to `run_dir`) the report."""
     from embodied.train import warmup_schedule
-    from envs.layouts import SLOTS
+    from envs.layouts import MAX_NAMED, SLOTS
     from policies.openvla import ObjectReadout
 
     generator_state = torch.get_rng_state()  # restored at the end: policy training draws what it would without this stage
@@ -110,6 +121,10 @@ def pretrain_vision(policy, config: VisionPretrainingConfig, run_dir: Path | Non
     elif len(readout.slots) != len(SLOTS):
         raise ValueError(f"policy.object_slots={len(readout.slots)} but vision pretraining locates {len(SLOTS)} "
                          f"slots ({', '.join(SLOTS)}); set policy.object_slots={len(SLOTS)}")
+    grounding = policy.grounding
+    if grounding is not None and len(grounding.queries) != MAX_NAMED:
+        raise ValueError(f"policy.named_objects={len(grounding.queries)} but the suite's instructions name up to "
+                         f"{MAX_NAMED} objects; set policy.named_objects={MAX_NAMED}")
     image_size = int(policy.config.observation_image_size)
     data = render_suite_layouts(config, image_size)
     targets = ((data["positions"] - CENTRE) / SCALE).astype(np.float32)
@@ -118,7 +133,13 @@ def pretrain_vision(policy, config: VisionPretrainingConfig, run_dir: Path | Non
     n_heldout = max(1, int(round(config.heldout_fraction * len(order))))
     heldout, train_idx = order[:n_heldout], order[n_heldout:]
 
-    parts = [policy.vision, readout]
+    named = torch.from_numpy(np.where(data["named"] < 0, len(SLOTS), data["named"]))  # "none" is the last class
+    prompt_ids, prompt_mask = policy.processor.prompt_inputs(list(data["instructions"]))
+
+    def grounding_logits(idx) -> torch.Tensor:
+        return grounding(prompt_ids[idx].to(device), prompt_mask[idx].to(device)).float()
+
+    parts = [policy.vision, readout] + ([grounding] if grounding is not None else [])
     params = [p for part in parts for p in part.parameters()]
     grad_before = {id(p): p.requires_grad for p in params}
     for p in params:
@@ -153,6 +174,9 @@ def pretrain_vision(policy, config: VisionPretrainingConfig, run_dir: Path | Non
             target = torch.from_numpy(targets[idx]).to(device)
             mask = torch.from_numpy(present[idx]).to(device)
             loss = (((predicted - target) ** 2).sum(-1) * mask).sum() / mask.sum().clamp(min=1)
+            if grounding is not None:
+                logits = grounding_logits(idx)
+                loss = loss + F.cross_entropy(logits.flatten(0, 1), named[idx].flatten().to(device))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"vision pretraining loss is {loss.item()} at step {step + 1}")
             optimizer.zero_grad(set_to_none=True)
@@ -186,13 +210,19 @@ def pretrain_vision(policy, config: VisionPretrainingConfig, run_dir: Path | Non
         "first_loss": float(np.mean(losses[:10])), "final_loss": float(np.mean(losses[-10:])),
         "config": {f.name: getattr(config, f.name) for f in fields(config)},
     }
+    if grounding is not None:
+        with torch.no_grad():
+            chosen = torch.cat([grounding_logits(heldout[i:i + 256]).argmax(-1) for i in range(0, len(heldout), 256)]).cpu()
+        report["named_objects_heldout_accuracy"] = float((chosen == named[heldout]).all(1).float().mean())
     weights = present[heldout].sum(0)
     summary = {key: float((np.asarray(report[key]) * weights).sum() / weights.sum())
                for key in ("heldout_error_cm", "shuffled_images_error_cm", "mean_position_error_cm")}
     report["overall_cm"] = summary
     print(f"[train] vision pretraining: held-out localization error {summary['heldout_error_cm']:.1f} cm "
           f"(shuffled images {summary['shuffled_images_error_cm']:.1f} cm, mean position "
-          f"{summary['mean_position_error_cm']:.1f} cm) over {n_heldout} held-out layouts", flush=True)
+          f"{summary['mean_position_error_cm']:.1f} cm) over {n_heldout} held-out layouts"
+          + (f"; named objects right in {100 * report['named_objects_heldout_accuracy']:.1f}% of held-out instructions"
+             if grounding is not None else ""), flush=True)
     if run_dir is not None:
         (Path(run_dir) / "vision_pretraining.json").write_text(json.dumps(report, indent=2))
     return report

@@ -107,6 +107,14 @@ class TabletopEnv(gym.Env):
         return obs, self._info(success=False)
 
     def step(self, action):
+        success = self.step_physics(action)
+        obs = self._observation()
+        truncated = self._steps >= self.max_episode_steps and not success
+        return obs, float(success), success, truncated, self._info(success)
+
+    def step_physics(self, action) -> bool:
+        """Apply one action without rendering an observation (tools that image only some steps);
+        returns whether the task succeeded. `step` is this plus the observation."""
         action = self.validate_action(action)
         pos, quat = self.sim.ee_pose()
         target_pos = pos + action[:3]
@@ -114,10 +122,12 @@ class TabletopEnv(gym.Env):
         self.sim.apply_action(target_pos, matrix_to_quat(target_rot), float(action[6]))
         self.task.update(self.sim)
         self._steps += 1
-        success = bool(self.task.success(self.sim))
-        obs = self._observation()
-        truncated = self._steps >= self.max_episode_steps and not success
-        return obs, float(success), success, truncated, self._info(success)
+        return bool(self.task.success(self.sim))
+
+    def render_front(self) -> np.ndarray:
+        """The front camera's image of the current state (what the next observation would show)."""
+        self._last_image = self.sim.render("front")
+        return self._last_image
 
     def render(self):
         if self.render_mode != "rgb_array":
@@ -150,9 +160,7 @@ class TabletopEnv(gym.Env):
         return np.concatenate([pos, quat, [grip]]).astype(np.float32)
 
     def _observation(self) -> dict:
-        image = self.sim.render("front")
-        self._last_image = image
-        obs = {"image": image}
+        obs = {"image": self.render_front()}
         if self.wrist_camera:
             obs["wrist_image"] = self.sim.render("wrist")
         obs["state"] = self.state()

@@ -79,6 +79,8 @@ class Task:
     objects: tuple[ObjectSpec, ...] = ()
     max_steps: int = 100
     template: str = ""
+    # The objects the instruction names, in the order it names them (what it asks to act on and where to).
+    named_objects: tuple[str, ...] = ()
 
     def __init__(self):
         self.scene = SceneSpec(self.objects)
@@ -143,6 +145,7 @@ class ReachTarget(Task):
     objects = (ObjectSpec("target", "sphere", (0.025,)), ObjectSpec("distractor", "sphere", (0.025,)))
     max_steps = 60
     template = "reach the {target} ball"
+    named_objects = ("target",)
 
     def sample_layout(self, rng):
         placer = Placer(rng, self.name)
@@ -159,6 +162,7 @@ class PushCube(Task):
     objects = (cube_spec("cube"), ObjectSpec("goal", "marker", (0.05, 0.001)))
     max_steps = 150
     template = "push the {cube} cube onto the {goal} circle"
+    named_objects = ("cube", "goal")
     goal_radius = 0.04
 
     def sample_layout(self, rng):
@@ -178,6 +182,7 @@ class PickCube(Task):
     objects = (cube_spec("cube"), cube_spec("distractor_0"), cube_spec("distractor_1"))
     max_steps = 100
     template = "pick up the {cube} cube"
+    named_objects = ("cube",)
 
     def sample_layout(self, rng):
         placer = Placer(rng, self.name)
@@ -194,6 +199,7 @@ class PlaceInTray(Task):
     objects = (cube_spec("cube"), cube_spec("distractor"), ObjectSpec("tray", "tray", TRAY))
     max_steps = 160
     template = "put the {cube} cube in the {tray} tray"
+    named_objects = ("cube", "tray")
 
     def sample_layout(self, rng):
         placer = Placer(rng, self.name)
@@ -212,6 +218,7 @@ class StackCube(Task):
     objects = (cube_spec("cube"), cube_spec("base"), cube_spec("distractor"))
     max_steps = 160
     template = "stack the {cube} cube on the {base} cube"
+    named_objects = ("cube", "base")
 
     def sample_layout(self, rng):
         placer = Placer(rng, self.name)
@@ -228,6 +235,7 @@ class StackCube(Task):
 class _DrawerTask(Task):
     objects = (ObjectSpec("drawer", "drawer", DRAWER),)
     opening_range = (0.0, 0.0)
+    named_objects = ("drawer",)
 
     def sample_layout(self, rng):
         pos = (float(rng.uniform(0.64, 0.7)), float(rng.uniform(-0.12, 0.12)), DRAWER[2])
@@ -260,6 +268,7 @@ class PressButton(Task):
     objects = (ObjectSpec("button", "button", BUTTON), ObjectSpec("distractor", "button", BUTTON))
     max_steps = 80
     template = "press the {button} button"
+    named_objects = ("button",)
 
     def sample_layout(self, rng):
         placer = Placer(rng, self.name)
@@ -276,6 +285,7 @@ class SortByColor(Task):
     objects = (cube_spec("cube_a"), cube_spec("cube_b"), ObjectSpec("tray_a", "tray", TRAY), ObjectSpec("tray_b", "tray", TRAY))
     max_steps = 320
     template = "put the {a} cube in the {a} tray and the {b} cube in the {b} tray"
+    named_objects = ("cube_a", "tray_a", "cube_b", "tray_b")
 
     def sample_layout(self, rng):
         placer = Placer(rng, self.name)
@@ -303,6 +313,7 @@ class ButtonThenTray(Task):
     objects = (ObjectSpec("button", "button", BUTTON), cube_spec("cube"), cube_spec("distractor"), ObjectSpec("tray", "tray", TRAY))
     max_steps = 260
     template = "press the {button} button, then put the {cube} cube in the tray"
+    named_objects = ("button", "cube", "tray")
 
     def sample_layout(self, rng):
         placer = Placer(rng, self.name)

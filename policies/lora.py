@@ -65,7 +65,8 @@ def apply_lora(policy: nn.Module, settings: LoraSettings | None = None):
     if settings.train_projector:
         modules_to_save += ["projector", "action_slots"]
         modules_to_save += [name for name in ("proprio_projector", "keyframe_head", "keyframe_projector",
-                                              "object_projector", "object_embeddings")
+                                              "object_projector", "object_embeddings", "named_projector",
+                                              "named_embeddings")
                             if getattr(policy, name, None) is not None]
     if settings.train_vision:
         modules_to_save.append("vision")

@@ -71,6 +71,7 @@ class VLAConfig:
     keyframe_loss_weight: float = 0.0  # > 0: auxiliary loss on the next keyframe's state (batches need keyframe_state)
     keyframe_token: bool = False  # the predicted keyframe also becomes a token the LLM reads (needs the loss)
     object_slots: int = 0  # > 0: an object readout locates that many objects (envs.layouts.SLOTS: 10); each is a token
+    named_objects: int = 0  # > 0: which located objects the instruction names, in its order (envs.layouts.MAX_NAMED: 4); each is a token
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,6 +106,11 @@ class VLAConfig:
         if self.object_slots and self.train_vision:
             raise ValueError("object_slots needs train_vision=false: the object readout is trained once (vision "
                              "pretraining) and frozen, so the towers it reads must not change under it")
+        if self.named_objects < 0:
+            raise ValueError(f"named_objects must be >= 0, got {self.named_objects}")
+        if self.named_objects and not (self.object_slots and self.use_proprio):
+            raise ValueError("named_objects needs object_slots > 0 (it picks among the located objects) and "
+                             "use_proprio=true (its tokens say where each named object is from the gripper)")
         if self.projector not in PROJECTORS:
             raise ValueError(f"unknown projector {self.projector!r}; valid: {', '.join(PROJECTORS)}")
 
@@ -212,6 +218,10 @@ class KeyframeHead(nn.Module):
         return self.out(torch.cat([pooled[:, 0], where.flatten(1)], dim=-1))
 
 
+# The object readout's units: positions relative to the workspace centre, in units of 10 cm.
+POSITION_CENTRE, POSITION_SCALE = (0.5, 0.0, 0.1), 0.1
+
+
 class ObjectReadout(nn.Module):
     """Where each object is: the vision features through its own projector (the policy's architecture),
     then, per slot, a few spatial soft-argmax heatmaps over the patches (a linear score per patch, so
@@ -240,6 +250,47 @@ class ObjectReadout(nn.Module):
         where = (weights @ self.grid.to(weights.dtype)).reshape(batch, self.num_slots, 2 * self.maps)
         what = (weights @ patches).reshape(batch, self.num_slots, self.maps, -1).mean(2) + self.slots.to(patches.dtype)
         return self.out(torch.cat([what, where], dim=-1))
+
+
+class InstructionGrounding(nn.Module):
+    """Which located object each object the instruction names is: a small transformer over the prompt's
+    tokens, read by one learned query per named object (in the instruction's order), scores the object
+    readout's slots plus "none" (the instruction names fewer). From a few hundred demonstrations the LLM
+    does not learn to pick the named object's position out of the others (benchmarks/RESULTS.md, "Named
+    objects"); this learns it from the thousands of instructions vision pretraining renders, where the
+    simulator knows what each names. Frozen in the policy, as the readout."""
+
+    def __init__(self, vocab_size: int, num_slots: int, num_named: int, width: int = 64, heads: int = 4,
+                 layers: int = 2, max_length: int = 128):
+        super().__init__()
+        self.max_length = max_length
+        self.tokens = nn.Embedding(vocab_size, width)
+        self.positions = nn.Embedding(max_length, width)
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.queries = nn.Parameter(torch.randn(num_named, width) * 0.02)
+        self.read = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, num_slots + 1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Prompt ids and mask (B, L) → logits (B, named, slots + 1); the last column is "none"."""
+        valid = attention_mask.bool()
+        position = (valid.long().cumsum(1) - 1).clamp(min=0, max=self.max_length - 1)
+        hidden = self.encoder(self.tokens(input_ids) + self.positions(position), src_key_padding_mask=~valid)
+        queries = self.queries.expand(len(hidden), -1, -1)
+        read, _ = self.read(queries, hidden, hidden, key_padding_mask=~valid, need_weights=False)
+        return self.out(self.norm(read + queries))
+
+
+def named_object_features(logits: torch.Tensor, located: torch.Tensor, tcp: torch.Tensor) -> torch.Tensor:
+    """(B, named, 7): each named object's position (expected over the grounding's slot probabilities), the
+    same from the tool centre point, and the probability that none is named; readout units."""
+    probs = logits.float().softmax(-1)
+    position = probs[..., :-1] @ located.float()
+    centre = torch.tensor(POSITION_CENTRE, device=tcp.device)
+    relative = position - ((tcp.float() - centre) / POSITION_SCALE)[:, None]
+    return torch.cat([position, relative, probs[..., -1:]], dim=-1)
 
 
 # -- the policy ----------------------------------------------------------------------------------------
@@ -284,6 +335,14 @@ class OpenVLAPolicy(nn.Module):
             self.object_projector = nn.Sequential(nn.Linear(3, width), nn.GELU(), nn.Linear(width, width))
             self.object_embeddings = nn.Embedding(config.object_slots, width)
             nn.init.normal_(self.object_embeddings.weight, std=0.02)
+        # The objects the instruction names, found among the located ones (frozen, as the readout).
+        self.grounding, self.named_projector, self.named_embeddings = None, None, None
+        if config.named_objects:
+            self.grounding = InstructionGrounding(self.llm.get_input_embeddings().num_embeddings, config.object_slots,
+                                                  config.named_objects).requires_grad_(False)
+            self.named_projector = nn.Sequential(nn.Linear(7, width), nn.GELU(), nn.Linear(width, width))
+            self.named_embeddings = nn.Embedding(config.named_objects, width)
+            nn.init.normal_(self.named_embeddings.weight, std=0.02)
         self.tokenizer = tokenizer
         self._processor = VLAProcessor(config, tokenizer, statistics) if tokenizer is not None else None
         if tokenizer is not None and tokenizer.vocab_size > self.llm.get_input_embeddings().num_embeddings:
@@ -396,7 +455,8 @@ class OpenVLAPolicy(nn.Module):
         for module, flag in ((self.vision, vision), (self.projector, projector), (self.llm, llm),
                              (self.action_slots, projector), (self.proprio_projector, projector),
                              (self.keyframe_head, projector), (self.keyframe_projector, projector),
-                             (self.object_projector, projector), (self.object_embeddings, projector)):
+                             (self.object_projector, projector), (self.object_embeddings, projector),
+                             (self.named_projector, projector), (self.named_embeddings, projector)):
             if module is None:
                 continue
             module.requires_grad_(flag)
@@ -422,7 +482,7 @@ class OpenVLAPolicy(nn.Module):
 
     # -- the shared forward pass --------------------------------------------------------------------------
     def _embed(self, inputs: Mapping[str, Any], keyframe: bool = False):
-        """Token embeddings: image patches (then the proprio, keyframe and object tokens, if used) after BOS, slot
+        """Token embeddings: image patches (then the proprio, keyframe, object and named-object tokens, if used) after BOS, slot
         embeddings on the parallel slots. Returns (embeds, valid, positions, keyframe prediction), the
         prediction None unless `keyframe` is asked for or the policy reads it as a token."""
         embed = self.llm.get_input_embeddings()
@@ -451,6 +511,13 @@ class OpenVLAPolicy(nn.Module):
                 located = self.object_readout(features.to(self.projector_dtype))
             objects = self.object_projector(located) + self.object_embeddings.weight.to(located.dtype)
             extra.extend(objects.to(text.dtype).unbind(1))
+            if self.grounding is not None:
+                prompt = slice(0, inputs["input_ids"].shape[1] - n)
+                with torch.no_grad():
+                    logits = self.grounding(inputs["input_ids"][:, prompt], inputs["attention_mask"][:, prompt])
+                features = named_object_features(logits, located, inputs["state"][:, :3])
+                named = self.named_projector(features.to(self.projector_dtype)) + self.named_embeddings.weight
+                extra.extend(named.to(text.dtype).unbind(1))
         if extra:
             patches = torch.cat([patches, torch.stack(extra, dim=1)], dim=1)
         embeds = torch.cat([text[:, :1], patches, text[:, 1:]], dim=1)

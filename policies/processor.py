@@ -134,6 +134,19 @@ class VLAProcessor:
         texts = [self.prompt(i) for i in instructions]
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
+    def prompt_inputs(self, instructions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask), both (B, 1 + longest prompt): BOS, then each prompt left-padded."""
+        prompts = self._prompt_ids(instructions)
+        width = max(len(p) for p in prompts)
+        pad, bos = self.tokenizer.pad_token_id, self.tokenizer.bos_token_id
+        input_ids = torch.full((len(prompts), 1 + width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), 1 + width), dtype=torch.long)
+        input_ids[:, 0], attention_mask[:, 0] = bos, 1
+        for row, ids in enumerate(prompts):
+            input_ids[row, 1 + width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, 1 + width - len(ids):] = 1
+        return input_ids, attention_mask
+
     # -- images ------------------------------------------------------------------------------------
     def _check_images(self, images: torch.Tensor, what: str) -> torch.Tensor:
         """uint8 (B, H, W, 3); another H x W is resized to the training size with a warning."""
@@ -195,7 +208,6 @@ class VLAProcessor:
         chunk = int(chunk or self.config.action_chunk)
         n_slots = chunk * dim
 
-        prompts = self._prompt_ids(instructions)
         if decoding == "autoregressive" and target_ids is not None:
             eos = torch.full((len(images), 1), self.tokenizer.eos_token_id, dtype=torch.long)
             slots = torch.cat([target_ids, eos], dim=1)
@@ -204,14 +216,7 @@ class VLAProcessor:
             slots = torch.full((len(images), n_slots), self.tokenizer.pad_token_id, dtype=torch.long)
         else:
             slots = torch.zeros((len(images), 0), dtype=torch.long)
-        width = max(len(p) for p in prompts)
-        pad, bos = self.tokenizer.pad_token_id, self.tokenizer.bos_token_id
-        input_ids = torch.full((len(images), 1 + width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(images), 1 + width), dtype=torch.long)
-        input_ids[:, 0], attention_mask[:, 0] = bos, 1
-        for row, ids in enumerate(prompts):
-            input_ids[row, 1 + width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, 1 + width - len(ids):] = 1
+        input_ids, attention_mask = self.prompt_inputs(instructions)
         input_ids = torch.cat([input_ids, slots], dim=1)
         attention_mask = torch.cat([attention_mask, torch.ones_like(slots)], dim=1)
         out = {"pixel_values": self.pixel_values(images, device), "input_ids": input_ids.to(device),
@@ -224,6 +229,7 @@ class VLAProcessor:
             if len(states) != len(images):
                 raise ValueError(f"{len(images)} images but {len(states)} states")
             out["proprio"] = self.normalize_states(states).to(device)
+            out["state"] = torch.as_tensor(states, dtype=torch.float32).to(device)  # raw, for named objects
         if target_ids is not None:
             out["target_ids"] = target_ids.to(device)
             out["target_weights"] = target_weights.to(device)

@@ -7,7 +7,7 @@ import torch
 
 from conftest import SMALL
 from envs.env import TabletopEnv
-from envs.layouts import SLOTS, render_layouts
+from envs.layouts import MAX_NAMED, SLOTS, render_layouts
 
 
 def test_layout_positions_are_the_instructed_objects(backend):
@@ -35,6 +35,36 @@ def test_arm_moves_before_the_image_and_positions_follow_the_scene():
     assert (np.abs(still["images"].astype(int) - moved["images"]).mean(axis=(1, 2, 3)) > 0.5).sum() >= 3
     # the goal marker cannot be pushed: where it is does not depend on the arm
     np.testing.assert_array_equal(still["present"], moved["present"])
+
+
+def test_named_slots_are_the_objects_the_instruction_names_in_its_order():
+    layouts = render_layouts("PlaceInTray", [3, 4], image_size=SMALL, arm_steps=0)
+    env = TabletopEnv("PlaceInTray", image_size=SMALL)
+    try:
+        for i, seed in enumerate([3, 4]):
+            env.reset(seed=seed)
+            words = env.instruction.split()  # "put the <colour> cube in the <colour> tray"
+            assert layouts["instructions"][i] == env.instruction
+            assert [SLOTS[k] for k in layouts["named"][i] if k >= 0] == [words[2], words[-2] + "_tray"]
+            np.testing.assert_allclose(layouts["positions"][i, layouts["named"][i, 1]], env.sim.object_pose("tray")[0],
+                                       atol=1e-6)
+    finally:
+        env.close()
+    sort = render_layouts("SortByColor", [5], image_size=SMALL, arm_steps=0)
+    a, b = sort["instructions"][0].split()[2], sort["instructions"][0].split()[-2]
+    assert [SLOTS[k] for k in sort["named"][0]] == [a, a + "_tray", b, b + "_tray"]
+    assert sort["named"].shape == (1, MAX_NAMED)
+
+
+def test_expert_arm_layouts_show_the_arm_at_work():
+    still = render_layouts("PickCube", range(8), image_size=SMALL, arm_steps=0)
+    working = render_layouts("PickCube", range(8), image_size=SMALL, arm_steps=10, arm="expert")
+    assert (np.abs(still["images"].astype(int) - working["images"]).mean(axis=(1, 2, 3)) > 0.5).sum() >= 6
+    # the expert reaches, grasps and lifts: in some layouts the named cube is already off the table
+    cube = working["positions"][np.arange(8), working["named"][:, 0]]
+    assert (cube[:, 2] > 0.03).any(), cube
+    with pytest.raises(ValueError, match="unknown arm motion 'scripted'; valid: random, expert"):
+        render_layouts("PickCube", [0], image_size=SMALL, arm="scripted")
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +154,75 @@ def test_lora_trains_the_object_tokens_and_keeps_the_readout_frozen():
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert any("object_projector" in n for n in trainable) and any("object_embeddings" in n for n in trainable)
     assert not any("object_readout" in n or ".vision." in n for n in trainable)
+
+
+def test_named_object_tokens_follow_the_instruction(tmp_path):
+    import policies
+    from embodied.vision_pretraining import VisionPretrainingConfig, pretrain_vision
+    from policies.openvla import OpenVLAPolicy
+    from policy_helpers import batch, observations, tiny
+
+    policy = tiny(OpenVLAPolicy, object_slots=len(SLOTS), named_objects=MAX_NAMED, use_proprio=True,
+                  train_vision=False, decoding="parallel", action_chunk=2)
+    report = pretrain_vision(policy, VisionPretrainingConfig(layouts=60, steps=150, batch_size=16, num_workers=1,
+                                                             arm_steps=0, suite="tabletop_pick_place"), tmp_path)
+    assert report["named_objects_heldout_accuracy"] == 1.0, report
+    assert not any(p.requires_grad for p in policy.grounding.parameters())
+    # the grounding reads the instruction: red is slot 0, blue slot 2, trays after the four colours
+    ids, mask = policy.processor.prompt_inputs(["put the red cube in the blue tray", "pick up the yellow cube"])
+    with torch.no_grad():
+        chosen = policy.grounding(ids, mask).argmax(-1)
+    assert chosen.tolist() == [[0, SLOTS.index("blue_tray"), len(SLOTS), len(SLOTS)], [3, len(SLOTS), len(SLOTS), len(SLOTS)]]
+
+    data = batch(size=4, chunk=2, seed=3)
+    data["state"] = torch.tensor([[0.45, 0.0, 0.3, 1, 0, 0, 0, 1]] * 4)
+    loss, _ = policy(data)
+    loss.backward()
+    assert policy.named_projector[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in policy.grounding.parameters())
+    obs = [dict(o, state=s.numpy()) for o, s in zip(observations(data), data["state"])]
+    inputs = policy.processor.from_observations(obs)
+    with torch.no_grad():
+        logits = policy._slot_logits(inputs)
+        bias = policy.grounding.out.bias.clone()
+        policy.grounding.out.bias[0] += 100.0  # every named object is now the red one: other tokens, other actions
+        assert (policy._slot_logits(inputs) - logits).abs().max() > 1e-3
+        policy.grounding.out.bias.copy_(bias)
+    policy.save_pretrained(tmp_path / "policy")
+    loaded = policies.load_pretrained(tmp_path / "policy")
+    assert loaded.config.named_objects == MAX_NAMED
+    assert np.array_equal(loaded.predict_actions(obs), policy.predict_actions(obs))
+    with torch.no_grad():
+        assert torch.equal(loaded._slot_logits(inputs), logits)
+
+
+def test_named_object_features_are_the_chosen_positions_from_the_gripper():
+    from policies.openvla import named_object_features
+
+    located = torch.tensor([[[1.0, 2.0, 3.0], [-1.0, 0.0, 0.5]]])  # two slots, readout units
+    logits = torch.tensor([[[50.0, 0.0, 0.0], [0.0, 0.0, 50.0]]])  # slot 0, then "none"
+    tcp = torch.tensor([[0.6, 0.1, 0.2]])  # metres: (0.6 - 0.5, 0.1 - 0, 0.2 - 0.1) / 0.1 = (1, 1, 1) in units
+    features = named_object_features(logits, located, tcp)
+    torch.testing.assert_close(features[0, 0], torch.tensor([1.0, 2.0, 3.0, 0.0, 1.0, 2.0, 0.0]))
+    torch.testing.assert_close(features[0, 1, -1], torch.tensor(1.0))
+
+
+def test_named_objects_errors():
+    from embodied.vision_pretraining import VisionPretrainingConfig, pretrain_vision
+    from policies.lora import LoraSettings, apply_lora
+    from policies.openvla import OpenVLAPolicy
+    from policy_helpers import tiny
+
+    with pytest.raises(ValueError, match="named_objects needs object_slots > 0"):
+        OpenVLAPolicy.default_config("tiny", named_objects=4, use_proprio=True).validate()
+    with pytest.raises(ValueError, match="use_proprio=true"):
+        OpenVLAPolicy.default_config("tiny", named_objects=4, object_slots=10, train_vision=False).validate()
+    policy = tiny(OpenVLAPolicy, object_slots=len(SLOTS), named_objects=2, use_proprio=True, train_vision=False)
+    with pytest.raises(ValueError, match=f"set policy.named_objects={MAX_NAMED}"):
+        pretrain_vision(policy, VisionPretrainingConfig(layouts=10, steps=1))
+    with pytest.raises(ValueError, match="expert_fraction must be in"):
+        VisionPretrainingConfig.from_dict({"layouts": 10, "expert_fraction": 1.5})
+    model = apply_lora(policy, LoraSettings())
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert any("named_projector" in n for n in trainable) and any("named_embeddings" in n for n in trainable)
+    assert not any("grounding" in n for n in trainable)
