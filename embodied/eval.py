@@ -9,15 +9,16 @@ from omegaconf import DictConfig, OmegaConf
 from embodied.evaluation import EvalConfig, evaluate, make_eval_policy, results_markdown
 
 
-def config_from_hydra(cfg: DictConfig, image_size: int = 224) -> EvalConfig:
-    """`image_size` is used when the config leaves it null (a checkpoint's own training size)."""
+def config_from_hydra(cfg: DictConfig, image_size: int = 224, wrist_camera: bool = False) -> EvalConfig:
+    """`image_size` and `wrist_camera` are used when the config leaves them null (what a checkpoint was
+    trained on)."""
     randomization = cfg.randomization
     if isinstance(randomization, DictConfig):
         randomization = OmegaConf.to_container(randomization)
     tasks = list(cfg.tasks) if cfg.tasks else None
     return EvalConfig(suite=cfg.suite, backend=cfg.backend, episodes_per_task=int(cfg.episodes_per_task), tasks=tasks,
                       num_envs=int(cfg.num_envs), seed=int(cfg.seed), randomization=randomization,
-                      image_size=int(cfg.image_size or image_size), wrist_camera=bool(cfg.wrist_camera),
+                      image_size=int(cfg.image_size or image_size), wrist_camera=bool(wrist_camera if cfg.wrist_camera is None else cfg.wrist_camera),
                       videos_per_task=int(cfg.videos_per_task), vector=cfg.vector)
 
 
@@ -41,7 +42,9 @@ def main(cfg: DictConfig) -> dict:
     output_dir = HydraConfig.get().runtime.output_dir
     policy = make_eval_policy(str(cfg.policy), seed=int(cfg.seed), n_action_steps=cfg.get("n_action_steps"))
     trained = getattr(policy, "policy", None)
-    eval_cfg = config_from_hydra(cfg, getattr(getattr(trained, "config", None), "observation_image_size", 224))
+    trained_config = getattr(trained, "config", None)
+    eval_cfg = config_from_hydra(cfg, getattr(trained_config, "observation_image_size", 224),
+                                 getattr(trained_config, "wrist_image", False))
     if trained is not None:
         set_policy_threads(cfg.get("num_threads", "auto"), eval_cfg.num_envs)
     if cfg.get("imagine"):

@@ -112,9 +112,9 @@ def _note_reused_collection(dataset_dir: Path, collect_cfg: DictConfig) -> None:
     found = sorted(dataset_dir.glob("*/metadata.json"))
     if not found:
         return
-    recorded = {"action_noise": 0.0, "min_steps_per_task": 0,  # datasets from before these options
+    recorded = {"action_noise": 0.0, "min_steps_per_task": 0, "wrist_camera": False,  # datasets from before these options
                 **json.loads(found[-1].read_text()).get("collect_config", {})}
-    keys = ("episodes_per_task", "min_steps_per_task", "image_size", "action_noise")
+    keys = ("episodes_per_task", "min_steps_per_task", "image_size", "action_noise", "wrist_camera")
     differ = {k: (recorded.get(k), collect_cfg.get(k)) for k in keys
               if collect_cfg.get(k) is not None and recorded.get(k) != collect_cfg.get(k)}
     if differ:
@@ -153,6 +153,7 @@ def ensure_sim_data(cfg: DictConfig) -> None:
         collect(CollectConfig(suite=suite, backend=backend, episodes_per_task=int(cfg.collect.episodes_per_task),
                               min_steps_per_task=min_steps,
                               image_size=int(cfg.collect.image_size), num_envs=int(cfg.collect.num_envs),
+                              wrist_camera=bool(cfg.collect.get("wrist_camera", False)),
                               action_noise=float(cfg.collect.get("action_noise", 0.0))),
                 data_dir)
 
@@ -354,6 +355,7 @@ def evaluate_policy(policy, cfg: DictConfig, out_dir: Path, backends=None, episo
                                   randomization=OmegaConf.to_container(cfg.eval.randomization)
                                   if isinstance(cfg.eval.randomization, DictConfig) else cfg.eval.randomization,
                                   image_size=int(policy.config.observation_image_size),
+                                  wrist_camera=bool(getattr(policy.config, "wrist_image", False)),
                                   videos_per_task=int(cfg.eval.videos_per_task))
             results[backend] = evaluate(CheckpointPolicy(policy, name=str(out_dir.parent)), eval_cfg,
                                         out_dir / backend)

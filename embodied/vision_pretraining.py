@@ -11,7 +11,9 @@ otherwise the readout is discarded. A policy with `named_objects` also has its i
 which located object each object the instruction names is. Either way the policy's projector starts
 from the readout's, so the patches the LLM reads start from features that locate objects. The run directory gets
 `vision_pretraining.json` with the held-out error per slot, next to two references: every slot's
-mean position, and the same model fed shuffled images.
+mean position, and the same model fed shuffled images (the robot state kept). A policy with
+`wrist_image` is pretrained on layouts rendered with the wrist camera too; its readout also reads the
+wrist image's patches, placed with the gripper's pose.
 """
 from __future__ import annotations
 
@@ -70,12 +72,13 @@ class VisionPretrainingConfig:
 def _render_chunk(args) -> dict[str, np.ndarray]:
     from envs.layouts import render_layouts
 
-    task, seeds, backend, image_size, randomization, arm_steps, arm = args
+    task, seeds, backend, image_size, randomization, arm_steps, arm, wrist_camera = args
     return render_layouts(task, seeds, backend=backend, image_size=image_size, randomization=randomization,
-                          arm_steps=arm_steps, arm=arm)
+                          arm_steps=arm_steps, arm=arm, wrist_camera=wrist_camera)
 
 
-def render_suite_layouts(config: VisionPretrainingConfig, image_size: int, chunk: int = 200) -> dict[str, np.ndarray]:
+def render_suite_layouts(config: VisionPretrainingConfig, image_size: int, chunk: int = 200,
+                         wrist_camera: bool = False) -> dict[str, np.ndarray]:
     """`config.layouts` layouts spread over the suite's tasks (the arm moved by the expert in the first
     `expert_fraction` of each task's), rendered by `num_workers` processes."""
     from envs.suites import get_suite
@@ -87,7 +90,8 @@ def render_suite_layouts(config: VisionPretrainingConfig, image_size: int, chunk
         seeds = suite.episode_seeds(task, per_task, seed=SEED_SALT + int(config.seed))
         n_expert = int(round(config.expert_fraction * per_task))
         for arm, part in (("expert", seeds[:n_expert]), ("random", seeds[n_expert:])):
-            jobs += [(task, part[i:i + chunk], config.backend, image_size, config.randomization, config.arm_steps, arm)
+            jobs += [(task, part[i:i + chunk], config.backend, image_size, config.randomization, config.arm_steps, arm,
+                      wrist_camera)
                      for i in range(0, len(part), chunk)]
     parts = []
     bar = tqdm(total=per_task * len(suite.tasks), desc="render layouts", unit="layout", dynamic_ncols=True)
@@ -117,7 +121,7 @@ def pretrain_vision(policy, config: VisionPretrainingConfig, run_dir: Path | Non
     readout = policy.object_readout
     if readout is None:
         readout = ObjectReadout(policy.vision.feature_dim, policy.llm.config.hidden_size, policy.vision.num_patches,
-                                len(SLOTS), policy.config.projector).to(device)
+                                len(SLOTS), policy.config.projector, wrist=policy.config.wrist_image).to(device)
     elif len(readout.slots) != len(SLOTS):
         raise ValueError(f"policy.object_slots={len(readout.slots)} but vision pretraining locates {len(SLOTS)} "
                          f"slots ({', '.join(SLOTS)}); set policy.object_slots={len(SLOTS)}")
@@ -126,7 +130,8 @@ def pretrain_vision(policy, config: VisionPretrainingConfig, run_dir: Path | Non
         raise ValueError(f"policy.named_objects={len(grounding.queries)} but the suite's instructions name up to "
                          f"{MAX_NAMED} objects; set policy.named_objects={MAX_NAMED}")
     image_size = int(policy.config.observation_image_size)
-    data = render_suite_layouts(config, image_size)
+    wrist = bool(policy.config.wrist_image)
+    data = render_suite_layouts(config, image_size, wrist_camera=wrist)
     targets = ((data["positions"] - CENTRE) / SCALE).astype(np.float32)
     present = data["present"].astype(np.float32)
     order = np.random.default_rng(config.seed).permutation(len(targets))
@@ -148,16 +153,23 @@ def pretrain_vision(policy, config: VisionPretrainingConfig, run_dir: Path | Non
     steps = config.steps
     scheduler = warmup_schedule(optimizer, "cosine", config.warmup_steps, steps, floor=0.1)
 
-    def predict(images: np.ndarray) -> torch.Tensor:
-        pixels = policy.processor.pixel_values(torch.from_numpy(images), device=device)
-        return readout(policy.vision(pixels).to(policy.projector_dtype)).float()
+    def predict(idx: np.ndarray, shuffled: np.ndarray | None = None) -> torch.Tensor:
+        """The readout's positions for layouts `idx`; `shuffled`: show these layouts' images instead."""
+        shown = idx if shuffled is None else shuffled
+        inputs = {"pixel_values": policy.processor.pixel_values(torch.from_numpy(data["images"][shown]), device=device)}
+        if wrist:
+            inputs["wrist_pixel_values"] = policy.processor.pixel_values(torch.from_numpy(data["wrist_images"][shown]),
+                                                                         device=device)
+        features, wrist_features = policy.encode_images(inputs)
+        return readout(features.to(policy.projector_dtype),
+                       None if wrist_features is None else wrist_features.to(policy.projector_dtype),
+                       torch.from_numpy(data["states"][idx]).to(device)).float()
 
     def heldout_errors(shuffle: bool = False) -> np.ndarray:
-        images = data["images"][heldout]
-        if shuffle:
-            images = images[np.random.default_rng(1).permutation(len(images))]
+        shown = heldout[np.random.default_rng(1).permutation(len(heldout))] if shuffle else heldout
         with torch.no_grad():
-            predicted = np.concatenate([predict(images[i:i + 64]).cpu().numpy() for i in range(0, len(images), 64)])
+            predicted = np.concatenate([predict(heldout[i:i + 64], shown[i:i + 64]).cpu().numpy()
+                                        for i in range(0, len(heldout), 64)])
         return _errors_cm(predicted, targets[heldout], present[heldout])
 
     threads = torch.get_num_threads()
@@ -170,7 +182,7 @@ def pretrain_vision(policy, config: VisionPretrainingConfig, run_dir: Path | Non
     try:
         for step in range(steps):
             idx = rng.choice(train_idx, config.batch_size)
-            predicted = predict(data["images"][idx])
+            predicted = predict(idx)
             target = torch.from_numpy(targets[idx]).to(device)
             mask = torch.from_numpy(present[idx]).to(device)
             loss = (((predicted - target) ** 2).sum(-1) * mask).sum() / mask.sum().clamp(min=1)

@@ -103,12 +103,12 @@ class TabletopEnv(gym.Env):
         self.sim.reset(self.episode)
         self._steps = 0
         self._expert = ScriptedExpert(self.task, self.sim)
-        obs = self._observation()
+        obs = self.observe()
         return obs, self._info(success=False)
 
     def step(self, action):
         success = self.step_physics(action)
-        obs = self._observation()
+        obs = self.observe()
         truncated = self._steps >= self.max_episode_steps and not success
         return obs, float(success), success, truncated, self._info(success)
 
@@ -124,10 +124,15 @@ class TabletopEnv(gym.Env):
         self._steps += 1
         return bool(self.task.success(self.sim))
 
-    def render_front(self) -> np.ndarray:
-        """The front camera's image of the current state (what the next observation would show)."""
+    def observe(self) -> dict:
+        """The observation of the current state, rendered now (what `step` returns after `step_physics`)."""
         self._last_image = self.sim.render("front")
-        return self._last_image
+        obs = {"image": self._last_image}
+        if self.wrist_camera:
+            obs["wrist_image"] = self.sim.render("wrist")
+        obs["state"] = self.state()
+        obs["instruction"] = self.instruction
+        return obs
 
     def render(self):
         if self.render_mode != "rgb_array":
@@ -158,14 +163,6 @@ class TabletopEnv(gym.Env):
         pos, quat = self.sim.ee_pose()
         grip = self.sim.gripper_opening() / GRIPPER_MAX_WIDTH
         return np.concatenate([pos, quat, [grip]]).astype(np.float32)
-
-    def _observation(self) -> dict:
-        obs = {"image": self.render_front()}
-        if self.wrist_camera:
-            obs["wrist_image"] = self.sim.render("wrist")
-        obs["state"] = self.state()
-        obs["instruction"] = self.instruction
-        return obs
 
     def _info(self, success: bool) -> dict:
         return {"success": success, "is_success": success, "task": self.task.name, "instruction": self.instruction,

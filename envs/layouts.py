@@ -69,8 +69,9 @@ ARM_MOTIONS = ("random", "expert")
 
 def render_layouts(task: str, seeds: Sequence[int], backend: str = "mujoco", image_size: int = 112,
                    randomization: Any = "default", arm_steps: int = 10, arm: str = "random",
-                   expert_noise: float = 0.01) -> dict[str, np.ndarray]:
-    """One front image per seed, with `object_positions`, the instruction and `named_slots` after the arm moved.
+                   expert_noise: float = 0.01, wrist_camera: bool = False) -> dict[str, np.ndarray]:
+    """One front image per seed (and, with `wrist_camera`, the wrist camera's), with the robot state,
+    `object_positions`, the instruction and `named_slots` after the arm moved.
 
     arm="random": up to `arm_steps` 3 cm steps in one random direction (gripper open or closed at
     random). arm="expert": the scripted expert (DART noise of `expert_noise` m on the executed
@@ -81,8 +82,11 @@ def render_layouts(task: str, seeds: Sequence[int], backend: str = "mujoco", ima
 
     if arm not in ARM_MOTIONS:
         raise ValueError(f"unknown arm motion {arm!r}; valid: {', '.join(ARM_MOTIONS)}")
-    env = TabletopEnv(task, backend=backend, image_size=image_size, randomization=randomization)
-    out = {key: [] for key in ("images", "positions", "present", "instructions", "named")}
+    env = TabletopEnv(task, backend=backend, image_size=image_size, randomization=randomization,
+                      wrist_camera=wrist_camera)
+    out = {key: [] for key in ("images", "states", "positions", "present", "instructions", "named")}
+    if wrist_camera:
+        out["wrist_images"] = []
     try:
         for seed in seeds:
             obs, _ = env.reset(seed=int(seed))
@@ -107,7 +111,12 @@ def render_layouts(task: str, seeds: Sequence[int], backend: str = "mujoco", ima
                     if env.step_physics(action):
                         break
             where, found = object_positions(env)
-            out["images"].append(env.render_front() if moved else obs["image"])
+            if moved:
+                obs = env.observe()
+            out["images"].append(obs["image"])
+            if wrist_camera:
+                out["wrist_images"].append(obs["wrist_image"])
+            out["states"].append(obs["state"])
             out["positions"].append(where)
             out["present"].append(found)
             out["instructions"].append(env.instruction)

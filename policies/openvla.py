@@ -72,6 +72,7 @@ class VLAConfig:
     keyframe_token: bool = False  # the predicted keyframe also becomes a token the LLM reads (needs the loss)
     object_slots: int = 0  # > 0: an object readout locates that many objects (envs.layouts.SLOTS: 10); each is a token
     named_objects: int = 0  # > 0: which located objects the instruction names, in its order (envs.layouts.MAX_NAMED: 4); each is a token
+    wrist_image: bool = False  # OpenVLA-OFT's second camera: the wrist image's patches follow the primary image's
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,6 +112,9 @@ class VLAConfig:
         if self.named_objects and not (self.object_slots and self.use_proprio):
             raise ValueError("named_objects needs object_slots > 0 (it picks among the located objects) and "
                              "use_proprio=true (its tokens say where each named object is from the gripper)")
+        if self.wrist_image and self.object_slots and not self.use_proprio:
+            raise ValueError("object_slots with wrist_image needs use_proprio=true: the readout places what the "
+                             "wrist camera sees with the gripper's pose")
         if self.projector not in PROJECTORS:
             raise ValueError(f"unknown projector {self.projector!r}; valid: {', '.join(PROJECTORS)}")
 
@@ -222,6 +226,16 @@ class KeyframeHead(nn.Module):
 POSITION_CENTRE, POSITION_SCALE = (0.5, 0.0, 0.1), 0.1
 
 
+def gripper_pose(state: torch.Tensor) -> torch.Tensor:
+    """Raw states (B, 8) → (B, 7): the position in readout units, then the quaternion with its sign made
+    canonical (largest-magnitude component positive: q and -q are the same orientation)."""
+    state = state.float()
+    centre = torch.tensor(POSITION_CENTRE, device=state.device)
+    quat = state[:, 3:7]
+    largest = quat.gather(1, quat.abs().argmax(1, keepdim=True))
+    return torch.cat([(state[:, :3] - centre) / POSITION_SCALE, torch.where(largest < 0, -quat, quat)], dim=1)
+
+
 class ObjectReadout(nn.Module):
     """Where each object is: the vision features through its own projector (the policy's architecture),
     then, per slot, a few spatial soft-argmax heatmaps over the patches (a linear score per patch, so
@@ -232,24 +246,40 @@ class ObjectReadout(nn.Module):
     the policy keeps it frozen."""
 
     def __init__(self, feature_dim: int, width: int, num_patches: int, num_slots: int, projector: str,
-                 maps_per_slot: int = 4):
+                 maps_per_slot: int = 4, wrist: bool = False):
         super().__init__()
         self.register_buffer("grid", patch_grid(num_patches, "the object readout"), persistent=False)
         self.num_slots, self.maps = num_slots, maps_per_slot
         self.input = PROJECTORS[projector](feature_dim, width)
         self.norm = nn.LayerNorm(width)
         self.scores = nn.Linear(width, num_slots * maps_per_slot)
+        # The wrist camera moves with the gripper: its heatmaps say where an object is from the gripper,
+        # so its read is combined with the gripper's pose (position in readout units, quaternion).
+        self.wrist_scores = nn.Linear(width, num_slots * maps_per_slot) if wrist else None
         self.slots = nn.Parameter(torch.randn(num_slots, width) * 0.02)
-        self.out = nn.Sequential(nn.Linear(width + 2 * maps_per_slot, width), nn.GELU(), nn.Linear(width, 3))
+        inputs = (width + 2 * maps_per_slot) * (2 if wrist else 1) + (7 if wrist else 0)
+        self.out = nn.Sequential(nn.Linear(inputs, width), nn.GELU(), nn.Linear(width, 3))
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, patches, feature_dim) → (B, slots, 3): positions in the units vision pretraining trained."""
-        patches = self.norm(self.input(features))
+    def _read(self, patches: torch.Tensor, scores: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per slot: the heatmaps' pooled features (B, slots, width) and expected grid coordinates (B, slots, 2 * maps)."""
         batch = len(patches)
-        weights = self.scores(patches).softmax(dim=1).transpose(1, 2)  # (B, slots * maps, patches)
+        weights = scores(patches).softmax(dim=1).transpose(1, 2)  # (B, slots * maps, patches)
         where = (weights @ self.grid.to(weights.dtype)).reshape(batch, self.num_slots, 2 * self.maps)
         what = (weights @ patches).reshape(batch, self.num_slots, self.maps, -1).mean(2) + self.slots.to(patches.dtype)
-        return self.out(torch.cat([what, where], dim=-1))
+        return what, where
+
+    def forward(self, features: torch.Tensor, wrist_features: torch.Tensor | None = None,
+                state: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, patches, feature_dim) → (B, slots, 3): positions in the units vision pretraining trained.
+        A readout with a wrist camera also takes its features and the raw robot state (B, 8)."""
+        parts = list(self._read(self.norm(self.input(features)), self.scores))
+        if self.wrist_scores is not None:
+            if wrist_features is None or state is None:
+                raise ValueError("this object readout reads the wrist camera: pass its features and the robot state")
+            parts += self._read(self.norm(self.input(wrist_features)), self.wrist_scores)
+            pose = gripper_pose(state).to(parts[0].dtype)
+            parts.append(pose[:, None].expand(-1, self.num_slots, -1))
+        return self.out(torch.cat(parts, dim=-1))
 
 
 class InstructionGrounding(nn.Module):
@@ -331,7 +361,8 @@ class OpenVLAPolicy(nn.Module):
         self.object_readout, self.object_projector, self.object_embeddings = None, None, None
         if config.object_slots:
             self.object_readout = ObjectReadout(self.vision.feature_dim, width, self.vision.num_patches,
-                                                config.object_slots, config.projector).requires_grad_(False)
+                                                config.object_slots, config.projector,
+                                                wrist=config.wrist_image).requires_grad_(False)
             self.object_projector = nn.Sequential(nn.Linear(3, width), nn.GELU(), nn.Linear(width, width))
             self.object_embeddings = nn.Embedding(config.object_slots, width)
             nn.init.normal_(self.object_embeddings.weight, std=0.02)
@@ -492,7 +523,7 @@ class OpenVLAPolicy(nn.Module):
             text = torch.cat([text[:, :-n], self.action_slots.weight[:n].to(text.dtype).expand(len(text), -1, -1)], 1)
         train_vision = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision.parameters())
         with torch.set_grad_enabled(train_vision):
-            features = self.vision(inputs["pixel_values"])
+            features, wrist = self.encode_images(inputs)
         patches = self.projector(features.to(self.projector_dtype)).to(text.dtype)
         extra, proprio = [], None
         if self.proprio_projector is not None:
@@ -508,7 +539,9 @@ class OpenVLAPolicy(nn.Module):
                 extra.append(self.keyframe_projector(prediction).to(text.dtype))
         if self.object_readout is not None:
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.object_readout.slots.requires_grad):
-                located = self.object_readout(features.to(self.projector_dtype))
+                located = self.object_readout(features.to(self.projector_dtype),
+                                              None if wrist is None else wrist.to(self.projector_dtype),
+                                              inputs.get("state"))
             objects = self.object_projector(located) + self.object_embeddings.weight.to(located.dtype)
             extra.extend(objects.to(text.dtype).unbind(1))
             if self.grounding is not None:
@@ -518,6 +551,8 @@ class OpenVLAPolicy(nn.Module):
                 features = named_object_features(logits, located, inputs["state"][:, :3])
                 named = self.named_projector(features.to(self.projector_dtype)) + self.named_embeddings.weight
                 extra.extend(named.to(text.dtype).unbind(1))
+        if wrist is not None:  # as OpenVLA-OFT: the wrist image's patches after the primary's
+            patches = torch.cat([patches, self.projector(wrist.to(self.projector_dtype)).to(text.dtype)], dim=1)
         if extra:
             patches = torch.cat([patches, torch.stack(extra, dim=1)], dim=1)
         embeds = torch.cat([text[:, :1], patches, text[:, 1:]], dim=1)
@@ -525,6 +560,15 @@ class OpenVLAPolicy(nn.Module):
         valid = torch.cat([mask[:, :1], mask.new_ones(patches.shape[:2]), mask[:, 1:]], dim=1).bool()
         positions = (valid.long().cumsum(1) - 1).clamp(min=0)
         return embeds, valid, positions, prediction
+
+    def encode_images(self, inputs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Patch features of the primary image and, for a policy with `wrist_image`, of the wrist image
+        (None otherwise), both (B, patches, feature_dim); the towers see both in one batch."""
+        if not self.config.wrist_image:
+            return self.vision(inputs["pixel_values"]), None
+        both = {name: torch.cat([pixels, inputs["wrist_pixel_values"][name]]) for name, pixels in
+                inputs["pixel_values"].items()}
+        return self.vision(both).chunk(2)
 
     @property
     def projector_dtype(self) -> torch.dtype:
@@ -553,14 +597,15 @@ class OpenVLAPolicy(nn.Module):
         """Loss (cross-entropy on action tokens and the stop token) and metrics on a reader batch.
 
         `batch`: image uint8 (B, H, W, 3), instruction list[str], action (B, 7) or (B, K, 7) normalized,
-        optional action_mask (B, K); state (B, 8) raw, when the policy uses proprioception.
+        optional action_mask (B, K); state (B, 8) raw, when the policy uses proprioception; wrist_image
+        uint8 (B, H, W, 3), when it reads the wrist camera.
         """
         for key in ("image", "instruction", "action"):
             if key not in batch:
                 raise KeyError(f"batch has no {key!r} key (keys: {', '.join(batch)})")
         inputs = self.processor(batch["image"], batch["instruction"], actions=batch["action"],
                                 action_mask=batch.get("action_mask"), states=batch.get("state"), decoding=decoding,
-                                device=self.device)
+                                wrist_images=batch.get("wrist_image"), device=self.device)
         if self.keyframe_head is not None and "keyframe_state" not in batch:
             raise KeyError(f"this policy trains a keyframe head (keyframe_loss_weight="
                            f"{self.config.keyframe_loss_weight}): the batch needs 'keyframe_state' "

@@ -177,9 +177,11 @@ class VLAProcessor:
 
     # -- the one entry point -------------------------------------------------------------------------
     def __call__(self, images, instructions: Sequence[str], actions=None, action_mask=None, states=None,
-                 decoding: str | None = None, chunk: int | None = None, device=None) -> dict[str, Any]:
+                 decoding: str | None = None, chunk: int | None = None, device=None,
+                 wrist_images=None) -> dict[str, Any]:
         """Model inputs. `actions` are normalized (B, D) or (B, K, D), as the data reader yields them;
-        `states` raw (B, proprio_dim), required by a policy with `use_proprio` (and ignored otherwise)."""
+        `states` raw (B, proprio_dim), required by a policy with `use_proprio`, and `wrist_images` uint8
+        (B, H, W, 3), required by one with `wrist_image` (each ignored otherwise)."""
         decoding = decoding or self.config.decoding
         if decoding not in DECODING_MODES:
             raise ValueError(f"unknown decoding {decoding!r}; valid: {', '.join(DECODING_MODES)}")
@@ -222,6 +224,16 @@ class VLAProcessor:
         out = {"pixel_values": self.pixel_values(images, device), "input_ids": input_ids.to(device),
                "attention_mask": attention_mask.to(device), "decoding": decoding, "chunk": chunk,
                "n_slots": slots.shape[1]}
+        if self.config.wrist_image:
+            if wrist_images is None:
+                raise ValueError("this policy reads the wrist camera (wrist_image): pass wrist images (B, H, W, 3) "
+                                 "with the images")
+            wrist_images = torch.as_tensor(wrist_images)
+            if wrist_images.ndim == 3:
+                wrist_images = wrist_images[None]
+            if len(wrist_images) != len(images):
+                raise ValueError(f"{len(images)} images but {len(wrist_images)} wrist images")
+            out["wrist_pixel_values"] = self.pixel_values(self._check_images(wrist_images, "wrist_image"), device)
         if self.config.use_proprio:
             if states is None:
                 raise ValueError("this policy uses proprioception (use_proprio): pass the robot state "
@@ -244,17 +256,8 @@ class VLAProcessor:
             instructions = [obs.get("instruction") for obs in observations]
         elif isinstance(instructions, str):
             instructions = [instructions]
-        images = []
-        for i, obs in enumerate(observations):
-            if "image" not in obs:
-                raise KeyError(f"observation {i} has no 'image' key (keys: {', '.join(obs)})")
-            image = np.asarray(obs["image"])
-            size = int(self.config.observation_image_size)
-            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-                raise ValueError(f"observation['image'] must be uint8 of shape (H, W, 3) (trained on "
-                                 f"({size}, {size}, 3)), got dtype {image.dtype} and shape {image.shape}")
-            images.append(self._check_images(torch.from_numpy(np.ascontiguousarray(image))[None],
-                                             "observation['image']")[0])
+        images = self._observation_images(observations, "image")
+        wrist_images = self._observation_images(observations, "wrist_image") if self.config.wrist_image else None
         for i, text in enumerate(instructions):
             if text is None:
                 raise ValueError(f"no instruction for observation {i}: pass instruction= or set obs['instruction']")
@@ -265,4 +268,19 @@ class VLAProcessor:
                 raise KeyError(f"observation {missing[0]} has no 'state' key, which this policy (use_proprio) "
                                f"needs (keys: {', '.join(observations[missing[0]])})")
             states = np.stack([np.asarray(obs["state"], dtype=np.float32).reshape(-1) for obs in observations])
-        return self(torch.stack(images), list(instructions), states=states, **kwargs)
+        return self(images, list(instructions), states=states, wrist_images=wrist_images, **kwargs)
+
+    def _observation_images(self, observations: Sequence[Mapping[str, Any]], key: str) -> torch.Tensor:
+        """uint8 (B, size, size, 3) from each observation's `key`, checked (and resized, with a warning)."""
+        images, size = [], int(self.config.observation_image_size)
+        for i, obs in enumerate(observations):
+            if key not in obs:
+                why = " (this policy reads the wrist camera: evaluate with wrist_camera=true)" if key == "wrist_image" else ""
+                raise KeyError(f"observation {i} has no {key!r} key{why} (keys: {', '.join(obs)})")
+            image = np.asarray(obs[key])
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+                raise ValueError(f"observation[{key!r}] must be uint8 of shape (H, W, 3) (trained on "
+                                 f"({size}, {size}, 3)), got dtype {image.dtype} and shape {image.shape}")
+            images.append(self._check_images(torch.from_numpy(np.ascontiguousarray(image))[None],
+                                             f"observation[{key!r}]")[0])
+        return torch.stack(images)

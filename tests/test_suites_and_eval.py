@@ -109,3 +109,21 @@ def test_cli_bad_backend_lists_valid_ones(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "valid backends: mujoco, pybullet" in proc.stderr
+
+
+def test_cli_turns_on_the_wrist_camera_for_a_checkpoint_that_reads_it(tmp_path):
+    from policies.openvla import OpenVLAPolicy
+    from policy_helpers import tiny
+
+    tiny(OpenVLAPolicy, wrist_image=True).save_pretrained(tmp_path / "policy")
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "embodied.eval", f"policy={tmp_path / 'policy'}", "backend=mujoco",
+                           "episodes_per_task=1", "tasks=[ReachTarget]", "num_envs=1", "videos_per_task=0",
+                           f"output_dir={out}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["overall"]["episodes"] == 1
+    proc = subprocess.run([sys.executable, "-m", "embodied.eval", f"policy={tmp_path / 'policy'}", "backend=mujoco",
+                           "episodes_per_task=1", "tasks=[ReachTarget]", "num_envs=1", "videos_per_task=0",
+                           "wrist_camera=false", f"output_dir={tmp_path / 'refused'}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "no 'wrist_image' key" in proc.stderr

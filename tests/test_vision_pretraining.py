@@ -226,3 +226,70 @@ def test_named_objects_errors():
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert any("named_projector" in n for n in trainable) and any("named_embeddings" in n for n in trainable)
     assert not any("grounding" in n for n in trainable)
+
+
+def test_wrist_camera_layouts_carry_the_wrist_image_and_the_robot_state():
+    layouts = render_layouts("PickCube", [3, 4], image_size=SMALL, arm_steps=0, wrist_camera=True)
+    env = TabletopEnv("PickCube", image_size=SMALL, wrist_camera=True)
+    try:
+        for i, seed in enumerate([3, 4]):
+            obs, _ = env.reset(seed=seed)
+            np.testing.assert_array_equal(layouts["wrist_images"][i], obs["wrist_image"])
+            np.testing.assert_array_equal(layouts["states"][i], obs["state"])
+    finally:
+        env.close()
+    assert "wrist_images" not in render_layouts("PickCube", [3], image_size=SMALL, arm_steps=0)
+
+
+def test_wrist_camera_policy_reads_both_images_and_places_objects_with_the_gripper_pose(tmp_path):
+    import policies
+    from embodied.vision_pretraining import VisionPretrainingConfig, pretrain_vision
+    from policies.openvla import OpenVLAPolicy
+    from policy_helpers import batch, observations, tiny
+
+    policy = tiny(OpenVLAPolicy, wrist_image=True, object_slots=len(SLOTS), named_objects=MAX_NAMED, use_proprio=True,
+                  train_vision=False, decoding="parallel", action_chunk=2)
+    report = pretrain_vision(policy, VisionPretrainingConfig(layouts=20, steps=20, batch_size=4, num_workers=1,
+                                                             arm_steps=2, suite="tabletop_pick_place"))
+    assert report["final_loss"] < report["first_loss"], report
+    data = batch(size=4, chunk=2, seed=3)
+    data["state"] = torch.tensor([[0.45, 0.0, 0.3, 1, 0, 0, 0, 1]] * 4)
+    with pytest.raises(ValueError, match="pass wrist images"):
+        policy(data)
+    data["wrist_image"] = batch(size=4, seed=4)["image"]
+    loss, _ = policy(data)
+    loss.backward()
+    assert policy.projector[0].weight.grad.abs().sum() > 0
+    obs = [dict(o, state=s.numpy()) for o, s in zip(observations(data), data["state"])]
+    with pytest.raises(KeyError, match="no 'wrist_image' key.*wrist_camera=true"):
+        policy.processor.from_observations(obs)
+    obs = [dict(o, wrist_image=w.numpy()) for o, w in zip(obs, data["wrist_image"])]
+    inputs = policy.processor.from_observations(obs)
+    with torch.no_grad():
+        logits = policy._slot_logits(inputs)
+        located = policy.object_readout(*[f.float() for f in policy.encode_images(inputs)], inputs["state"])
+        # another wrist image alone moves the located objects and the actions' logits
+        other = policy.processor.from_observations([dict(o, wrist_image=np.zeros_like(o["wrist_image"])) for o in obs])
+        moved = policy.object_readout(*[f.float() for f in policy.encode_images(other)], other["state"])
+        assert (moved - located).abs().max() > 1e-4
+        assert (policy._slot_logits(other) - logits).abs().max() > 1e-4
+        # so does the gripper's pose, which places what the wrist camera sees
+        lifted = dict(inputs, state=inputs["state"] + torch.tensor([0.0, 0.0, 0.1, 0, 0, 0, 0, 0]))
+        assert (policy.object_readout(*[f.float() for f in policy.encode_images(inputs)], lifted["state"])
+                - located).abs().max() > 1e-4
+    policy.save_pretrained(tmp_path)
+    loaded = policies.load_pretrained(tmp_path)
+    assert loaded.config.wrist_image
+    assert np.array_equal(loaded.predict_actions(obs), policy.predict_actions(obs))
+    with pytest.raises(ValueError, match="object_slots with wrist_image needs use_proprio=true"):
+        OpenVLAPolicy.default_config("tiny", wrist_image=True, object_slots=10, train_vision=False).validate()
+
+
+def test_gripper_pose_makes_the_quaternion_sign_canonical():
+    from policies.openvla import gripper_pose
+
+    state = torch.tensor([[0.6, 0.1, 0.2, 0.1, -0.9, 0.1, 0.2, 1.0]])
+    flipped = state.clone()
+    flipped[:, 3:7] *= -1
+    torch.testing.assert_close(gripper_pose(state), gripper_pose(flipped))
+    torch.testing.assert_close(gripper_pose(state)[0, :3], torch.tensor([1.0, 1.0, 1.0]))
