@@ -16,7 +16,8 @@ translation x, y, z), from these inputs:
   and, if it also has `policy.named_objects`, the named objects as its grounding picks them from the
   located ones (what its named-object tokens carry).
 It also reports the readout's error on these episode frames, where the arm is near or holding the
-objects (vision pretraining measures it on rendered layouts).
+objects (vision pretraining measures it on rendered layouts). A policy with `wrist_image` gets the
+episodes' wrist images too.
 """
 from __future__ import annotations
 
@@ -41,9 +42,11 @@ def expert_episodes(args) -> dict[str, np.ndarray]:
     from envs.rendering import configure_mujoco_gl
 
     configure_mujoco_gl()
-    task, seeds, image_size, noise = args
-    env = TabletopEnv(task, backend="mujoco", image_size=image_size)
+    task, seeds, image_size, noise, wrist = args
+    env = TabletopEnv(task, backend="mujoco", image_size=image_size, wrist_camera=wrist)
     rows = {k: [] for k in ("image", "state", "positions", "present", "named", "action", "instruction", "episode")}
+    if wrist:
+        rows["wrist_image"] = []
     try:
         for seed in seeds:
             obs, _ = env.reset(seed=seed)
@@ -55,6 +58,8 @@ def expert_episodes(args) -> dict[str, np.ndarray]:
                                    ("present", present), ("named", named_slots(env)), ("action", label[:3]), ("instruction", env.instruction),
                                    ("episode", seed)):
                     rows[key].append(value)
+                if wrist:
+                    rows["wrist_image"].append(obs["wrist_image"])
                 executed = label.copy()
                 executed[:3] += rng.normal(0.0, noise, 3)
                 obs, _, terminated, truncated, _ = env.step(executed)
@@ -102,7 +107,8 @@ def main(argv=None) -> dict:
     image_size = int(policy.config.observation_image_size) if policy is not None else args.image_size
     tasks, colours = list(TASKS), list(COLORS)
     per_task = args.train_episodes + args.heldout_episodes
-    jobs = [(task, list(range(100 + 1000 * i, 100 + 1000 * i + per_task)), image_size, args.noise)
+    wrist = bool(getattr(getattr(policy, "config", None), "wrist_image", False))
+    jobs = [(task, list(range(100 + 1000 * i, 100 + 1000 * i + per_task)), image_size, args.noise, wrist)
             for i, task in enumerate(tasks)]
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         episodes = dict(zip(tasks, pool.map(expert_episodes, jobs)))
@@ -127,11 +133,17 @@ def main(argv=None) -> dict:
                     "present": data["present"][keep].astype(np.float32),
                     "true_named": named_features(true, data["named"][keep], tcp)}
             if policy is not None:
-                images = data["image"][keep]
+                images, states = data["image"][keep], torch.from_numpy(data["state"][keep])
+                wrist_images = data["wrist_image"][keep] if wrist else None
+
+                def locate(rows: slice) -> np.ndarray:
+                    inputs = {"pixel_values": policy.processor.pixel_values(torch.from_numpy(images[rows]))}
+                    if wrist:
+                        inputs["wrist_pixel_values"] = policy.processor.pixel_values(torch.from_numpy(wrist_images[rows]))
+                    return policy.object_readout(*policy.encode_images(inputs), states[rows]).numpy()
+
                 with torch.no_grad():
-                    located = np.concatenate([
-                        policy.object_readout(policy.vision(policy.processor.pixel_values(torch.from_numpy(images[i:i + 128]))))
-                        .numpy() for i in range(0, n, 128)])
+                    located = np.concatenate([locate(slice(i, i + 128)) for i in range(0, n, 128)])
                 part["located"] = np.concatenate([located, located - tcp], 1).reshape(n, -1)
                 part["located_error_cm"] = np.linalg.norm(located - true, axis=-1) * SCALE * 100
                 if grounding is not None:

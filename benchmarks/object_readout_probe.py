@@ -109,6 +109,9 @@ def main(argv=None) -> dict:
     policy = policies.load_pretrained(args.policy).eval()
     if policy.object_readout is None:
         raise SystemExit(f"{args.policy} has no object readout (policy.object_slots=0)")
+    if policy.config.wrist_image:
+        raise SystemExit(f"{args.policy} reads the wrist camera; this probe reads the primary camera's recorded frames "
+                         "only: use benchmarks/action_learnability.py")
     train, heldout = frames(policy, args.train, args.stride), frames(policy, args.heldout, 1)
     base = ["state", "task", "words"]
     report = {"policy": args.policy, "train_frames": len(train["action"]), "heldout_frames": len(heldout["action"]),
