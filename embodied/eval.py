@@ -16,9 +16,10 @@ def config_from_hydra(cfg: DictConfig, image_size: int = 224, wrist_camera: bool
     if isinstance(randomization, DictConfig):
         randomization = OmegaConf.to_container(randomization)
     tasks = list(cfg.tasks) if cfg.tasks else None
+    wrist = wrist_camera if cfg.wrist_camera is None else cfg.wrist_camera
     return EvalConfig(suite=cfg.suite, backend=cfg.backend, episodes_per_task=int(cfg.episodes_per_task), tasks=tasks,
                       num_envs=int(cfg.num_envs), seed=int(cfg.seed), randomization=randomization,
-                      image_size=int(cfg.image_size or image_size), wrist_camera=bool(wrist_camera if cfg.wrist_camera is None else cfg.wrist_camera),
+                      image_size=int(cfg.image_size or image_size), wrist_camera=bool(wrist),
                       videos_per_task=int(cfg.videos_per_task), vector=cfg.vector)
 
 

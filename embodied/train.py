@@ -112,7 +112,8 @@ def _note_reused_collection(dataset_dir: Path, collect_cfg: DictConfig) -> None:
     found = sorted(dataset_dir.glob("*/metadata.json"))
     if not found:
         return
-    recorded = {"action_noise": 0.0, "min_steps_per_task": 0, "wrist_camera": False,  # datasets from before these options
+    # datasets from before these options lack them
+    recorded = {"action_noise": 0.0, "min_steps_per_task": 0, "wrist_camera": False,
                 **json.loads(found[-1].read_text()).get("collect_config", {})}
     keys = ("episodes_per_task", "min_steps_per_task", "image_size", "action_noise", "wrist_camera")
     differ = {k: (recorded.get(k), collect_cfg.get(k)) for k in keys

@@ -275,7 +275,8 @@ class VLAProcessor:
         images, size = [], int(self.config.observation_image_size)
         for i, obs in enumerate(observations):
             if key not in obs:
-                why = " (this policy reads the wrist camera: evaluate with wrist_camera=true)" if key == "wrist_image" else ""
+                why = (" (this policy reads the wrist camera; in simulation, run the env with wrist_camera=true)"
+                       if key == "wrist_image" else "")
                 raise KeyError(f"observation {i} has no {key!r} key{why} (keys: {', '.join(obs)})")
             image = np.asarray(obs[key])
             if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:

@@ -261,7 +261,7 @@ def test_wrist_camera_policy_reads_both_images_and_places_objects_with_the_gripp
     loss.backward()
     assert policy.projector[0].weight.grad.abs().sum() > 0
     obs = [dict(o, state=s.numpy()) for o, s in zip(observations(data), data["state"])]
-    with pytest.raises(KeyError, match="no 'wrist_image' key.*wrist_camera=true"):
+    with pytest.raises(KeyError, match="no 'wrist_image' key.*wrist camera.*wrist_camera=true"):
         policy.processor.from_observations(obs)
     obs = [dict(o, wrist_image=w.numpy()) for o, w in zip(obs, data["wrist_image"])]
     inputs = policy.processor.from_observations(obs)
