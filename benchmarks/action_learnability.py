@@ -133,17 +133,13 @@ def main(argv=None) -> dict:
                     "present": data["present"][keep].astype(np.float32),
                     "true_named": named_features(true, data["named"][keep], tcp)}
             if policy is not None:
-                images, states = data["image"][keep], torch.from_numpy(data["state"][keep])
+                images, states = data["image"][keep], data["state"][keep]
                 wrist_images = data["wrist_image"][keep] if wrist else None
-
-                def locate(rows: slice) -> np.ndarray:
-                    inputs = {"pixel_values": policy.processor.pixel_values(torch.from_numpy(images[rows]))}
-                    if wrist:
-                        inputs["wrist_pixel_values"] = policy.processor.pixel_values(torch.from_numpy(wrist_images[rows]))
-                    return policy.object_readout(*policy.encode_images(inputs), states[rows]).numpy()
-
                 with torch.no_grad():
-                    located = np.concatenate([locate(slice(i, i + 128)) for i in range(0, n, 128)])
+                    located = np.concatenate([
+                        policy.locate_objects(images[i:i + 128], states[i:i + 128],
+                                              None if wrist_images is None else wrist_images[i:i + 128]).numpy()
+                        for i in range(0, n, 128)])
                 part["located"] = np.concatenate([located, located - tcp], 1).reshape(n, -1)
                 part["located_error_cm"] = np.linalg.norm(located - true, axis=-1) * SCALE * 100
                 if grounding is not None:

@@ -49,8 +49,7 @@ def frames(policy, data: str, stride: int) -> dict[str, np.ndarray]:
     located = []
     with torch.no_grad():
         for i in range(0, len(images), 128):
-            pixels = policy.processor.pixel_values(torch.from_numpy(images[i:i + 128]))
-            located.append(policy.object_readout(policy.vision(pixels)).numpy())
+            located.append(policy.locate_objects(images[i:i + 128]).numpy())
     located = np.concatenate(located)
     states = np.stack(states)
     relative = located - ((states[:, :3] - CENTRE) / SCALE)[:, None]

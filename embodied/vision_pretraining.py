@@ -156,14 +156,8 @@ def pretrain_vision(policy, config: VisionPretrainingConfig, run_dir: Path | Non
     def predict(idx: np.ndarray, shuffled: np.ndarray | None = None) -> torch.Tensor:
         """The readout's positions for layouts `idx`; `shuffled`: show these layouts' images instead."""
         shown = idx if shuffled is None else shuffled
-        inputs = {"pixel_values": policy.processor.pixel_values(torch.from_numpy(data["images"][shown]), device=device)}
-        if wrist:
-            inputs["wrist_pixel_values"] = policy.processor.pixel_values(torch.from_numpy(data["wrist_images"][shown]),
-                                                                         device=device)
-        features, wrist_features = policy.encode_images(inputs)
-        return readout(features.to(policy.projector_dtype),
-                       None if wrist_features is None else wrist_features.to(policy.projector_dtype),
-                       torch.from_numpy(data["states"][idx]).to(device)).float()
+        return policy.locate_objects(data["images"][shown], data["states"][idx],
+                                     data["wrist_images"][shown] if wrist else None, readout=readout).float()
 
     def heldout_errors(shuffle: bool = False) -> np.ndarray:
         shown = heldout[np.random.default_rng(1).permutation(len(heldout))] if shuffle else heldout

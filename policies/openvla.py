@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from embodied.data.statistics import STATISTICS_FILENAME, load_dataset_statistics, save_dataset_statistics
-from policies.processor import DECODING_MODES, VLAProcessor
+from policies.processor import DECODING_MODES, VLAProcessor, canonical_quaternions
 from policies.sizes import get_size
 
 OPENVLA_PROMPT = "In: What action should the robot take to {instruction}?\nOut:"
@@ -226,14 +226,15 @@ class KeyframeHead(nn.Module):
 POSITION_CENTRE, POSITION_SCALE = (0.5, 0.0, 0.1), 0.1
 
 
+def readout_units(positions: torch.Tensor) -> torch.Tensor:
+    """Positions in metres (..., 3) → the object readout's units."""
+    return (positions.float() - torch.tensor(POSITION_CENTRE, device=positions.device)) / POSITION_SCALE
+
+
 def gripper_pose(state: torch.Tensor) -> torch.Tensor:
     """Raw states (B, 8) → (B, 7): the position in readout units, then the quaternion with its sign made
-    canonical (largest-magnitude component positive: q and -q are the same orientation)."""
-    state = state.float()
-    centre = torch.tensor(POSITION_CENTRE, device=state.device)
-    quat = state[:, 3:7]
-    largest = quat.gather(1, quat.abs().argmax(1, keepdim=True))
-    return torch.cat([(state[:, :3] - centre) / POSITION_SCALE, torch.where(largest < 0, -quat, quat)], dim=1)
+    canonical, as the proprio token has it."""
+    return torch.cat([readout_units(state[:, :3]), canonical_quaternions(state[:, 3:7].float())], dim=1)
 
 
 class ObjectReadout(nn.Module):
@@ -318,8 +319,7 @@ def named_object_features(logits: torch.Tensor, located: torch.Tensor, tcp: torc
     same from the tool centre point, and the probability that none is named; readout units."""
     probs = logits.float().softmax(-1)
     position = probs[..., :-1] @ located.float()
-    centre = torch.tensor(POSITION_CENTRE, device=tcp.device)
-    relative = position - ((tcp.float() - centre) / POSITION_SCALE)[:, None]
+    relative = position - readout_units(tcp)[:, None]
     return torch.cat([position, relative, probs[..., -1:]], dim=-1)
 
 
@@ -513,7 +513,8 @@ class OpenVLAPolicy(nn.Module):
 
     # -- the shared forward pass --------------------------------------------------------------------------
     def _embed(self, inputs: Mapping[str, Any], keyframe: bool = False):
-        """Token embeddings: image patches (then the proprio, keyframe, object and named-object tokens, if used) after BOS, slot
+        """Token embeddings: image patches (then the wrist image's patches and the proprio, keyframe, object and
+        named-object tokens, if used) after BOS, slot
         embeddings on the parallel slots. Returns (embeds, valid, positions, keyframe prediction), the
         prediction None unless `keyframe` is asked for or the policy reads it as a token."""
         embed = self.llm.get_input_embeddings()
@@ -569,6 +570,21 @@ class OpenVLAPolicy(nn.Module):
         both = {name: torch.cat([pixels, inputs["wrist_pixel_values"][name]]) for name, pixels in
                 inputs["pixel_values"].items()}
         return self.vision(both).chunk(2)
+
+    def locate_objects(self, images, states=None, wrist_images=None, readout: nn.Module | None = None) -> torch.Tensor:
+        """Where each object slot is (B, slots, 3), in readout units, from uint8 images (B, H, W, 3), raw
+        states (B, 8) and, for a policy with `wrist_image`, wrist images. `readout`: one other than the
+        policy's own over the same towers (vision pretraining's, for a policy without object tokens)."""
+        readout = self.object_readout if readout is None else readout
+        if readout is None:
+            raise ValueError("this policy has no object readout (policy.object_slots=0)")
+        inputs = {"pixel_values": self.processor.pixel_values(torch.as_tensor(images), device=self.device)}
+        if self.config.wrist_image:
+            inputs["wrist_pixel_values"] = self.processor.pixel_values(torch.as_tensor(wrist_images), device=self.device)
+        features, wrist = self.encode_images(inputs)
+        dtype = self.projector_dtype
+        return readout(features.to(dtype), None if wrist is None else wrist.to(dtype),
+                       None if states is None else torch.as_tensor(states).to(self.device))
 
     @property
     def projector_dtype(self) -> torch.dtype:

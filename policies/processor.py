@@ -30,6 +30,13 @@ from policies.action_tokenizer import ActionTokenizer
 DECODING_MODES = ("autoregressive", "parallel")
 
 
+def canonical_quaternions(quat: torch.Tensor) -> torch.Tensor:
+    """(B, 4) quaternions with the sign made canonical (largest-magnitude component positive): q and -q
+    are the same orientation, and simulators and robots report either."""
+    largest = quat.gather(1, quat.abs().argmax(1, keepdim=True))
+    return torch.where(largest < 0, -quat, quat)
+
+
 class VLAProcessor:
     def __init__(self, config, tokenizer, statistics: Mapping[str, Any] | None = None):
         self.config = config
@@ -108,9 +115,7 @@ class VLAProcessor:
         if not np.isfinite(states).all():
             raise ValueError("states contain NaN or infinite values")
         if self.config.proprio_dim == 8:  # the common layout: position 3, quaternion xyzw 4, gripper 1
-            quat = states[:, 3:7]
-            largest = np.take_along_axis(quat, np.abs(quat).argmax(1)[:, None], axis=1)
-            states[:, 3:7] = np.where(largest < 0, -quat, quat)
+            states[:, 3:7] = canonical_quaternions(torch.from_numpy(states[:, 3:7])).numpy()
         stats = self.action_statistics(unnorm_key, part="proprio")
         return torch.from_numpy(normalize(states, stats, NormalizationMode.parse(self.config.normalization))
                                 .astype(np.float32))
