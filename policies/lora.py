@@ -29,7 +29,7 @@ class LoraSettings:
     target_modules: str | list[str] = "all-linear"  # "all-linear", or module name suffixes (e.g. ["q_proj", "v_proj"])
     lora_parts: list[str] = field(default_factory=lambda: [LLM_PART])  # where adapters go: "llm", "vision"
     train_vision: bool = False  # vision towers trained in full (saved with the adapter)
-    train_projector: bool = True  # projector, slot embeddings (and proprio projector) trained in full (saved with the adapter)
+    train_projector: bool = True  # projector, slot embeddings (and L1 head, proprio projector) trained in full (saved with the adapter)
     init_lora_weights: str | bool = "gaussian"
 
 
@@ -64,7 +64,7 @@ def apply_lora(policy: nn.Module, settings: LoraSettings | None = None):
     modules_to_save = []
     if settings.train_projector:
         modules_to_save += ["projector", "action_slots"]
-        modules_to_save += [name for name in ("proprio_projector", "keyframe_head", "keyframe_projector",
+        modules_to_save += [name for name in ("action_head", "proprio_projector", "keyframe_head", "keyframe_projector",
                                               "object_projector", "object_embeddings", "named_projector",
                                               "named_embeddings")
                             if getattr(policy, name, None) is not None]

@@ -10,6 +10,10 @@
   "autoregressive" — OpenVLA's: greedy, one token per LLM step (KV cache), constrained to action ids;
   "parallel" — OpenVLA-OFT's: K*7 action slots (learned embeddings) after the prompt attend to each
   other bidirectionally and all K actions come out of a single forward pass.
+- Action head, selectable at training (`action_head`): "tokens" — OpenVLA's 256-bin tokens from the
+  LM head (cross-entropy); "l1" — OpenVLA-OFT's L1 regression head: the parallel slots' final hidden
+  states, the 7 of each action concatenated, go through an MLP with residual blocks to continuous
+  normalized actions (L1 loss). It needs parallel decoding.
 - Proprioception (`use_proprio`, off by default as in OpenVLA): OpenVLA-OFT's projected state token,
   placed after the image patches.
 - Keyframe head (`keyframe_loss_weight > 0`): an auxiliary regression of the state at the episode's
@@ -59,6 +63,7 @@ class VLAConfig:
     action_chunk: int = 1  # K actions per prediction
     n_action_steps: int | None = None  # actions of each chunk executed before predicting again (None: all K)
     decoding: str = "autoregressive"  # | "parallel"
+    action_head: str = "tokens"  # | "l1": OpenVLA-OFT's L1 regression head on the parallel slots (continuous actions)
     observation_image_size: int = 224  # the camera images the policy is trained on (resized to each tower's size)
     normalization: str = "bounds_q99"
     unnorm_key: str | None = None
@@ -88,6 +93,11 @@ class VLAConfig:
     def validate(self) -> None:
         if self.decoding not in DECODING_MODES:
             raise ValueError(f"unknown decoding {self.decoding!r}; valid: {', '.join(DECODING_MODES)}")
+        if self.action_head not in ACTION_HEADS:
+            raise ValueError(f"unknown action_head {self.action_head!r}; valid: {', '.join(ACTION_HEADS)}")
+        if self.action_head == "l1" and self.decoding != "parallel":
+            raise ValueError(f"action_head='l1' regresses the parallel slots' hidden states: it needs "
+                             f"decoding='parallel', got {self.decoding!r}")
         if self.action_chunk < 1:
             raise ValueError(f"action_chunk must be >= 1, got {self.action_chunk}")
         if self.n_action_steps is not None and not 1 <= self.n_action_steps <= self.action_chunk:
@@ -171,6 +181,7 @@ def fused_gelu_mlp(in_dim: int, out_dim: int) -> nn.Module:
 
 
 PROJECTORS = {"fused_gelu_mlp": fused_gelu_mlp, "linear": nn.Linear}
+ACTION_HEADS = ("tokens", "l1")
 
 
 def action_token_loss(logits: torch.Tensor, targets: torch.Tensor, tokenizer, sigma_bins: float = 0.0) -> torch.Tensor:
@@ -188,6 +199,26 @@ def action_token_loss(logits: torch.Tensor, targets: torch.Tensor, tokenizer, si
     soft = soft / soft.sum(-1, keepdim=True)
     smoothed = -(soft * tokenizer.logits_to_bins(log_probs)).sum(-1)
     return torch.where(tokenizer.is_action_token(targets), smoothed, one_hot)
+
+
+class L1RegressionHead(nn.Module):
+    """OpenVLA-OFT's action head: per action of the chunk, the final hidden states of its `action_dim`
+    slots, concatenated, → an MLP with residual blocks → `action_dim` normalized values."""
+
+    def __init__(self, width: int, action_dim: int, blocks: int = 2):
+        super().__init__()
+        self.action_dim = action_dim
+        self.inp = nn.Sequential(nn.LayerNorm(width * action_dim), nn.Linear(width * action_dim, width), nn.ReLU())
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.ReLU())
+                                    for _ in range(blocks))
+        self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, action_dim))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, K*action_dim, width) slot states → (B, K, action_dim) normalized actions."""
+        x = self.inp(hidden.reshape(len(hidden), -1, self.action_dim * hidden.shape[-1]))
+        for block in self.blocks:
+            x = x + block(x)
+        return self.out(x)
 
 
 def patch_grid(num_patches: int, what: str) -> torch.Tensor:
@@ -349,6 +380,7 @@ class OpenVLAPolicy(nn.Module):
         # One learned embedding per action slot of parallel decoding (K*7 slots).
         self.action_slots = nn.Embedding(config.action_chunk * config.action_dim, width)
         nn.init.normal_(self.action_slots.weight, std=0.02)
+        self.action_head = L1RegressionHead(width, config.action_dim) if config.action_head == "l1" else None
         # OFT's proprio projector: the normalized state becomes one token after the image patches.
         self.proprio_projector = nn.Sequential(nn.Linear(config.proprio_dim, width), nn.GELU(),
                                                nn.Linear(width, width)) if config.use_proprio else None
@@ -609,8 +641,24 @@ class OpenVLAPolicy(nn.Module):
         # Parallel: each slot predicts its own token. Autoregressive: position t predicts token t+1.
         return out.logits if parallel else out.logits[:, :-1]
 
+    def _check_decoding(self, decoding: str | None) -> str:
+        decoding = decoding or self.config.decoding
+        if self.action_head is not None and decoding != "parallel":
+            raise ValueError(f"this policy regresses actions from the parallel slots (action_head='l1'): it cannot "
+                             f"decode {decoding!r}")
+        return decoding
+
+    def _regress_actions(self, inputs: Mapping[str, Any], embedded=None) -> torch.Tensor:
+        """Normalized actions (B, K, action_dim) from the L1 head over the parallel slots' final hidden states."""
+        embeds, valid, positions, _ = embedded if embedded is not None else self._embed(inputs)
+        n = inputs["n_slots"]
+        hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=self._attention(valid, n),
+                                        position_ids=positions, use_cache=False).last_hidden_state[:, -n:]
+        return self.action_head(hidden)
+
     def forward(self, batch: Mapping[str, Any], decoding: str | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss (cross-entropy on action tokens and the stop token) and metrics on a reader batch.
+        """Loss and metrics on a reader batch: cross-entropy on the action tokens (and the stop token), or, with
+        the L1 head, the mean absolute error of the normalized actions; `action_l1` is the same error for both.
 
         `batch`: image uint8 (B, H, W, 3), instruction list[str], action (B, 7) or (B, K, 7) normalized,
         optional action_mask (B, K); state (B, 8) raw, when the policy uses proprioception; wrist_image
@@ -620,20 +668,34 @@ class OpenVLAPolicy(nn.Module):
             if key not in batch:
                 raise KeyError(f"batch has no {key!r} key (keys: {', '.join(batch)})")
         inputs = self.processor(batch["image"], batch["instruction"], actions=batch["action"],
-                                action_mask=batch.get("action_mask"), states=batch.get("state"), decoding=decoding,
-                                wrist_images=batch.get("wrist_image"), device=self.device)
+                                action_mask=batch.get("action_mask"), states=batch.get("state"),
+                                decoding=self._check_decoding(decoding), wrist_images=batch.get("wrist_image"),
+                                device=self.device)
         if self.keyframe_head is not None and "keyframe_state" not in batch:
             raise KeyError(f"this policy trains a keyframe head (keyframe_loss_weight="
                            f"{self.config.keyframe_loss_weight}): the batch needs 'keyframe_state' "
                            f"(data.keyframe_states=true); keys: {', '.join(batch)}")
         with self._autocast():
             embedded = self._embed(inputs, keyframe=True)
-            logits = self._slot_logits(inputs, embedded)
+            if self.action_head is None:
+                logits = self._slot_logits(inputs, embedded)
+            else:
+                regressed = self._regress_actions(inputs, embedded).float()
             keyframe = embedded[3]
+        tok = self.processor.action_tokenizer
         targets, weights = inputs["target_ids"], inputs["target_weights"]
-        losses = action_token_loss(logits.float(), targets, self.processor.action_tokenizer,
-                                   self.config.label_sigma_bins)
-        loss = (losses * weights).sum() / weights.sum().clamp(min=1)
+        n_act = inputs["chunk"] * self.config.action_dim  # the stop token (autoregressive) is not an action
+        if self.action_head is None:
+            losses = action_token_loss(logits.float(), targets, tok, self.config.label_sigma_bins)
+            loss = (losses * weights).sum() / weights.sum().clamp(min=1)
+            with torch.no_grad():
+                predicted = tok.logits_to_bins(logits[:, :n_act]).argmax(-1) + tok.first_id
+                errors = (tok.decode(predicted) - tok.decode(targets[:, :n_act])).abs()
+        else:
+            errors = (regressed - inputs["actions"]).abs().flatten(1)
+            loss = (errors * weights).sum() / weights.sum().clamp(min=1)
+            with torch.no_grad():
+                predicted = tok.encode(regressed.detach()).reshape(len(regressed), -1).to(targets.device)
         extra = {}
         if keyframe is not None:
             target = self.processor.normalize_states(batch["keyframe_state"]).to(keyframe.device)
@@ -641,12 +703,9 @@ class OpenVLAPolicy(nn.Module):
             loss = loss + self.config.keyframe_loss_weight * keyframe_loss
             extra["keyframe_loss"] = float(keyframe_loss.detach())
         with torch.no_grad():
-            n_act = inputs["chunk"] * self.config.action_dim  # the stop token (autoregressive) is not an action
-            tok = self.processor.action_tokenizer
-            predicted = tok.logits_to_bins(logits[:, :n_act]).argmax(-1) + tok.first_id
             w = weights[:, :n_act]
             correct = ((predicted == targets[:, :n_act]).float() * w).sum() / w.sum().clamp(min=1)
-            l1 = ((tok.decode(predicted) - tok.decode(targets[:, :n_act])).abs() * w).sum() / w.sum().clamp(min=1)
+            l1 = (errors.detach() * w).sum() / w.sum().clamp(min=1)
         metrics = {"loss": float(loss.detach()), "action_accuracy": float(correct), "action_l1": float(l1), **extra}
         return loss, metrics
 
@@ -654,6 +713,9 @@ class OpenVLAPolicy(nn.Module):
     @torch.inference_mode()
     def predict_action_tokens(self, inputs: Mapping[str, Any], num_actions: int | None = None) -> torch.Tensor:
         """(B, K*7) action token ids, decoding constrained to the action ids."""
+        if self.action_head is not None:
+            raise ValueError("this policy regresses continuous actions (action_head='l1'), it emits no action "
+                             "tokens: use predict_actions")
         tok = self.processor.action_tokenizer
         with self._autocast():
             if inputs["decoding"] == "parallel":
@@ -690,11 +752,15 @@ class OpenVLAPolicy(nn.Module):
 
         K is the config's action_chunk; autoregressive decoding may ask for another `num_actions`.
         """
-        decoding = decoding or self.config.decoding
+        decoding = self._check_decoding(decoding)
         if decoding == "parallel" and num_actions not in (None, self.config.action_chunk):
             raise ValueError(f"parallel decoding predicts action_chunk={self.config.action_chunk} actions, "
                              f"not num_actions={num_actions}")
         inputs = self.processor.from_observations(observations, instructions, decoding=decoding, device=self.device)
+        if self.action_head is not None:
+            with torch.inference_mode(), self._autocast():
+                normalized = self._regress_actions(inputs).float().clamp(-1, 1).cpu().numpy()
+            return self.processor.unnormalize_actions(normalized, unnorm_key).astype(np.float32)
         ids = self.predict_action_tokens(inputs, num_actions)
         return self.processor.decode_actions(ids, unnorm_key)
 

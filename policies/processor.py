@@ -250,6 +250,7 @@ class VLAProcessor:
         if target_ids is not None:
             out["target_ids"] = target_ids.to(device)
             out["target_weights"] = target_weights.to(device)
+            out["actions"] = actions.to(device)  # normalized (B, K, D): the L1 head's targets
         return out
 
     def from_observations(self, observations: Sequence[Mapping[str, Any]], instructions: Sequence[str] | None = None,

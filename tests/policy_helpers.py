@@ -53,6 +53,21 @@ def train_until_exact(model, data: dict, lr: float = 2e-3, max_steps: int = 300)
     return metrics
 
 
+def train_steps(model, data: dict, steps: int = 200, lr: float = 2e-3) -> tuple[dict, dict]:
+    """Adam steps on one batch; returns the first and the last step's metrics."""
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    first = metrics = None
+    for _ in range(steps):
+        loss, metrics = model(data)
+        first = first or metrics
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    return first, metrics
+
+
 def observations(data: dict) -> list[dict]:
     return [{"image": image.numpy(), "instruction": text} for image, text in zip(data["image"], data["instruction"])]
 

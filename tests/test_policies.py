@@ -11,7 +11,7 @@ import torch
 import policies
 from embodied.data.statistics import normalize, unnormalize
 from policies import ActionTokenizer, OpenVLAPolicy, RT2Policy
-from policy_helpers import single_thread, IMAGE, batch, observations, statistics, tiny, train_until_exact  # noqa: F401 (autouse fixture)
+from policy_helpers import single_thread, IMAGE, batch, observations, statistics, tiny, train_steps, train_until_exact  # noqa: F401 (autouse fixture)
 
 
 # -- action tokens ---------------------------------------------------------------------------------
@@ -135,6 +135,36 @@ def test_parallel_chunk_decoding_overfits_with_masked_steps():
     policy.reset()
     first = [policy.select_action(observations(data)[1]) for _ in range(3)]
     np.testing.assert_allclose(np.stack(first), actions[1], atol=1e-6)
+
+
+def test_l1_head_regresses_continuous_actions_and_round_trips(tmp_path):
+    policy = tiny(OpenVLAPolicy, decoding="parallel", action_chunk=3, action_head="l1")
+    data = batch(chunk=3, seed=2)
+    data["action_mask"][0, 2] = False  # past the episode's end: no loss there
+    first, metrics = train_steps(policy, data)
+    assert metrics["loss"] == pytest.approx(metrics["action_l1"])  # the loss is the mean absolute error
+    assert metrics["action_l1"] < 0.1 * first["action_l1"]
+    # continuous predictions: finer than a bin, not snapped to bin centres
+    actions = policy.predict_actions(observations(data))
+    assert actions.shape == (4, 3, 7)
+    mask = data["action_mask"].numpy()
+    target = policy.processor.unnormalize_actions(data["action"].numpy())
+    assert np.abs(actions[mask] - target[mask]).mean() < np.abs(target[mask]).mean() * 0.2
+    centres = policy.processor.unnormalize_actions(policy.processor.action_tokenizer.bin_centers[:, None].repeat(7, 1))
+    assert not np.isin(actions[..., 0], centres[:, 0]).all()
+    policy.save_pretrained(tmp_path / "l1")
+    loaded = policies.load_pretrained(tmp_path / "l1")
+    assert loaded.config.action_head == "l1"
+    np.testing.assert_array_equal(loaded.predict_actions(observations(data)), actions)
+    # it has no tokens to decode, and it needs the parallel slots
+    with pytest.raises(ValueError, match="cannot decode 'autoregressive'"):
+        loaded.predict_actions(observations(data), decoding="autoregressive")
+    with pytest.raises(ValueError, match="emits no action tokens"):
+        loaded.predict_action_tokens(loaded.processor.from_observations(observations(data)))
+    with pytest.raises(ValueError, match="needs decoding='parallel'"):
+        tiny(OpenVLAPolicy, action_head="l1")
+    with pytest.raises(ValueError, match="unknown action_head 'mse'; valid: tokens, l1"):
+        tiny(OpenVLAPolicy, decoding="parallel", action_head="mse")
 
 
 def test_proprio_token_lets_the_policy_tell_apart_identical_images(tmp_path):
@@ -377,16 +407,9 @@ def test_keyframe_head_learns_where_the_image_says_the_arm_goes(tmp_path):
         data["keyframe_state"][i, 0] = -1.5 + 3.0 * i / 7  # spans the statistics' proprio range
     policy = tiny(OpenVLAPolicy, use_proprio=True, keyframe_loss_weight=1.0)
     target = policy.processor.normalize_states(data["keyframe_state"])
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=2e-3)
-    first = None
-    for _ in range(200):
-        loss, metrics = policy(data)
-        first = first if first is not None else metrics["keyframe_loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    first, metrics = train_steps(policy, data)
     # the squares' columns explain the targets: the error falls far below their variance (~0.06 of 8 dims)
-    assert metrics["keyframe_loss"] < 0.1 * float(target.var(0, unbiased=False).mean()) < first
+    assert metrics["keyframe_loss"] < 0.1 * float(target.var(0, unbiased=False).mean()) < first["keyframe_loss"]
     obs = [{**o, "state": np.zeros(8, np.float32)} for o in observations(data)]
     predicted = policy.predict_keyframe_states(obs)  # raw units, as the data reader yields the targets
     np.testing.assert_allclose(predicted[:, 0], data["keyframe_state"][:, 0].numpy(), atol=0.2)

@@ -79,6 +79,21 @@ def test_adapter_loads_with_plain_peft_and_merges(tmp_path):
     assert np.array_equal(deployed.predict_actions(obs), model.predict_actions(obs))
 
 
+def test_lora_adapter_carries_the_l1_head(tmp_path):
+    base = tiny(OpenVLAPolicy, decoding="parallel", action_chunk=2, action_head="l1")
+    base.save_pretrained(tmp_path / "base")
+    data = batch(chunk=2, seed=6)
+    model = lora_train(apply_lora(policies.load_pretrained(tmp_path / "base")), data)
+    assert any(".action_head.modules_to_save." in n and p.requires_grad for n, p in model.named_parameters())
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = peft.PeftModel.from_pretrained(policies.load_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    obs = observations(data)
+    tuned = model.predict_actions(obs)
+    assert not np.allclose(tuned, base.predict_actions(obs))
+    np.testing.assert_array_equal(reloaded.predict_actions(obs), tuned)
+    np.testing.assert_allclose(merge_lora(reloaded).predict_actions(obs), tuned, atol=1e-5)
+
+
 @pytest.mark.gpu
 def test_lora_trains_on_gpu_in_bf16_with_checkpointing():
     model = apply_lora(tiny(OpenVLAPolicy, gradient_checkpointing=True).cuda())
