@@ -41,7 +41,8 @@ def set_policy_threads(num_threads, num_envs: int) -> int:
 @hydra.main(version_base="1.3", config_path="conf/rollout", config_name="eval")
 def main(cfg: DictConfig) -> dict:
     output_dir = HydraConfig.get().runtime.output_dir
-    policy = make_eval_policy(str(cfg.policy), seed=int(cfg.seed), n_action_steps=cfg.get("n_action_steps"))
+    policy = make_eval_policy(str(cfg.policy), seed=int(cfg.seed), n_action_steps=cfg.get("n_action_steps"),
+                              binarize_gripper=cfg.get("binarize_gripper"))
     trained = getattr(policy, "policy", None)
     trained_config = getattr(trained, "config", None)
     eval_cfg = config_from_hydra(cfg, getattr(trained_config, "observation_image_size", 224),

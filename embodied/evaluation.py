@@ -116,8 +116,12 @@ def resolve_tasks(cfg) -> list[str]:
     return tasks
 
 
-def make_eval_policy(spec: str, seed: int = 0, device: str = "cpu", n_action_steps: int | None = None) -> VectorPolicy:
-    """`scripted`, `random`, or a checkpoint directory / hub id (any policy `policies` can load)."""
+def make_eval_policy(spec: str, seed: int = 0, device: str = "cpu", n_action_steps: int | None = None,
+                     binarize_gripper: bool | None = None) -> VectorPolicy:
+    """`scripted`, `random`, or a checkpoint directory / hub id (any policy `policies` can load).
+
+    `n_action_steps` and `binarize_gripper` override a checkpoint's own settings when not None.
+    """
     if spec == "scripted":
         return ScriptedPolicy()
     if spec == "random":
@@ -129,6 +133,8 @@ def make_eval_policy(spec: str, seed: int = 0, device: str = "cpu", n_action_ste
     except (FileNotFoundError, OSError) as error:
         raise FileNotFoundError(f"policy {spec!r} is neither 'scripted', 'random' nor a loadable checkpoint: "
                                 f"{error}") from error
+    if binarize_gripper is not None:
+        policy.config.binarize_gripper = bool(binarize_gripper)
     return CheckpointPolicy(policy, name=spec, n_action_steps=n_action_steps)
 
 
@@ -382,5 +388,8 @@ def evaluate(policy: VectorPolicy, cfg: EvalConfig, output_dir: str | os.PathLik
     results = build_results(records, tasks, cfg, policy_name or policy.name)
     results["timing"] = {"seconds": round(seconds, 2), "seconds_per_episode": round(seconds / max(len(records), 1), 3),
                          "num_envs": cfg.num_envs}
+    if isinstance(policy, CheckpointPolicy):  # inference settings that change the numbers
+        results["inference"] = {"n_action_steps": policy.n_action_steps,
+                                "binarize_gripper": bool(getattr(policy.policy.config, "binarize_gripper", False))}
     write_outputs(results, records, output_dir)
     return results

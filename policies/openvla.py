@@ -64,6 +64,7 @@ class VLAConfig:
     n_action_steps: int | None = None  # actions of each chunk executed before predicting again (None: all K)
     decoding: str = "autoregressive"  # | "parallel"
     action_head: str = "tokens"  # | "l1": OpenVLA-OFT's L1 regression head on the parallel slots (continuous actions)
+    binarize_gripper: bool = False  # snap predicted gripper commands (the last action dim, 1 = open) to 0 or 1 at 0.5
     observation_image_size: int = 224  # the camera images the policy is trained on (resized to each tower's size)
     normalization: str = "bounds_q99"
     unnorm_key: str | None = None
@@ -760,9 +761,14 @@ class OpenVLAPolicy(nn.Module):
         if self.action_head is not None:
             with torch.inference_mode(), self._autocast():
                 normalized = self._regress_actions(inputs).float().clamp(-1, 1).cpu().numpy()
-            return self.processor.unnormalize_actions(normalized, unnorm_key).astype(np.float32)
-        ids = self.predict_action_tokens(inputs, num_actions)
-        return self.processor.decode_actions(ids, unnorm_key)
+            actions = self.processor.unnormalize_actions(normalized, unnorm_key).astype(np.float32)
+        else:
+            actions = self.processor.decode_actions(self.predict_action_tokens(inputs, num_actions), unnorm_key)
+        if self.config.binarize_gripper:
+            # demonstrations open or close the gripper fully; a regressed command in between half-closes
+            # it (OpenVLA-OFT's LIBERO evaluation binarizes for the same reason)
+            actions[..., -1] = (actions[..., -1] > 0.5).astype(np.float32)
+        return actions
 
     @torch.inference_mode()
     def predict_keyframe_states(self, observations: Sequence[Mapping[str, Any]],

@@ -156,6 +156,12 @@ def test_l1_head_regresses_continuous_actions_and_round_trips(tmp_path):
     loaded = policies.load_pretrained(tmp_path / "l1")
     assert loaded.config.action_head == "l1"
     np.testing.assert_array_equal(loaded.predict_actions(observations(data)), actions)
+    # binarize_gripper snaps the regressed gripper command (last dim) to closed/open, and nothing else
+    assert not np.isin(actions[..., 6], [0.0, 1.0]).all()
+    loaded.config.binarize_gripper = True
+    snapped = loaded.predict_actions(observations(data))
+    np.testing.assert_array_equal(snapped[..., :6], actions[..., :6])
+    np.testing.assert_array_equal(snapped[..., 6], (actions[..., 6] > 0.5).astype(np.float32))
     # it has no tokens to decode, and it needs the parallel slots
     with pytest.raises(ValueError, match="cannot decode 'autoregressive'"):
         loaded.predict_actions(observations(data), decoding="autoregressive")
