@@ -13,7 +13,8 @@
 - Action head, selectable at training (`action_head`): "tokens" — OpenVLA's 256-bin tokens from the
   LM head (cross-entropy); "l1" — OpenVLA-OFT's L1 regression head: the parallel slots' final hidden
   states, the 7 of each action concatenated, go through an MLP with residual blocks to continuous
-  normalized actions (L1 loss). It needs parallel decoding.
+  normalized actions (L1 loss). It needs parallel decoding. With `classify_gripper`, its gripper output
+  is an open/close logit (binary cross-entropy) instead: demonstrations only ever open or close fully.
 - Proprioception (`use_proprio`, off by default as in OpenVLA): OpenVLA-OFT's projected state token,
   placed after the image patches.
 - Keyframe head (`keyframe_loss_weight > 0`): an auxiliary regression of the state at the episode's
@@ -65,6 +66,7 @@ class VLAConfig:
     decoding: str = "autoregressive"  # | "parallel"
     action_head: str = "tokens"  # | "l1": OpenVLA-OFT's L1 regression head on the parallel slots (continuous actions)
     binarize_gripper: bool = False  # snap predicted gripper commands (the last action dim, 1 = open) to 0 or 1 at 0.5
+    classify_gripper: bool = False  # with action_head="l1": the gripper is an open/close logit (cross-entropy), the rest regressed
     observation_image_size: int = 224  # the camera images the policy is trained on (resized to each tower's size)
     normalization: str = "bounds_q99"
     unnorm_key: str | None = None
@@ -99,6 +101,9 @@ class VLAConfig:
         if self.action_head == "l1" and self.decoding != "parallel":
             raise ValueError(f"action_head='l1' regresses the parallel slots' hidden states: it needs "
                              f"decoding='parallel', got {self.decoding!r}")
+        if self.classify_gripper and self.action_head != "l1":
+            raise ValueError(f"classify_gripper splits the L1 head's output: it needs action_head='l1', "
+                             f"got {self.action_head!r}")
         if self.action_chunk < 1:
             raise ValueError(f"action_chunk must be >= 1, got {self.action_chunk}")
         if self.n_action_steps is not None and not 1 <= self.n_action_steps <= self.action_chunk:
@@ -650,12 +655,27 @@ class OpenVLAPolicy(nn.Module):
         return decoding
 
     def _regress_actions(self, inputs: Mapping[str, Any], embedded=None) -> torch.Tensor:
-        """Normalized actions (B, K, action_dim) from the L1 head over the parallel slots' final hidden states."""
+        """The L1 head over the parallel slots' final hidden states: (B, K, action_dim) normalized actions,
+        whose last value is the gripper's open logit with `classify_gripper`."""
         embeds, valid, positions, _ = embedded if embedded is not None else self._embed(inputs)
         n = inputs["n_slots"]
         hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=self._attention(valid, n),
                                         position_ids=positions, use_cache=False).last_hidden_state[:, -n:]
         return self.action_head(hidden)
+
+    def _check_gripper_unnormalized(self) -> None:
+        """`classify_gripper` predicts the gripper in its raw units (1 = open, 0 = closed), which is what the
+        normalized actions carry only when the statistics leave the gripper unnormalized (their default)."""
+        for key, entry in (self.processor.statistics or {}).items():
+            if entry["action"].get("mask", [True])[-1]:
+                raise ValueError(f"classify_gripper needs the gripper (last action dim) left unnormalized, but the "
+                                 f"statistics of {key!r} normalize it (action mask {entry['action']['mask']})")
+
+    def _head_actions(self, output: torch.Tensor) -> torch.Tensor:
+        """The L1 head's output as normalized actions: with `classify_gripper`, the logit becomes 1 (open) or 0."""
+        if not self.config.classify_gripper:
+            return output
+        return torch.cat([output[..., :-1], (output[..., -1:] > 0).to(output.dtype)], dim=-1)
 
     def forward(self, batch: Mapping[str, Any], decoding: str | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss and metrics on a reader batch: cross-entropy on the action tokens (and the stop token), or, with
@@ -693,10 +713,18 @@ class OpenVLAPolicy(nn.Module):
                 predicted = tok.logits_to_bins(logits[:, :n_act]).argmax(-1) + tok.first_id
                 errors = (tok.decode(predicted) - tok.decode(targets[:, :n_act])).abs()
         else:
-            errors = (regressed - inputs["actions"]).abs().flatten(1)
-            loss = (errors * weights).sum() / weights.sum().clamp(min=1)
+            actions = self._head_actions(regressed)
+            errors = (actions - inputs["actions"]).abs()
+            losses = (regressed - inputs["actions"]).abs()
+            if self.config.classify_gripper:
+                self._check_gripper_unnormalized()
+                gripper = F.binary_cross_entropy_with_logits(regressed[..., -1], (inputs["actions"][..., -1] > 0.5).float(),
+                                                             reduction="none")
+                losses = torch.cat([losses[..., :-1], gripper[..., None]], dim=-1)
+            errors, losses = errors.flatten(1), losses.flatten(1)
+            loss = (losses * weights).sum() / weights.sum().clamp(min=1)
             with torch.no_grad():
-                predicted = tok.encode(regressed.detach()).reshape(len(regressed), -1).to(targets.device)
+                predicted = tok.encode(actions.detach()).reshape(len(actions), -1).to(targets.device)
         extra = {}
         if keyframe is not None:
             target = self.processor.normalize_states(batch["keyframe_state"]).to(keyframe.device)
@@ -760,7 +788,7 @@ class OpenVLAPolicy(nn.Module):
         inputs = self.processor.from_observations(observations, instructions, decoding=decoding, device=self.device)
         if self.action_head is not None:
             with torch.inference_mode(), self._autocast():
-                normalized = self._regress_actions(inputs).float().clamp(-1, 1).cpu().numpy()
+                normalized = self._head_actions(self._regress_actions(inputs).float()).clamp(-1, 1).cpu().numpy()
             actions = self.processor.unnormalize_actions(normalized, unnorm_key).astype(np.float32)
         else:
             actions = self.processor.decode_actions(self.predict_action_tokens(inputs, num_actions), unnorm_key)

@@ -73,6 +73,11 @@ def test_normalize_unnormalize_round_trip(mode):
     restored = unnormalize(normalized, entry, mode)
     np.testing.assert_allclose(restored[inside][:, :5], values[inside][:, :5], atol=1e-5)
     np.testing.assert_array_equal(restored[:, 6], values[:, 6])
+    # a gripper that never closes (a reach-only dataset) still passes through: 1 = open, not 0 = closed
+    values[:, 6] = 1.0
+    entry = compute_statistics(values, np.zeros((500, 8), np.float32), num_trajectories=10)["action"]
+    np.testing.assert_array_equal(normalize(values, entry, mode)[:, 6], 1.0)
+    np.testing.assert_array_equal(unnormalize(normalize(values, entry, mode), entry, mode)[:, 6], 1.0)
 
 
 def test_bounds_q99_is_openvlas_formula_and_clips():

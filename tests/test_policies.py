@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import policies
-from embodied.data.statistics import normalize, unnormalize
+from embodied.data.statistics import compute_statistics, normalize, unnormalize
 from policies import ActionTokenizer, OpenVLAPolicy, RT2Policy
 from policy_helpers import single_thread, IMAGE, batch, observations, statistics, tiny, train_steps, train_until_exact  # noqa: F401 (autouse fixture)
 
@@ -171,6 +171,32 @@ def test_l1_head_regresses_continuous_actions_and_round_trips(tmp_path):
         tiny(OpenVLAPolicy, action_head="l1")
     with pytest.raises(ValueError, match="unknown action_head 'mse'; valid: tokens, l1"):
         tiny(OpenVLAPolicy, decoding="parallel", action_head="mse")
+
+
+def test_l1_head_can_classify_the_gripper(tmp_path):
+    policy = tiny(OpenVLAPolicy, decoding="parallel", action_chunk=2, action_head="l1", classify_gripper=True)
+    data = batch(chunk=2, seed=4)
+    data["action"][..., -1] = (data["action"][..., -1] > 0).float()  # demonstrations open (1) or close (0) fully
+    assert set(data["action"][..., -1].flatten().tolist()) == {0.0, 1.0}
+    first, metrics = train_steps(policy, data)
+    assert metrics["loss"] < 0.1 * first["loss"]  # the arm's L1 error plus the gripper's cross-entropy
+    actions = policy.predict_actions(observations(data))
+    # the gripper comes out fully open or closed, as demonstrated; the arm stays continuous
+    np.testing.assert_array_equal(actions[..., 6], data["action"][..., 6].numpy())
+    target = policy.processor.unnormalize_actions(data["action"].numpy())
+    assert np.abs(actions[..., :6] - target[..., :6]).mean() < np.abs(target[..., :6]).mean() * 0.2
+    policy.save_pretrained(tmp_path / "p")
+    loaded = policies.load_pretrained(tmp_path / "p")
+    assert loaded.config.classify_gripper
+    np.testing.assert_array_equal(loaded.predict_actions(observations(data)), actions)
+    with pytest.raises(ValueError, match="classify_gripper splits the L1 head's output: it needs action_head='l1'"):
+        tiny(OpenVLAPolicy, classify_gripper=True)
+    # statistics that normalize the gripper: its normalized targets are no longer 0 (closed) and 1 (open)
+    rng = np.random.default_rng(0)
+    normalized_gripper = compute_statistics(rng.normal(size=(50, 7)), rng.normal(size=(50, 8)), 5, action_mask=[True] * 7)
+    loaded.processor.set_statistics({"scaled": normalized_gripper})
+    with pytest.raises(ValueError, match="classify_gripper needs the gripper .* statistics of 'scaled' normalize it"):
+        loaded(data)
 
 
 def test_proprio_token_lets_the_policy_tell_apart_identical_images(tmp_path):

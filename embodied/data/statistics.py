@@ -84,7 +84,8 @@ def normalize(x: np.ndarray, entry: Mapping[str, Any], mode: str | Normalization
         return np.where(s["mask"], (x - s["mean"]) / (s["std"] + EPS), x).astype(np.float32)
     low, high = (s["q01"], s["q99"]) if mode is NormalizationMode.BOUNDS_Q99 else (s["min"], s["max"])
     out = np.where(s["mask"], np.clip(2 * (x - low) / (high - low + EPS) - 1, -1, 1), x)
-    return np.where(s["min"] == s["max"], 0.0, out).astype(np.float32)
+    # a constant dimension maps to 0, except an unnormalized one (e.g. a gripper that never closes), which passes through
+    return np.where((s["min"] == s["max"]) & s["mask"], 0.0, out).astype(np.float32)
 
 
 def unnormalize(a: np.ndarray, entry: Mapping[str, Any], mode: str | NormalizationMode = "bounds_q99") -> np.ndarray:
