@@ -1,8 +1,12 @@
 """`python -m embodied.train_worldmodel`: train the world model on an RLDS dataset or mixture.
 
-Three stages, one run, one step counter:
+Three stages by default (plus an optional fourth), one run, one step counter:
 
 1. `tokenizer`: the FSQ frame tokenizer on single frames (reconstruction loss, PSNR logged);
+   (optional, `stages=[tokenizer,latent_actions,...]`) `latent_actions`: Genie's latent action model on
+   pairs of consecutive frames' tokens, without the actions (`worldmodel/latent_actions.py`); its
+   next-frame token accuracy with the inferred latent, a random latent and copy-last-frame is
+   measured on the held-out episodes;
 2. `dynamics`: every episode is tokenized once, then the ST-transformer trains on random clips
    of `worldmodel.dynamics.max_frames` frames with random mask rates (MaskGIT and raster masks);
 3. `detector`: the success detector on imagined frames: every training episode is replayed
@@ -18,7 +22,8 @@ models trained so far, optimizer/scheduler/RNG state and the data sampler positi
 `worldmodel/` (the final `WorldModel.from_pretrained` directory) with `train_summary.json`.
 `resume=true` (default) continues from the newest checkpoint in the output dir;
 `resume=PATH` from a given checkpoint or run directory. `stages=[dynamics,detector]
-init_from=RUN/worldmodel` trains only those parts and takes the others from a saved world model.
+init_from=RUN/worldmodel` trains only those parts and takes the others from a saved world model
+(`stages=[latent_actions] init_from=RUN/worldmodel` adds a latent action model to one).
 """
 from __future__ import annotations
 
@@ -36,15 +41,20 @@ from tqdm.auto import tqdm
 from embodied.checkpointing import (CHECKPOINT_DIR, latest_checkpoint, load_training_state, read_counters,
                                     save_checkpoint, save_training_state)
 
-STAGES = ("tokenizer", "dynamics", "detector")
+STAGES = ("tokenizer", "latent_actions", "dynamics", "detector")  # the order they train in
+DEFAULT_STAGES = ("tokenizer", "dynamics", "detector")  # without `stages=`: the latent action model is opt-in
+OPTIONAL = ("latent_actions", "detector")  # parts a world model may lack
+FOLDERS = {"tokenizer": "tokenizer", "latent_actions": "latent_actions", "dynamics": "dynamics",
+           "detector": "success_detector"}  # each part's folder in a saved world model
 
 
 # -- configs ------------------------------------------------------------------------------------------
 
 def build_configs(cfg: DictConfig, tokenizer_config=None):
-    """Tokenizer, dynamics and detector configs; the latter two follow `tokenizer_config` when given
-    (a tokenizer taken from `init_from`) rather than the worldmodel group's."""
+    """Tokenizer, dynamics, detector and latent action model configs; the others follow `tokenizer_config`
+    when given (a tokenizer taken from `init_from`) rather than the worldmodel group's."""
     from worldmodel.dynamics import DynamicsConfig
+    from worldmodel.latent_actions import LatentActionConfig
     from worldmodel.success import SuccessDetectorConfig
     from worldmodel.tokenizer import TokenizerConfig
 
@@ -53,7 +63,9 @@ def build_configs(cfg: DictConfig, tokenizer_config=None):
     dyn = DynamicsConfig(codebook_size=tok.codebook_size, grid=tok.grid, tokenizer_image_size=tok.image_size,
                          tokenizer_levels=tok.levels, **wm["dynamics"])
     det = SuccessDetectorConfig(codebook_size=tok.codebook_size, grid=tok.grid, **wm["detector"])
-    return tok, dyn, det
+    lam = LatentActionConfig(codebook_size=tok.codebook_size, grid=tok.grid, tokenizer_image_size=tok.image_size,
+                             tokenizer_levels=tok.levels, **(wm.get("latent_actions") or {}))
+    return tok, dyn, det, lam
 
 
 def ensure_data(cfg: DictConfig) -> None:
@@ -174,6 +186,15 @@ def detector_data(dynamics, episodes, det_cfg, scfg, seed: int, show_progress: b
             "cal_states": [imagined_states[i] for i in cal] if use_states else None}
 
 
+@torch.no_grad()
+def latent_actions_val(model, episodes, seed: int) -> dict[str, float]:
+    """Next-frame token accuracy of the latent action model on every transition of the episodes."""
+    from worldmodel.latent_actions import predict_transitions, transition_metrics
+
+    transitions = predict_transitions(model, [e.tokens.astype(np.int64) for e in episodes], seed)
+    return transition_metrics(transitions, model.config.n_latent_actions)
+
+
 def detector_val(dynamics, detector, episodes, seed: int) -> dict[str, float]:
     from worldmodel.rollouts import imagine_episodes
     from worldmodel.success import episode_metrics
@@ -189,6 +210,7 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     from embodied.logging_utils import RunLogger
     from worldmodel.data import ClipSampler, all_frames, load_episodes
     from worldmodel.dynamics import DynamicsModel
+    from worldmodel.latent_actions import LatentActionModel
     from worldmodel.model import WorldModel
     from worldmodel.success import SuccessDetector
     from worldmodel.tokenizer import FrameTokenizer
@@ -200,7 +222,8 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     show = bool(cfg.train.progress)
     started = time.time()
     stages, loaded = trained_stages(cfg)
-    tok_cfg, dyn_cfg, det_cfg = build_configs(cfg, loaded["tokenizer"].config if "tokenizer" in loaded else None)
+    tok_cfg, dyn_cfg, det_cfg, lam_cfg = build_configs(cfg, loaded["tokenizer"].config if "tokenizer" in loaded
+                                                       else None)
     stage_steps = {s: int(cfg.train[s].steps) if s in stages else 0 for s in STAGES}
     offsets = dict(zip(STAGES, np.cumsum([0] + [stage_steps[s] for s in STAGES[:-1]]).tolist()))
 
@@ -209,12 +232,16 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     dynamics = loaded.get("dynamics") or DynamicsModel(dyn_cfg)
     det_cfg.state_dim = dynamics.config.state_dim  # the detector reads the states this dynamics imagines
     detector = loaded.get("detector") or (SuccessDetector(det_cfg) if "detector" in stages else None)
+    latent = loaded.get("latent_actions") or (LatentActionModel(lam_cfg) if "latent_actions" in stages else None)
     dynamics.check_tokenizer(tokenizer.fingerprint(), source=f"init_from={cfg.get('init_from')}")
+    if latent is not None:
+        latent.check_tokenizer(tokenizer.fingerprint(), source=f"init_from={cfg.get('init_from')}")
     resume_from = find_resume(cfg, run_dir)
     counters: dict[str, Any] = {"stage": stages[0], "stage_step": 0, "wandb_id": None, "data_rng": None}
     if resume_from is not None:
         counters.update(read_counters(resume_from))
-        for name, model in (("tokenizer", tokenizer), ("dynamics", dynamics), ("detector", detector)):
+        for name, model in (("tokenizer", tokenizer), ("latent_actions", latent), ("dynamics", dynamics),
+                            ("detector", detector)):
             if model is not None and (resume_from / name).is_dir():
                 saved = type(model).from_pretrained(resume_from / name)
                 if saved.config != model.config:
@@ -250,7 +277,7 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     torch.manual_seed(int(cfg.train.seed))
     if counters.get("data_rng") is not None:
         rng.bit_generator.state = counters["data_rng"]
-    models = {"tokenizer": tokenizer, "dynamics": dynamics, "detector": detector}
+    models = {"tokenizer": tokenizer, "latent_actions": latent, "dynamics": dynamics, "detector": detector}
     summary: dict[str, Any] = {"output_dir": str(run_dir), "datasets": list(statistics), "stages": list(stages)}
     if loaded:
         summary["init_from"] = str(cfg.init_from)
@@ -260,9 +287,11 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         if index < start_index or stage not in stages:
             continue
         model = models[stage]
-        if stage in ("dynamics", "detector") and episodes[0].tokens is None:
+        if stage != "tokenizer" and episodes[0].tokens is None:
             tokenize_episodes(tokenizer, episodes + val_episodes, show_progress=show)
-        sampler = ClipSampler(episodes, dyn_cfg.max_frames, weights) if stage == "dynamics" else None
+        sampler = None
+        if stage in ("latent_actions", "dynamics"):  # the latent action model trains on pairs of frames
+            sampler = ClipSampler(episodes, dyn_cfg.max_frames if stage == "dynamics" else 2, weights)
         det_data = None
         if stage == "detector":
             dynamics.eval()
@@ -280,6 +309,8 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         for step in bar:
             if stage == "tokenizer":
                 loss, metrics = tokenizer.loss(frames[rng.integers(0, len(frames), int(scfg.batch_size))])
+            elif stage == "latent_actions":
+                loss, metrics = latent.loss(torch.from_numpy(sampler.sample(int(scfg.batch_size), rng)[0]))
             elif stage == "dynamics":
                 loss, metrics = dynamics.loss(**clip_tensors(dynamics, sampler.sample(int(scfg.batch_size), rng)))
             else:
@@ -313,6 +344,10 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
             summary["tokenizer_val_psnr"] = tokenizer_psnr(tokenizer, all_frames(val_episodes))
             summary["tokenizer_train_psnr"] = tokenizer_psnr(tokenizer, frames[:: max(1, len(frames) // 512)])
             logger.log({"tokenizer/val_psnr": summary["tokenizer_val_psnr"]}, offsets[stage] + stage_steps[stage])
+        elif stage == "latent_actions":
+            summary["latent_actions_val"] = latent_actions_val(latent, val_episodes, int(cfg.train.seed))
+            logger.log({f"latent_actions/val_{k}": v for k, v in summary["latent_actions_val"].items()},
+                       offsets[stage] + stage_steps[stage])
         elif stage == "dynamics":
             if episodes[0].tokens is None:
                 tokenize_episodes(tokenizer, episodes + val_episodes, show_progress=show)
@@ -337,7 +372,7 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
 
     summary["seconds"] = round(time.time() - started, 1)
     world = WorldModel(tokenizer, dynamics, detector, statistics, next(iter(statistics)),
-                       info={"train_summary": summary})
+                       info={"train_summary": summary}, latent_actions=latent)
     final = world.save_pretrained(run_dir / "worldmodel")
     (final / "train_summary.json").write_text(json.dumps(summary, indent=2))
     logger.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
@@ -349,36 +384,39 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
 def trained_stages(cfg: DictConfig) -> tuple[tuple[str, ...], dict[str, Any]]:
     """The stages this run trains, and the parts it takes from `init_from` instead (loaded)."""
     from worldmodel.dynamics import DynamicsModel
+    from worldmodel.latent_actions import LatentActionModel
     from worldmodel.success import SuccessDetector
     from worldmodel.tokenizer import FrameTokenizer
 
-    stages = [str(s) for s in (cfg.get("stages") or STAGES)]
+    stages = [str(s) for s in (cfg.get("stages") or DEFAULT_STAGES)]
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown} in stages={stages}; valid: {', '.join(STAGES)}")
     stages = tuple(s for s in STAGES if s in stages)
     kept = [s for s in STAGES if s not in stages]
+    required = [s for s in kept if s not in OPTIONAL]
     source = cfg.get("init_from")
-    if not kept:
-        if source:
-            raise ValueError(f"init_from={source} is used only for the parts that stages= leaves out, and "
-                             f"stages={list(stages)} trains all of them")
-        return stages, {}
     if not source:
-        raise ValueError(f"stages={list(stages)} leaves out {kept}: pass init_from=<a saved world model directory> "
-                         "to take those parts from")
+        if required:
+            raise ValueError(f"stages={list(stages)} leaves out {required}: pass init_from=<a saved world model "
+                             "directory> to take those parts from")
+        return stages, {}
     source = Path(str(source))
-    classes = {"tokenizer": ("tokenizer", FrameTokenizer), "dynamics": ("dynamics", DynamicsModel),
-               "detector": ("success_detector", SuccessDetector)}
+    classes = {"tokenizer": FrameTokenizer, "latent_actions": LatentActionModel, "dynamics": DynamicsModel,
+               "detector": SuccessDetector}
     loaded = {}
     for stage in kept:
-        folder, cls = classes[stage]
+        folder = FOLDERS[stage]
         if not (source / folder).is_dir():
-            if stage == "detector":  # a world model may lack a detector; the run then saves none
+            if stage in OPTIONAL:  # a world model may lack a detector or a latent action model; the run then saves none
                 continue
             raise FileNotFoundError(f"init_from={source}: no {folder}/ to take the {stage} from "
                                     f"(expected a train_worldmodel output's worldmodel/ directory)")
-        loaded[stage] = cls.from_pretrained(source / folder)
+        loaded[stage] = classes[stage].from_pretrained(source / folder)
+    if not loaded:
+        absent = f" (and {source} has none of the optional {kept})" if kept else ""
+        raise ValueError(f"init_from={source} is used only for the parts that stages= leaves out, and "
+                         f"stages={list(stages)} trains all of them{absent}")
     return stages, loaded
 
 

@@ -10,65 +10,13 @@ from worldmodel.metrics import mmrv, pearson, psnr, ssim
 from worldmodel.model import WorldModel
 from worldmodel.success import SuccessDetector, SuccessDetectorConfig
 from worldmodel.tokenizer import FSQ, FrameTokenizer, TokenizerConfig
+from worldmodel_helpers import SIZE, TOK, TOK_FIELDS
 
-SIZE = 32
-TOK = TokenizerConfig(image_size=SIZE, downsample=4, levels=(5, 4, 4), channels=8, res_blocks=1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dyn_config(**kw) -> DynamicsConfig:
-    values = dict(codebook_size=TOK.codebook_size, grid=TOK.grid, tokenizer_image_size=SIZE,
-                  tokenizer_levels=TOK.levels, max_frames=4, dim=32, depth=1, heads=2, mlp_ratio=2.0)
-    values.update(kw)
-    return DynamicsConfig(**values)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared CPU, more threads only contend (3-10x slower here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def sim_episodes():
-    """Three short scripted-expert episodes of real PyBullet frames (32×32)."""
-    import envs
-
-    env = envs.make_env("PressButton", backend="pybullet", image_size=SIZE)
-    episodes = []
-    try:
-        for seed in range(3):
-            obs, _ = env.reset(seed=seed)
-            images, actions, states = [obs["image"]], [], [obs["state"]]
-            for _ in range(10):
-                action = env.unwrapped.expert_action().astype(np.float32)
-                obs, _, terminated, truncated, _ = env.step(action)
-                actions.append(action)
-                images.append(obs["image"])
-                states.append(obs["state"])
-                if terminated or truncated:
-                    break
-            episodes.append((np.stack(images), np.stack(actions), np.stack(states)))
-    finally:
-        env.close()
-    return episodes
-
-
-@pytest.fixture(scope="module")
-def trained_tokenizer(sim_episodes):
-    torch.manual_seed(0)
-    frames = np.concatenate([imgs for imgs, _, _ in sim_episodes])
-    tok = FrameTokenizer(TOK)
-    opt = torch.optim.Adam(tok.parameters(), lr=3e-3)
-    rng = np.random.default_rng(0)
-    for _ in range(120):
-        loss, _ = tok.loss(frames[rng.integers(0, len(frames), 16)])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return tok.eval(), frames
+    return DynamicsConfig(**{**TOK_FIELDS, "max_frames": 4, "dim": 32, "depth": 1, "heads": 2, "mlp_ratio": 2.0, **kw})
 
 
 def test_fsq_indices_round_trip():

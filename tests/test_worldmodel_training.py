@@ -14,14 +14,7 @@ from embodied.checkpointing import (latest_checkpoint, list_checkpoints, load_tr
 from embodied.logging_utils import RunLogger
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "embodied" / "conf")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Tiny(torch.nn.Module):
@@ -95,7 +88,8 @@ def _cfg(data_dir: Path, output_dir: Path, *overrides: str):
             "worldmodel=tiny", f"data.datasets={data_dir}", "data.val_split=train", f"data.val_datasets={data_dir}",
             "data.collect_if_missing=false", "wandb.mode=disabled", "train.progress=false",
             "train.tokenizer.steps=4", "train.dynamics.steps=4", "train.dynamics.batch_size=2",
-            "train.detector.steps=2", "checkpoint.every=2", "checkpoint.keep_last=2", "train.log_every=1",
+            "train.detector.steps=2", "train.latent_actions.steps=3", "train.latent_actions.batch_size=4",
+            "checkpoint.every=2", "checkpoint.keep_last=2", "train.log_every=1",
             f"output_dir={output_dir}", *overrides])
 
 
@@ -109,6 +103,7 @@ def test_train_worldmodel_trains_saves_and_resumes(tmp_path):
     summary = train(_cfg(data_dir, out), out)
     world = WorldModel.from_pretrained(summary["worldmodel_dir"])
     assert world.image_size == 32 and world.detector is not None
+    assert world.latent_actions is None  # the latent action model is an opt-in stage
     assert set(world.statistics) == {"embodied_synthetic"}
     assert len(list_checkpoints(out / "checkpoints")) == 2
     latest = latest_checkpoint(out / "checkpoints")
@@ -152,6 +147,23 @@ def test_train_worldmodel_retrains_some_parts_on_a_saved_world_model(tmp_path):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "detector/loss" in r] == [1, 2, 3]
     assert not any(k.startswith(("tokenizer/", "dynamics/")) for r in rows for k in r)
+
+    # a latent action model added to that world model (the optional stage): every other part is kept
+    out = tmp_path / "lam"
+    summary = train(_cfg(data_dir, out, "stages=[latent_actions]", f"init_from={summary['worldmodel_dir']}"), out)
+    with_lam = WorldModel.from_pretrained(summary["worldmodel_dir"])
+    assert with_lam.latent_actions is not None and with_lam.latent_actions.config.n_latent_actions == 8
+    assert with_lam.detector.config.channels == 8
+    assert {"accuracy_inferred", "accuracy_random", "accuracy_copy", "perplexity"} <= set(summary["latent_actions_val"])
+    for part in ("tokenizer", "dynamics", "detector"):
+        for (name, a), b in zip(getattr(world, part).state_dict().items(),
+                                getattr(with_lam, part).state_dict().values()):
+            assert torch.equal(a, b), f"{part}.{name} changed"
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "latent_actions/loss" in r] == [1, 2, 3]
+    assert "latent_actions/val_accuracy_inferred" in rows[-1]
+    frames = np.zeros((3, 32, 32, 3), np.uint8)
+    assert with_lam.infer_latent_actions(frames).shape == (2,)
 
     with pytest.raises(ValueError, match=r"leaves out \['tokenizer'\]: pass init_from="):
         train(_cfg(data_dir, tmp_path / "c", "stages=[dynamics,detector]"), tmp_path / "c")

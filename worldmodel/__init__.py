@@ -3,6 +3,7 @@
     FrameTokenizer, TokenizerConfig      FSQ frame tokenizer          (tokenizer.py)
     DynamicsModel, DynamicsConfig, Rollout   ST-transformer, AR + MaskGIT decoding, imagined robot state (dynamics.py)
     SuccessDetector                      is the task complete in this (imagined) frame and state (success.py)
+    LatentActionModel, LatentActionConfig    Genie's latent actions, learned from video without actions (latent_actions.py)
     WorldModel                           all parts as one save_pretrained directory (model.py)
     ImaginedEnv                          a gymnasium env whose steps are imagined (env.py)
 """
@@ -14,6 +15,7 @@ _EXPORTS = {
     "tokenizer": ("FrameTokenizer", "TokenizerConfig"),
     "dynamics": ("DynamicsModel", "DynamicsConfig", "Rollout"),
     "success": ("SuccessDetector", "SuccessDetectorConfig"),
+    "latent_actions": ("LatentActionModel", "LatentActionConfig"),
     "model": ("WorldModel",),
     "env": ("ImaginedEnv",),
 }

@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from worldmodel.pretrained import PretrainedMixin
+from worldmodel.pretrained import PretrainedMixin, check_tokenizer_fingerprint
 
 ACTION_DIM = 7
 
@@ -185,13 +185,7 @@ class DynamicsModel(PretrainedMixin, nn.Module):
 
     # -- checks ------------------------------------------------------------------------------
     def check_tokenizer(self, fingerprint: dict, source: str = "tokenizer") -> None:
-        cfg = self.config
-        expected = {"image_size": cfg.tokenizer_image_size, "grid": cfg.grid, "levels": list(cfg.tokenizer_levels),
-                    "codebook_size": cfg.codebook_size}
-        diff = {k: (expected[k], fingerprint.get(k)) for k in expected if expected[k] != fingerprint.get(k)}
-        if diff:
-            detail = ", ".join(f"{k}: dynamics expects {a}, {source} has {b}" for k, (a, b) in diff.items())
-            raise ValueError(f"tokenizer does not match the dynamics model ({detail})")
+        check_tokenizer_fingerprint(self.config, fingerprint, source, "dynamics model", "dynamics")
 
     def check_actions(self, actions: torch.Tensor) -> None:
         if actions.shape[-1] != self.config.action_dim:

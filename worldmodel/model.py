@@ -3,11 +3,12 @@
     <dir>/tokenizer/        FrameTokenizer (config.json, model.safetensors)
     <dir>/dynamics/         DynamicsModel
     <dir>/success_detector/ SuccessDetector (optional)
+    <dir>/latent_actions/   LatentActionModel (optional): Genie's latent actions, learned without action labels
     <dir>/dataset_statistics.json   action (and robot state) statistics the inputs were normalized with
     <dir>/worldmodel.json   which statistics entry to use, training metrics
 
 `from_pretrained` refuses a tokenizer whose image size, grid or codebook differs from the one
-the dynamics model was trained on.
+the dynamics model (or the latent action model) was trained on.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from worldmodel.dynamics import DynamicsModel, Rollout
+from worldmodel.latent_actions import LatentActionModel
 from worldmodel.success import SuccessDetector
 from worldmodel.tokenizer import FrameTokenizer
 
@@ -29,8 +31,12 @@ MANIFEST = "worldmodel.json"
 class WorldModel:
     def __init__(self, tokenizer: FrameTokenizer, dynamics: DynamicsModel, detector: SuccessDetector | None = None,
                  statistics: dict[str, dict] | None = None, statistics_key: str | None = None,
-                 info: dict[str, Any] | None = None):
+                 info: dict[str, Any] | None = None, latent_actions: LatentActionModel | None = None):
         dynamics.check_tokenizer(tokenizer.fingerprint())
+        if latent_actions is not None:
+            latent_actions.check_tokenizer(tokenizer.fingerprint())
+            latent_actions.eval()
+        self.latent_actions = latent_actions
         self.tokenizer, self.dynamics, self.detector = tokenizer.eval(), dynamics.eval(), detector
         if detector is not None:
             detector.eval()
@@ -52,7 +58,7 @@ class WorldModel:
         return self.dynamics.device
 
     def to(self, device) -> "WorldModel":
-        for part in (self.tokenizer, self.dynamics, self.detector):
+        for part in (self.tokenizer, self.dynamics, self.detector, self.latent_actions):
             if part is not None:
                 part.to(device)
         return self
@@ -145,6 +151,19 @@ class WorldModel:
             states = torch.as_tensor(states).to(self.device)
         return self.detector.predict(torch.as_tensor(tokens).to(self.device), states).cpu().numpy()
 
+    @torch.no_grad()
+    def infer_latent_actions(self, frames) -> np.ndarray:
+        """The latent action (id in [0, n_latent_actions)) between each pair of consecutive frames
+        (B, T, H, W, 3) uint8 (or (T, H, W, 3)) → (B, T-1) (or (T-1,)) int64, by the latent action model."""
+        if self.latent_actions is None:
+            raise RuntimeError("this world model has no latent action model (train one with train_worldmodel "
+                               "stage 'latent_actions')")
+        frames = np.asarray(frames)
+        single = frames.ndim == 4
+        tokens = self.tokenizer.encode(frames[None] if single else frames)
+        ids = self.latent_actions.infer_latent_actions(tokens).cpu().numpy()
+        return ids[0] if single else ids
+
     # -- persistence -------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         from embodied.checkpointing import atomic_directory
@@ -155,6 +174,8 @@ class WorldModel:
             self.dynamics.save_pretrained(tmp / "dynamics")
             if self.detector is not None:
                 self.detector.save_pretrained(tmp / "success_detector")
+            if self.latent_actions is not None:
+                self.latent_actions.save_pretrained(tmp / "latent_actions")
             if self.statistics:
                 from embodied.data.statistics import save_dataset_statistics
 
@@ -177,6 +198,10 @@ class WorldModel:
         detector = None
         if (directory / "success_detector").is_dir():
             detector = SuccessDetector.from_pretrained(directory / "success_detector", map_location)
+        latent_actions = None
+        if (directory / "latent_actions").is_dir():
+            latent_actions = LatentActionModel.from_pretrained(directory / "latent_actions", map_location)
+            latent_actions.check_tokenizer(tokenizer.fingerprint(), source=str(directory / "tokenizer"))
         statistics = {}
         if (directory / "dataset_statistics.json").exists():
             from embodied.data.statistics import load_dataset_statistics
@@ -184,4 +209,4 @@ class WorldModel:
             statistics = load_dataset_statistics(directory)
         key = info.pop("statistics_key", None)
         info.pop("tokenizer", None)
-        return cls(tokenizer, dynamics, detector, statistics, key, info)
+        return cls(tokenizer, dynamics, detector, statistics, key, info, latent_actions)

@@ -18,6 +18,18 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
+def check_tokenizer_fingerprint(config, fingerprint: dict, source: str, part: str, short: str) -> None:
+    """Refuse a tokenizer (its `fingerprint()`) whose image size, grid, levels or codebook differ from those a
+    part trained on tokens recorded in its config (`tokenizer_image_size`, `grid`, `tokenizer_levels`,
+    `codebook_size`); the error names each difference."""
+    expected = {"image_size": config.tokenizer_image_size, "grid": config.grid,
+                "levels": list(config.tokenizer_levels), "codebook_size": config.codebook_size}
+    diff = {k: (expected[k], fingerprint.get(k)) for k in expected if expected[k] != fingerprint.get(k)}
+    if diff:
+        detail = ", ".join(f"{k}: {short} expects {a}, {source} has {b}" for k, (a, b) in diff.items())
+        raise ValueError(f"tokenizer does not match the {part} ({detail})")
+
+
 def _config_from_dict(config_cls, values: dict[str, Any], source: str):
     known = {f.name for f in fields(config_cls)}
     unknown = sorted(set(values) - known - {"model_type"})

@@ -89,10 +89,12 @@ class FSQ(nn.Module):
 
 
 class ResBlock(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, kernel: int = 3):
         super().__init__()
-        self.body = nn.Sequential(nn.GroupNorm(8, channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
-                                  nn.GroupNorm(8, channels), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1))
+        pad = kernel // 2
+        self.body = nn.Sequential(
+            nn.GroupNorm(8, channels), nn.SiLU(), nn.Conv2d(channels, channels, kernel, padding=pad),
+            nn.GroupNorm(8, channels), nn.SiLU(), nn.Conv2d(channels, channels, kernel, padding=pad))
 
     def forward(self, x):
         return x + self.body(x)
