@@ -51,6 +51,9 @@ class CollectConfig:
     max_attempts_per_episode: int = 3
     keep_failures: bool = False  # also write failed episodes (success false, reward 0): detector negatives
     action_noise: float = 0.0  # DART: std (metres) of noise on the executed translation; the label stays the expert's
+    # the action written with each step: "expert" (its answer to the state: DART's labels, for imitation) or
+    # "executed" (what the arm was commanded, noise included: what moved the next frame, e.g. for latent actions)
+    action_label: str = "expert"
     max_shard_mb: int = 256
     overwrite: bool = False
     env_kwargs: dict = field(default_factory=dict)
@@ -173,7 +176,7 @@ def collect_task(task: str, cfg: CollectConfig, writer, progress=None, envs=None
                 if rec is None:
                     continue
                 done = bool(terminated[i] or truncated[i])
-                rec.add(actions[i], None if done else obs, i)
+                rec.add((executed if cfg.action_label == "executed" else actions)[i], None if done else obs, i)
                 if not done:
                     continue
                 attempts += 1
@@ -216,6 +219,8 @@ def collect(cfg: CollectConfig, output_dir: str | os.PathLike, show_progress: bo
     tasks = resolve_tasks(cfg)
     if cfg.action_noise < 0:
         raise ValueError(f"action_noise must be >= 0, got {cfg.action_noise}")
+    if cfg.action_label not in ("expert", "executed"):
+        raise ValueError(f"action_label must be 'expert' or 'executed', got {cfg.action_label!r}")
     if cfg.min_steps_per_task < 0:
         raise ValueError(f"min_steps_per_task must be >= 0, got {cfg.min_steps_per_task}")
     output_dir = Path(output_dir)

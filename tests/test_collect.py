@@ -179,6 +179,25 @@ def test_action_noise_perturbs_execution_but_records_the_experts_labels(tmp_path
         collect(CollectConfig(tasks=["ReachTarget"], action_noise=-0.1), tmp_path / "bad", show_progress=False)
 
 
+def test_action_label_executed_records_the_noisy_commanded_action(tmp_path):
+    """action_label=executed writes what the arm was commanded, noise included (what moved the next frame,
+    e.g. for a latent action model), so it exceeds the expert's 3 cm step; the expert's labels never do."""
+    from embodied.collect import CollectConfig, collect
+    from embodied.data import RLDSSource
+    from envs.env import ACTION_HIGH, ACTION_LOW
+
+    out = tmp_path / "executed"
+    collect(CollectConfig(backend="pybullet", episodes_per_task=1, tasks=["ReachTarget"], image_size=IMAGE,
+                          num_envs=1, vector="sync", action_noise=0.04, action_label="executed", keep_failures=True),
+            out, show_progress=False)
+    (episode,) = RLDSSource(out / "embodied_tabletop10_pybullet", split="train[:100%]").episodes()
+    actions = episode["action"]
+    assert np.linalg.norm(actions[:, :3], axis=1).max() > 0.03 + 1e-5
+    assert (actions >= ACTION_LOW - 1e-6).all() and (actions <= ACTION_HIGH + 1e-6).all()  # clipped, as executed
+    with pytest.raises(ValueError, match="action_label must be 'expert' or 'executed', got 'noisy'"):
+        collect(CollectConfig(tasks=["ReachTarget"], action_label="noisy"), tmp_path / "bad", show_progress=False)
+
+
 def test_min_steps_per_task_evens_out_short_and_long_tasks(tmp_path):
     """A short task keeps taking episodes (in seed order, the same ones whatever the number of workers)
     until its kept steps reach the floor; a task already past it keeps `episodes_per_task`."""
