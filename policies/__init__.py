@@ -78,13 +78,16 @@ def make_policy(cfg: Mapping[str, Any], statistics: Mapping[str, Any] | None = N
     pretrained = cfg.pop("pretrained", None)
     size = cfg.pop("size", "tiny")
     components = bool(cfg.pop("pretrained_components", False))
-    for key in ("decoding", "action_chunk"):  # decided by the data, not the checkpoint, when given
+    # decoding and action_chunk are decided by the data, binarize_gripper by the user, when given; null: the
+    # checkpoint's own (the dataclass default for a new policy)
+    for key in ("decoding", "action_chunk", "binarize_gripper"):
         if cfg.get(key) is None:
             cfg.pop(key, None)
     if pretrained:
         policy = cls.from_pretrained(pretrained, device=device or "cpu", **{k: v for k, v in cfg.items()
                                                                              if k in ("decoding", "unnorm_key", "autocast",
-                                                                                      "n_action_steps", "label_sigma_bins")})
+                                                                                      "n_action_steps", "label_sigma_bins",
+                                                                                      "binarize_gripper")})
         if statistics is not None:
             policy.set_statistics(statistics)
     else:

@@ -98,8 +98,12 @@ def test_save_then_load_gives_identical_actions(trained_openvla, tmp_path):
     with pytest.raises(ValueError, match="'openvla' policy, not 'rt2'"):
         RT2Policy.from_pretrained(tmp_path / "ckpt")
     # the Hydra path: policy.pretrained=<dir> loads the checkpoint
-    again = policies.make_policy({"name": "openvla", "pretrained": str(tmp_path / "ckpt"), "decoding": None})
+    again = policies.make_policy({"name": "openvla", "pretrained": str(tmp_path / "ckpt"), "decoding": None,
+                                  "binarize_gripper": None})
     assert np.array_equal(again.predict_actions(observations(data)), policy.predict_actions(observations(data)))
+    assert not again.config.binarize_gripper  # null keeps the checkpoint's setting; a given value overrides it
+    assert policies.make_policy({"name": "openvla", "pretrained": str(tmp_path / "ckpt"),
+                                 "binarize_gripper": True}).config.binarize_gripper
 
 
 def test_rt2_overfits_and_loads_as_rt2(tmp_path):
