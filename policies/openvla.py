@@ -663,14 +663,6 @@ class OpenVLAPolicy(nn.Module):
                                         position_ids=positions, use_cache=False).last_hidden_state[:, -n:]
         return self.action_head(hidden)
 
-    def _check_gripper_unnormalized(self) -> None:
-        """`classify_gripper` predicts the gripper in its raw units (1 = open, 0 = closed), which is what the
-        normalized actions carry only when the statistics leave the gripper unnormalized (their default)."""
-        for key, entry in (self.processor.statistics or {}).items():
-            if entry["action"].get("mask", [True])[-1]:
-                raise ValueError(f"classify_gripper needs the gripper (last action dim) left unnormalized, but the "
-                                 f"statistics of {key!r} normalize it (action mask {entry['action']['mask']})")
-
     def _head_actions(self, output: torch.Tensor) -> torch.Tensor:
         """The L1 head's output as normalized actions: with `classify_gripper`, the logit becomes 1 (open) or 0."""
         if not self.config.classify_gripper:
@@ -717,7 +709,6 @@ class OpenVLAPolicy(nn.Module):
             errors = (actions - inputs["actions"]).abs()
             losses = (regressed - inputs["actions"]).abs()
             if self.config.classify_gripper:
-                self._check_gripper_unnormalized()
                 gripper = F.binary_cross_entropy_with_logits(regressed[..., -1], (inputs["actions"][..., -1] > 0.5).float(),
                                                              reduction="none")
                 losses = torch.cat([losses[..., :-1], gripper[..., None]], dim=-1)

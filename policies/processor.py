@@ -64,6 +64,10 @@ class VLAProcessor:
             if dim != self.config.action_dim:
                 raise ValueError(f"dataset statistics for {name!r} have {dim}-D actions but the policy's "
                                  f"action_dim is {self.config.action_dim}")
+            if getattr(self.config, "classify_gripper", False) and entry["action"].get("mask", [True])[-1]:
+                # its targets are the raw 0 (closed) / 1 (open), which normalized actions carry only unnormalized
+                raise ValueError(f"classify_gripper needs the gripper (last action dim) left unnormalized, but the "
+                                 f"statistics of {name!r} normalize it (action mask {entry['action']['mask']})")
             if self.config.use_proprio:
                 if "proprio" not in entry or "q01" not in entry["proprio"]:
                     raise ValueError(f"dataset statistics for {name!r} have no proprio q01/q99 entry, which a "

@@ -198,9 +198,8 @@ def test_l1_head_can_classify_the_gripper(tmp_path):
     # statistics that normalize the gripper: its normalized targets are no longer 0 (closed) and 1 (open)
     rng = np.random.default_rng(0)
     normalized_gripper = compute_statistics(rng.normal(size=(50, 7)), rng.normal(size=(50, 8)), 5, action_mask=[True] * 7)
-    loaded.processor.set_statistics({"scaled": normalized_gripper})
     with pytest.raises(ValueError, match="classify_gripper needs the gripper .* statistics of 'scaled' normalize it"):
-        loaded(data)
+        loaded.processor.set_statistics({"scaled": normalized_gripper})
 
 
 def test_proprio_token_lets_the_policy_tell_apart_identical_images(tmp_path):
