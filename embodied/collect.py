@@ -12,6 +12,10 @@ from an evaluation state. Episodes are written in seed order and the first
 `episodes_per_task` successes per task are kept, so a run is reproducible whatever the
 number of workers; at most `max_attempts_per_episode * episodes_per_task` seeds are tried.
 
+`episodes_by_task` ({task: n}) keeps n episodes of the tasks it names instead of `episodes_per_task`,
+e.g. more demonstrations of the contact-rich tasks; with the same seed, the first episodes of each task are
+the ones a smaller collection keeps.
+
 `min_steps_per_task` evens out the tasks: a task keeps taking episodes (still in seed order)
 until its kept steps reach it, so a short task (an 8-step reach) gets as many frames, and many
 more distinct layouts, than a long one (a 90-step sort) instead of 10x fewer.
@@ -38,6 +42,7 @@ class CollectConfig:
     backend: str = "mujoco"
     episodes_per_task: int = 10  # episodes kept per task (successful ones unless keep_failures)
     min_steps_per_task: int = 0  # more episodes of a task until its kept steps reach this (0: off)
+    episodes_by_task: dict | None = None  # {task: n}: n episodes kept instead of episodes_per_task
     tasks: list[str] | None = None
     num_envs: int = 2  # parallel env workers
     vector: str = "async"  # async | sync
@@ -61,6 +66,9 @@ class CollectConfig:
     @property
     def name(self) -> str:
         return self.dataset_name or f"embodied_{self.suite}_{self.backend}"
+
+    def episodes_for(self, task: str) -> int:
+        return int((self.episodes_by_task or {}).get(task, self.episodes_per_task))
 
 
 def _eval_config(cfg: CollectConfig):
@@ -98,29 +106,29 @@ class _Recording:
         return out
 
 
-def _seed_count(cfg: CollectConfig) -> int:
+def _seed_count(cfg: CollectConfig, task: str) -> int:
     # Seed lists are prefix-stable, so asking for more (every episode has >= 1 step) changes no kept episode.
-    return max(cfg.episodes_per_task, cfg.min_steps_per_task) * max(1, cfg.max_attempts_per_episode)
+    return max(cfg.episodes_for(task), cfg.min_steps_per_task) * max(1, cfg.max_attempts_per_episode)
 
 
-def _num_envs(cfg: CollectConfig) -> int:
-    return max(1, min(cfg.num_envs, _seed_count(cfg)))
+def _num_envs(cfg: CollectConfig, tasks: list[str]) -> int:
+    return max(1, min(cfg.num_envs, max(_seed_count(cfg, t) for t in tasks)))
 
 
 def collect_task(task: str, cfg: CollectConfig, writer, progress=None, envs=None) -> dict:
-    """Run the expert on `task` until `episodes_per_task` successes and `min_steps_per_task` steps are
+    """Run the expert on `task` until `cfg.episodes_for(task)` successes and `min_steps_per_task` steps are
     written (or seeds run out). `envs`: running vector env workers to reuse, switched to `task`."""
     from embodied.data.rlds_writer import make_episode
     from embodied.evaluation import make_vector_env
     from envs.env import ACTION_HIGH, ACTION_LOW
     from envs.suites import get_suite
 
-    needed, min_steps = cfg.episodes_per_task, cfg.min_steps_per_task
+    needed, min_steps = cfg.episodes_for(task), cfg.min_steps_per_task
     noise_rng = np.random.default_rng([cfg.seed, zlib.crc32(task.encode())])
-    seeds = get_suite(cfg.suite).episode_seeds(task, _seed_count(cfg), seed=cfg.seed)
+    seeds = get_suite(cfg.suite).episode_seeds(task, _seed_count(cfg, task), seed=cfg.seed)
     own = envs is None
     if own:
-        envs = make_vector_env(task, _eval_config(cfg), _num_envs(cfg))
+        envs = make_vector_env(task, _eval_config(cfg), _num_envs(cfg, [task]))
     num_envs = envs.num_envs
     queue = list(enumerate(seeds))
     pending: dict[int, tuple[int, int]] = {}  # env slot -> (episode index, seed) being started
@@ -223,6 +231,12 @@ def collect(cfg: CollectConfig, output_dir: str | os.PathLike, show_progress: bo
         raise ValueError(f"action_label must be 'expert' or 'executed', got {cfg.action_label!r}")
     if cfg.min_steps_per_task < 0:
         raise ValueError(f"min_steps_per_task must be >= 0, got {cfg.min_steps_per_task}")
+    for task, n in (cfg.episodes_by_task or {}).items():
+        if task not in tasks:
+            raise ValueError(f"episodes_by_task names {task!r}, which this collection does not cover; "
+                             f"its tasks: {', '.join(tasks)}")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"episodes_by_task[{task!r}] must be an integer >= 1, got {n!r}")
     output_dir = Path(output_dir)
     randomization = RandomizationConfig.from_any(cfg.randomization).to_dict()
     config = {**asdict(cfg), "randomization": randomization, "tasks": tasks}
@@ -236,13 +250,13 @@ def collect(cfg: CollectConfig, output_dir: str | os.PathLike, show_progress: bo
     started = time.time()
     per_task = {}
     # With min_steps_per_task the episode count is only known at the end.
-    total = None if cfg.min_steps_per_task else cfg.episodes_per_task * len(tasks)
+    total = None if cfg.min_steps_per_task else sum(cfg.episodes_for(t) for t in tasks)
     with tqdm(total=total, desc=f"collect {cfg.suite}/{cfg.backend}", unit="ep",
               disable=not show_progress) as bar:
         envs = None
         try:
             # one set of env workers for every task: starting them costs seconds per task
-            envs = make_vector_env(tasks[0], _eval_config(cfg), _num_envs(cfg))
+            envs = make_vector_env(tasks[0], _eval_config(cfg), _num_envs(cfg, tasks))
             for task in tasks:
                 per_task[task] = collect_task(task, cfg, writer, progress=bar, envs=envs)
         except BaseException:

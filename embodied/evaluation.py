@@ -128,13 +128,12 @@ def make_eval_policy(spec: str, seed: int = 0, device: str = "cpu", n_action_ste
         return RandomPolicy(seed)
     import policies
 
+    overrides = {} if binarize_gripper is None else {"binarize_gripper": bool(binarize_gripper)}
     try:
-        policy = policies.load_pretrained(spec, device=device)
+        policy = policies.load_pretrained(spec, device=device, **overrides)
     except (FileNotFoundError, OSError) as error:
         raise FileNotFoundError(f"policy {spec!r} is neither 'scripted', 'random' nor a loadable checkpoint: "
                                 f"{error}") from error
-    if binarize_gripper is not None:
-        policy.config.binarize_gripper = bool(binarize_gripper)
     return CheckpointPolicy(policy, name=spec, n_action_steps=n_action_steps)
 
 

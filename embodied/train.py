@@ -113,9 +113,9 @@ def _note_reused_collection(dataset_dir: Path, collect_cfg: DictConfig) -> None:
     if not found:
         return
     # datasets from before these options lack them
-    recorded = {"action_noise": 0.0, "min_steps_per_task": 0, "wrist_camera": False,
+    recorded = {"action_noise": 0.0, "min_steps_per_task": 0, "wrist_camera": False, "episodes_by_task": None,
                 **json.loads(found[-1].read_text()).get("collect_config", {})}
-    keys = ("episodes_per_task", "min_steps_per_task", "image_size", "action_noise", "wrist_camera")
+    keys = ("episodes_per_task", "episodes_by_task", "min_steps_per_task", "image_size", "action_noise", "wrist_camera")
     differ = {k: (recorded.get(k), collect_cfg.get(k)) for k in keys
               if collect_cfg.get(k) is not None and recorded.get(k) != collect_cfg.get(k)}
     if differ:
@@ -148,11 +148,14 @@ def ensure_sim_data(cfg: DictConfig) -> None:
         backend = name.rsplit("_", 1)[-1]
         suite = name[len(SIM_DATASET_PREFIX):].rsplit("_", 1)[0]
         min_steps = int(cfg.collect.get("min_steps_per_task", 0))
+        by_task = OmegaConf.to_container(cfg.collect.episodes_by_task, resolve=True) if cfg.collect.get(
+            "episodes_by_task") else {}
         print(f"[train] {name} is missing from {data_dir}: collecting {cfg.collect.episodes_per_task} scripted "
               f"episodes per task of {suite} on {backend}"
+              + "".join(f", {n} of {task}" for task, n in by_task.items())
               + (f", more until each task has {min_steps} steps" if min_steps else ""), flush=True)
         collect(CollectConfig(suite=suite, backend=backend, episodes_per_task=int(cfg.collect.episodes_per_task),
-                              min_steps_per_task=min_steps,
+                              min_steps_per_task=min_steps, episodes_by_task=by_task,
                               image_size=int(cfg.collect.image_size), num_envs=int(cfg.collect.num_envs),
                               wrist_camera=bool(cfg.collect.get("wrist_camera", False)),
                               action_noise=float(cfg.collect.get("action_noise", 0.0))),

@@ -78,9 +78,9 @@ def make_policy(cfg: Mapping[str, Any], statistics: Mapping[str, Any] | None = N
     pretrained = cfg.pop("pretrained", None)
     size = cfg.pop("size", "tiny")
     components = bool(cfg.pop("pretrained_components", False))
-    # decoding and action_chunk are decided by the data, binarize_gripper by the user, when given; null: the
-    # checkpoint's own (the dataclass default for a new policy)
-    for key in ("decoding", "action_chunk", "binarize_gripper"):
+    # decoding and action_chunk are decided by the data, binarize_gripper and label_sigma_bins by the user, when
+    # given; null: the checkpoint's own (the dataclass default for a new policy)
+    for key in ("decoding", "action_chunk", "binarize_gripper", "label_sigma_bins"):
         if cfg.get(key) is None:
             cfg.pop(key, None)
     if pretrained:

@@ -216,3 +216,25 @@ def test_min_steps_per_task_evens_out_short_and_long_tasks(tmp_path):
     assert kept[1] == kept[2]
     with pytest.raises(ValueError, match="min_steps_per_task must be >= 0, got -1"):
         collect(CollectConfig(tasks=["ReachTarget"], min_steps_per_task=-1), tmp_path / "bad", show_progress=False)
+
+
+def test_episodes_by_task_keeps_more_of_the_tasks_it_names(tmp_path):
+    """Named tasks keep their own count, the first seeds of the same stream (a smaller collection's
+    episodes are a prefix of a larger one's); the others keep episodes_per_task."""
+    from embodied.collect import CollectConfig, collect
+    from envs.suites import get_suite
+
+    summary = collect(CollectConfig(backend="pybullet", episodes_per_task=1, episodes_by_task={"ReachTarget": 3},
+                                    tasks=["ReachTarget", "PressButton"], image_size=IMAGE, num_envs=2,
+                                    vector="sync"), tmp_path / "more", show_progress=False)
+    reach, press = summary["tasks"]["ReachTarget"], summary["tasks"]["PressButton"]
+    assert (reach["episodes"], press["episodes"]) == (3, 1)
+    assert summary["episodes"] == 4
+    assert reach["seeds"] == get_suite("tabletop10").episode_seeds("ReachTarget", 9, seed=1)[:3]  # the expert never misses a reach
+    with pytest.raises(ValueError, match="episodes_by_task names 'PickCube', which this collection does not cover; "
+                                         "its tasks: ReachTarget"):
+        collect(CollectConfig(tasks=["ReachTarget"], episodes_by_task={"PickCube": 2}), tmp_path / "bad",
+                show_progress=False)
+    with pytest.raises(ValueError, match=r"episodes_by_task\['ReachTarget'\] must be an integer >= 1, got 0"):
+        collect(CollectConfig(tasks=["ReachTarget"], episodes_by_task={"ReachTarget": 0}), tmp_path / "bad",
+                show_progress=False)

@@ -101,9 +101,15 @@ def test_save_then_load_gives_identical_actions(trained_openvla, tmp_path):
     again = policies.make_policy({"name": "openvla", "pretrained": str(tmp_path / "ckpt"), "decoding": None,
                                   "binarize_gripper": None})
     assert np.array_equal(again.predict_actions(observations(data)), policy.predict_actions(observations(data)))
-    assert not again.config.binarize_gripper  # null keeps the checkpoint's setting; a given value overrides it
-    assert policies.make_policy({"name": "openvla", "pretrained": str(tmp_path / "ckpt"),
-                                 "binarize_gripper": True}).config.binarize_gripper
+    # null keeps a checkpoint's own training and inference settings; a given value overrides them
+    loaded.config.binarize_gripper, loaded.config.label_sigma_bins = True, 3.0
+    loaded.save_pretrained(tmp_path / "ckpt_set")
+    kept = policies.make_policy({"name": "openvla", "pretrained": str(tmp_path / "ckpt_set"), "decoding": None,
+                                 "binarize_gripper": None, "label_sigma_bins": None}).config
+    assert (kept.binarize_gripper, kept.label_sigma_bins) == (True, 3.0)
+    given = policies.make_policy({"name": "openvla", "pretrained": str(tmp_path / "ckpt_set"),
+                                  "binarize_gripper": False, "label_sigma_bins": 0.0}).config
+    assert (given.binarize_gripper, given.label_sigma_bins) == (False, 0.0)
 
 
 def test_rt2_overfits_and_loads_as_rt2(tmp_path):
