@@ -75,6 +75,7 @@ class LoopStats:
 class EpisodeRecord:
     instruction: str
     images: list = field(default_factory=list)
+    wrist_images: list = field(default_factory=list)  # with a wrist camera, one per image
     states: list = field(default_factory=list)
     actions: list = field(default_factory=list)  # sent (after the safety layer)
     requested: list = field(default_factory=list)  # what the policy asked for
@@ -120,6 +121,8 @@ def run_episode(robot, policy, instruction: str, max_steps: int, stop_on_success
                     record.stop_reason = "task success"
                     break
             policy_obs = {"image": obs["image"], "state": obs["state"], "instruction": instruction}
+            if "wrist_image" in obs:
+                policy_obs["wrist_image"] = obs["wrist_image"]
             if "sim" in obs:
                 policy_obs["sim"] = obs["sim"]
             action = policy.predict_action(policy_obs, instruction)
@@ -127,6 +130,8 @@ def run_episode(robot, policy, instruction: str, max_steps: int, stop_on_success
             sent = robot.send_action(action)
             done = time.monotonic()
             record.images.append(obs["image"])
+            if "wrist_image" in obs:
+                record.wrist_images.append(obs["wrist_image"])
             record.states.append(obs["state"])
             record.actions.append(np.asarray(sent, dtype=np.float32))
             record.requested.append(np.asarray(action, dtype=np.float32))
@@ -190,7 +195,8 @@ def _write_dataset(records: list[EpisodeRecord], output_dir: Path, cfg: Mapping[
     if not kept:
         return None
     image_shape = kept[0].images[0].shape[:2]
-    features = episode_features(image_shape, image_encoding=cfg.get("image_encoding", "jpeg"))
+    wrist = bool(kept[0].wrist_images)
+    features = episode_features(image_shape, wrist_image=wrist, image_encoding=cfg.get("image_encoding", "jpeg"))
     writer = RLDSWriter(output_dir, _dataset_name(cfg, robot_cfg), features,
                         description=f"Episodes deployed on {robot_cfg.name}.",
                         metadata={"deploy_config": dict(cfg), "versions": versions},
@@ -201,8 +207,10 @@ def _write_dataset(records: list[EpisodeRecord], output_dir: Path, cfg: Mapping[
             meta = {"episode_id": index, "task": str(sim.get("task", cfg.get("task") or "deploy")),
                     "suite": "deploy", "backend": robot_cfg.name, "seed": int(sim.get("seed", cfg.get("seed", 0))),
                     "randomization": "{}", "control_hz": float(robot_cfg.control_hz)}
-            writer.write(make_episode({"image": np.stack(rec.images), "state": np.stack(rec.states)},
-                                      np.stack(rec.actions), rec.instruction, meta, success=rec.success))
+            observations = {"image": np.stack(rec.images), "state": np.stack(rec.states)}
+            if wrist:
+                observations["wrist_image"] = np.stack(rec.wrist_images)
+            writer.write(make_episode(observations, np.stack(rec.actions), rec.instruction, meta, success=rec.success))
     return writer.builder_dir
 
 
@@ -225,11 +233,16 @@ def deploy(cfg: Mapping[str, Any], output_dir: str | os.PathLike) -> dict:
                               "(or overwrite=true to replace it)")
     robot_cfg = RosRobotConfig.from_dict(robot_values)  # bad settings fail before anything starts
     policy = load_policy(str(cfg["policy"]), seed=int(cfg.get("seed", 0)))
+    if policy.metadata().get("config", {}).get("wrist_image") and not robot_cfg.wrist_camera_topic:
+        raise ValueError(f"policy {cfg['policy']} reads a wrist camera (wrist_image) and robot {robot_cfg.name} has "
+                         "none: set robot.wrist_camera_topic (and robot.wrist_camera_type)")
     server = None
     if sim_values:
         from robots.sim_server import SimArmServer
 
-        server = SimArmServer({**sim_values, "host": robot_cfg.host, "port": robot_cfg.port}).start()
+        # the simulated arm publishes the wrist camera where the robot config reads it
+        server = SimArmServer({**sim_values, "host": robot_cfg.host, "port": robot_cfg.port,
+                               "wrist_camera_topic": robot_cfg.wrist_camera_topic}).start()
         robot_cfg.port = server.port
     robot = RosBridgeRobot(robot_cfg)
     records: list[EpisodeRecord] = []

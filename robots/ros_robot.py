@@ -1,6 +1,7 @@
 """`RosBridgeRobot`: an arm driven over rosbridge (roslibpy), through the safety layer.
 
-Observations: the camera (`sensor_msgs/CompressedImage` or `Image`), the end-effector pose
+Observations: the camera (`sensor_msgs/CompressedImage` or `Image`), optionally a wrist camera
+(`wrist_camera_topic`, for policies trained with one), the end-effector pose
 (`geometry_msgs/PoseStamped`) and the gripper opening from `sensor_msgs/JointState`.
 Commands: the action's end-effector deltas become a `geometry_msgs/TwistStamped` (velocity =
 delta x control rate, rotation as a rotation vector) for MoveIt Servo's `delta_twist_cmds`,
@@ -9,7 +10,7 @@ streamed at `command_hz` for one control period and then followed by a zero twis
 its own topic. Topic names, types, rates and frames come from the Hydra `robot` config.
 
 A background thread is both the command streamer and the watchdog: when the newest image is
-older than `safety.max_observation_age_s` or the connection drops, it publishes a zero twist
+(from either camera) or pose is older than `safety.max_observation_age_s`, or the connection drops, it publishes a zero twist
 and latches a halt (`safety.watchdog_period_s` later at most). A `true` on the e-stop topic
 latches the emergency stop. In dry-run mode nothing is advertised or published; every command
 that would have been sent is logged.
@@ -50,6 +51,8 @@ class RosRobotConfig:
     base_frame: str = "panda_link0"
     camera_topic: str = "/camera/color/image_raw/compressed"
     camera_type: str = "sensor_msgs/CompressedImage"
+    wrist_camera_topic: str | None = None  # a second, wrist-mounted camera (policies with wrist_image need it)
+    wrist_camera_type: str = "sensor_msgs/CompressedImage"
     joint_states_topic: str = "/joint_states"
     ee_pose_topic: str = "/embodied/ee_pose"
     twist_topic: str = "/servo_node/delta_twist_cmds"
@@ -65,9 +68,13 @@ class RosRobotConfig:
     safety: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.camera_type not in ("sensor_msgs/CompressedImage", "sensor_msgs/Image"):
-            raise ValueError(f"robot.camera_type must be sensor_msgs/CompressedImage or sensor_msgs/Image, "
-                             f"got {self.camera_type!r}")
+        for key in ("camera_type", "wrist_camera_type"):
+            if getattr(self, key) not in ("sensor_msgs/CompressedImage", "sensor_msgs/Image"):
+                raise ValueError(f"robot.{key} must be sensor_msgs/CompressedImage or sensor_msgs/Image, "
+                                 f"got {getattr(self, key)!r}")
+        if self.wrist_camera_topic is not None and self.wrist_camera_topic == self.camera_topic:
+            raise ValueError(f"robot.wrist_camera_topic is robot.camera_topic ({self.camera_topic!r}); "
+                             "the wrist camera needs its own topic")
         if self.gripper_type not in ("std_msgs/Float64", "control_msgs/GripperCommand"):
             raise ValueError(f"robot.gripper_type must be std_msgs/Float64 or control_msgs/GripperCommand, "
                              f"got {self.gripper_type!r}")
@@ -165,6 +172,8 @@ class RosBridgeRobot(Robot):
         self._image: np.ndarray | None = None
         self._image_time: float | None = None  # monotonic arrival time
         self._image_seq = 0
+        self._wrist_image: np.ndarray | None = None
+        self._wrist_time: float | None = None
         self._returned_seq = 0
         self._returned_time: float | None = None
         self._position: np.ndarray | None = None
@@ -211,6 +220,8 @@ class RosBridgeRobot(Robot):
         subscriptions = [(cfg.camera_topic, cfg.camera_type, self._on_image),
                          (cfg.ee_pose_topic, "geometry_msgs/PoseStamped", self._on_pose),
                          (cfg.joint_states_topic, "sensor_msgs/JointState", self._on_joints)]
+        if cfg.wrist_camera_topic:
+            subscriptions.append((cfg.wrist_camera_topic, cfg.wrist_camera_type, self._on_wrist_image))
         if cfg.status_topic:
             subscriptions.append((cfg.status_topic, "std_msgs/String", self._on_status))
         if self.safety.config.estop_topic:
@@ -279,16 +290,25 @@ class RosBridgeRobot(Robot):
                         self.rejected_messages[topic])
             self._last_reject_log = now
 
-    def _on_image(self, msg) -> None:
+    def _decode_image(self, msg, topic: str, msg_type: str) -> np.ndarray:
         cfg = self.config
-        if cfg.camera_type.endswith("CompressedImage"):
-            image = M.parse_compressed_image(msg, cfg.camera_topic, cfg.max_image_bytes)
+        if msg_type.endswith("CompressedImage"):
+            image = M.parse_compressed_image(msg, topic, cfg.max_image_bytes)
         else:
-            image = M.parse_raw_image(msg, cfg.camera_topic, cfg.max_image_bytes)
+            image = M.parse_raw_image(msg, topic, cfg.max_image_bytes)
         if cfg.image_size and image.shape[:2] != (cfg.image_size, cfg.image_size):
             from PIL import Image
 
             image = np.asarray(Image.fromarray(image).resize((cfg.image_size, cfg.image_size), Image.BILINEAR))
+        return image
+
+    def _on_wrist_image(self, msg) -> None:
+        image = self._decode_image(msg, self.config.wrist_camera_topic, self.config.wrist_camera_type)
+        with self._lock:
+            self._wrist_image, self._wrist_time = image, time.monotonic()
+
+    def _on_image(self, msg) -> None:
+        image = self._decode_image(msg, self.config.camera_topic, self.config.camera_type)
         with self._lock:
             self._image = image
             self._image_time = time.monotonic()
@@ -331,26 +351,31 @@ class RosBridgeRobot(Robot):
 
     # -- observation ---------------------------------------------------------------------------------
     def get_observation(self, timeout: float | None = None) -> dict:
-        """The newest frame not returned before (waits up to `observation_wait_s` for one)."""
-        wait = self.config.observation_wait_s if timeout is None else timeout
+        """The newest frame not returned before (waits up to `observation_wait_s` for one), with the
+        newest wrist image when the robot has a wrist camera."""
+        cfg = self.config
+        wait = cfg.observation_wait_s if timeout is None else timeout
         deadline = time.monotonic() + wait
         with self._lock:
             while (self._image_seq == self._returned_seq or self._position is None
-                   or self._gripper_opening is None):
+                   or self._gripper_opening is None or (cfg.wrist_camera_topic and self._wrist_image is None)):
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    missing = [name for name, ok in (("new camera image", self._image_seq != self._returned_seq),
-                                                     ("end-effector pose", self._position is not None),
-                                                     ("gripper joint states", self._gripper_opening is not None))
-                               if not ok]
+                    needed = [("new camera image", self._image_seq != self._returned_seq, cfg.camera_topic),
+                              ("end-effector pose", self._position is not None, cfg.ee_pose_topic),
+                              ("gripper joint states", self._gripper_opening is not None, cfg.joint_states_topic)]
+                    if cfg.wrist_camera_topic:
+                        needed.append(("wrist camera image", self._wrist_image is not None, cfg.wrist_camera_topic))
+                    missing = [name for name, ok, _ in needed if not ok]
                     raise ObservationTimeout(f"no {', '.join(missing)} from {self.url} within {wait:.2f} s "
-                                             f"({self.config.camera_topic}, {self.config.ee_pose_topic}, "
-                                             f"{self.config.joint_states_topic})")
+                                             f"({', '.join(topic for _, _, topic in needed)})")
                 self._lock.wait(left)
             self._returned_seq = self._image_seq
             self._returned_time = self._image_time
             state = np.concatenate([self._position, self._quat, [self._gripper_opening]]).astype(np.float32)
             obs = {"image": self._image, "state": state, "timestamp": self._image_time}
+            if cfg.wrist_camera_topic:
+                obs["wrist_image"] = self._wrist_image
             if self._status is not None:
                 obs["sim"] = dict(self._status)
                 if isinstance(self._status.get("instruction"), str):
@@ -358,7 +383,12 @@ class RosBridgeRobot(Robot):
         return obs
 
     def observation_age(self) -> float | None:
-        return None if self._image_time is None else time.monotonic() - self._image_time
+        """Seconds since the older of the newest camera and wrist camera images (None before both)."""
+        times = self._camera_times()
+        return None if None in times else time.monotonic() - min(times)
+
+    def _camera_times(self) -> tuple:
+        return (self._image_time, self._wrist_time) if self.config.wrist_camera_topic else (self._image_time,)
 
     # -- commands ------------------------------------------------------------------------------------
     def arm(self) -> None:
@@ -369,7 +399,8 @@ class RosBridgeRobot(Robot):
         if not self.connected:
             raise RuntimeError(f"cannot arm: not connected to {self.url}")
         if age is None or age > self.safety.config.max_observation_age_s:
-            raise RuntimeError(f"cannot arm: no fresh camera image on {self.config.camera_topic} "
+            cameras = " and ".join(t for t in (self.config.camera_topic, self.config.wrist_camera_topic) if t)
+            raise RuntimeError(f"cannot arm: no fresh camera image on {cameras} "
                                f"(newest is {'missing' if age is None else f'{age:.2f} s old'})")
         self.safety.rearm()
 
@@ -426,8 +457,8 @@ class RosBridgeRobot(Robot):
         while not self._stop.is_set():
             now = time.monotonic()
             was_blocked = self.safety.halted or self.safety.estopped
-            # the older of the newest image and the newest pose: both must be fresh to move
-            times = (self._image_time, self._pose_time)
+            # the oldest of the newest images and the newest pose: all must be fresh to move
+            times = (*self._camera_times(), self._pose_time)
             observed = None if None in times else min(times)
             reason = self.safety.check_watchdog(observed, self.connected, now) if (
                 self.safety.armed or self._command is not None) else None

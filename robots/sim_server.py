@@ -8,6 +8,7 @@ published (topic, type)                                      obeyed
   /joint_states                       sensor_msgs/JointState        /embodied/gripper_command     std_msgs/Float64 (1 = open)
   /embodied/ee_pose                   geometry_msgs/PoseStamped     service /embodied/sim/reset   {seed: int}
   /embodied/sim/status                std_msgs/String (JSON: instruction, success, frame, expert_action)
+  wrist_camera_topic (when set)       the wrist camera, of camera_type
 
 Like MoveIt Servo it integrates the newest twist every servo period and halts when no command
 arrived for `command_timeout_s` (0.1 s). Twists above the servo's speed limits are scaled down,
@@ -57,6 +58,7 @@ class SimServerConfig:
     camera_topic: str = "/camera/color/image_raw/compressed"
     camera_type: str = "sensor_msgs/CompressedImage"  # or sensor_msgs/Image (raw rgb8)
     image_format: str = "jpeg"  # for CompressedImage: jpeg | png
+    wrist_camera_topic: str | None = None  # also publish the wrist camera here (same type and format)
     joint_states_topic: str = "/joint_states"
     ee_pose_topic: str = "/embodied/ee_pose"
     twist_topic: str = "/servo_node/delta_twist_cmds"
@@ -143,7 +145,8 @@ class SimArmServer(ServerThread):
 
         cfg = self.config
         self.env = envs.make_env(cfg.task, backend=cfg.backend, randomization=cfg.randomization,
-                                 image_size=cfg.image_size, control_hz=cfg.servo_hz).unwrapped
+                                 image_size=cfg.image_size, control_hz=cfg.servo_hz,
+                                 wrist_camera=bool(cfg.wrist_camera_topic)).unwrapped
         self._reset(cfg.seed)
 
     def reset(self, seed: int, timeout: float = 30.0) -> dict:
@@ -199,18 +202,21 @@ class SimArmServer(ServerThread):
                   "success": self.success, "backend": cfg.backend, "stamp": stamp}
         if cfg.expert:
             status["expert_action"] = [float(v) for v in self.expert.act()]
-        image = env.sim.render("front")
-        if cfg.camera_type.endswith("CompressedImage"):
-            image_msg = M.compressed_image(image, stamp, "camera", cfg.image_format, ros_version=cfg.ros_version)
-        else:
-            image_msg = M.raw_image(image, stamp, "camera", ros_version=cfg.ros_version)
-        return [
+        def image_message(camera: str) -> dict:
+            image, frame_id = env.sim.render(camera), {"front": "camera", "wrist": "wrist_camera"}[camera]
+            if cfg.camera_type.endswith("CompressedImage"):
+                return M.compressed_image(image, stamp, frame_id, cfg.image_format, ros_version=cfg.ros_version)
+            return M.raw_image(image, stamp, frame_id, ros_version=cfg.ros_version)
+
+        messages = [
             (cfg.ee_pose_topic, M.pose_stamped(pos, quat, cfg.base_frame, stamp, cfg.ros_version)),
             (cfg.joint_states_topic, M.joint_state(["panda_finger_joint1", "panda_finger_joint2"],
                                                    [opening / 2, opening / 2], stamp, cfg.ros_version)),
             (cfg.status_topic, {"data": json.dumps(status)}),
-            (cfg.camera_topic, image_msg),
         ]
+        if cfg.wrist_camera_topic:
+            messages.append((cfg.wrist_camera_topic, image_message("wrist")))
+        return messages + [(cfg.camera_topic, image_message("front"))]
 
     async def _physics_loop(self) -> None:
         cfg = self.config
@@ -365,7 +371,8 @@ class SimArmServer(ServerThread):
             self._gripper = M.parse_gripper_command(msg, cfg.gripper_type, GRIPPER_MAX_WIDTH, "gripper command")
             self.gripper_commands.append((time.monotonic(), self._gripper))
             self.stats["gripper_commands"] += 1
-        elif topic in (cfg.camera_topic, cfg.joint_states_topic, cfg.ee_pose_topic, cfg.status_topic):
+        elif topic in (cfg.camera_topic, cfg.wrist_camera_topic, cfg.joint_states_topic, cfg.ee_pose_topic,
+                       cfg.status_topic):
             raise rb.ProtocolError(f"publish: {topic} is published by the arm itself")
         self._publish(topic, msg)
 

@@ -51,10 +51,10 @@ def deploy_config(tmp_path, **overrides):
     return cfg
 
 
-def read_back(builder_dir):
+def read_back(builder_dir, wrist_image: bool = False):
     from embodied.data.reader import RLDSSource
 
-    return list(RLDSSource(builder_dir).episodes())
+    return list(RLDSSource(builder_dir, wrist_image=wrist_image).episodes())
 
 
 def test_scripted_expert_deploy_reaches_success_and_reads_back(tmp_path):
@@ -171,3 +171,26 @@ def test_deploy_cli_with_yes(tmp_path):
     summary = json.loads((out / "deploy_summary.json").read_text())
     assert summary["episodes"][0]["steps"] == 3 and summary["dataset"] is None
     assert (out / ".hydra" / "config.yaml").exists()
+
+
+def test_a_wrist_camera_policy_deploys_with_the_robots_wrist_camera(tmp_path):
+    """A policy trained with the wrist camera needs the robot's: deploy refuses a robot without one, and
+    with one the wrist images reach the policy and the recording."""
+    from policies.openvla import OpenVLAPolicy
+    from robots.ros_robot import RosRobotConfig
+    from tests.policy_helpers import tiny
+
+    checkpoint = tmp_path / "wrist_policy"
+    tiny(OpenVLAPolicy, wrist_image=True).save_pretrained(checkpoint)
+    with pytest.raises(ValueError, match="reads a wrist camera .* set robot.wrist_camera_topic"):
+        deploy(deploy_config(tmp_path / "none", policy=str(checkpoint)), tmp_path / "none")
+    robot = robot_config(wrist_camera_topic="/wrist_camera/color/image_raw/compressed")
+    summary = deploy(deploy_config(tmp_path / "wrist", policy=str(checkpoint), max_steps=3, robot=robot),
+                     tmp_path / "wrist")
+    episode = summary["episodes"][0]
+    assert (episode["steps"], episode["stop_reason"]) == (3, "max_steps"), (episode, summary["safety"])
+    (ep,) = read_back(summary["dataset"], wrist_image=True)
+    assert ep["wrist_image"].shape == ep["image"].shape == (3, SMALL, SMALL, 3)
+    assert np.abs(ep["wrist_image"].astype(int) - ep["image"].astype(int)).mean() > 10  # another view
+    with pytest.raises(ValueError, match="the wrist camera needs its own topic"):
+        RosRobotConfig(wrist_camera_topic=RosRobotConfig().camera_topic)
