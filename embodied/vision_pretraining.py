@@ -47,6 +47,7 @@ class VisionPretrainingConfig:
     expert_fraction: float = 0.0   # of the layouts, those where the scripted expert moves the arm instead (~4x slower to render)
     heldout_fraction: float = 0.05
     num_workers: int = 2           # rendering processes
+    threads: int | None = None     # torch threads while training (null: every core; 1 on a machine shared with other jobs)
     suite: str = "tabletop10"
     backend: str = "mujoco"
     randomization: Any = "default"
@@ -64,6 +65,8 @@ class VisionPretrainingConfig:
                              f"{config.layouts}, steps={config.steps}, batch_size={config.batch_size}")
         if not 0 <= config.expert_fraction <= 1:
             raise ValueError(f"vision_pretraining.expert_fraction must be in [0, 1], got {config.expert_fraction}")
+        if config.threads is not None and config.threads < 1:
+            raise ValueError(f"vision_pretraining.threads must be >= 1 or null, got {config.threads}")
         if not 0 < config.heldout_fraction < 1:
             raise ValueError(f"vision_pretraining.heldout_fraction must be in (0, 1), got {config.heldout_fraction}")
         return config
@@ -167,7 +170,8 @@ def pretrain_vision(policy, config: VisionPretrainingConfig, run_dir: Path | Non
         return _errors_cm(predicted, targets[heldout], present[heldout])
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)  # no data readers run yet: use every core
+    # no data readers run yet: every core, unless other jobs share them (oversubscribed threads spin and stall)
+    torch.set_num_threads(config.threads or os.cpu_count() or 1)
     rng = np.random.default_rng(config.seed)
     for part in parts:
         part.train()

@@ -82,8 +82,10 @@ def test_pretraining_trains_towers_and_projector_only(small_policy, tmp_path):
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     policy.set_trainable(vision=False, projector=True, llm=True)
     config = VisionPretrainingConfig(layouts=40, steps=80, batch_size=8, warmup_steps=5, num_workers=1,
-                                     suite="tabletop_pick_place", arm_steps=2)
+                                     suite="tabletop_pick_place", arm_steps=2, threads=1)
+    threads = torch.get_num_threads()
     report = pretrain_vision(policy, config, tmp_path)
+    assert torch.get_num_threads() == threads  # the run's own setting is restored
     assert json.loads((tmp_path / "vision_pretraining.json").read_text())["heldout_layouts"] == report["heldout_layouts"] == 2
     assert report["layouts"] == 40 and report["slots"] == list(SLOTS)
     assert report["final_loss"] < 0.9 * report["first_loss"], report
@@ -102,6 +104,8 @@ def test_bad_config_is_refused():
         VisionPretrainingConfig.from_dict({"layout": 10})
     with pytest.raises(ValueError, match="steps=0"):
         VisionPretrainingConfig.from_dict({"layouts": 10, "steps": 0})
+    with pytest.raises(ValueError, match="vision_pretraining.threads must be >= 1 or null, got 0"):
+        VisionPretrainingConfig.from_dict({"layouts": 10, "threads": 0})
 
 
 def test_object_tokens_read_the_pretrained_readout_frozen_and_survive_save_and_load(tmp_path):
