@@ -2,12 +2,14 @@
 
 Three stages by default (plus an optional fourth), one run, one step counter:
 
-1. `tokenizer`: the FSQ frame tokenizer on single frames (reconstruction loss, PSNR logged);
+1. `tokenizer`: the FSQ frame tokenizer on single frames (reconstruction loss, PSNR logged; on the
+   held-out episodes, the share of token changes in still patches, `tokenizer_val_flicker`);
    (optional, `stages=[tokenizer,latent_actions,...]`) `latent_actions`: Genie's latent action model on
    pairs of consecutive frames' tokens, without the actions (`worldmodel/latent_actions.py`); its
    next-frame token accuracy with the inferred latent, a random latent and copy-last-frame is
    measured on the held-out episodes;
-2. `dynamics`: every episode is tokenized once, then the ST-transformer trains on random clips
+2. `dynamics`: every episode is tokenized once (`encode_sequence`: with `hold_threshold` the codes of
+   still patches are held), then the ST-transformer trains on random clips
    of `worldmodel.dynamics.max_frames` frames with random mask rates (MaskGIT and raster masks);
 3. `detector`: the success detector on imagined frames: every training episode is replayed
    open-loop in the trained dynamics from its first frame, and the imagined frame after action t
@@ -102,11 +104,10 @@ def warmup_cosine(optimizer, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def tokenize_episodes(tokenizer, episodes, batch: int = 256, show_progress: bool = True) -> None:
+def tokenize_episodes(tokenizer, episodes, show_progress: bool = True) -> None:
     tokenizer.eval()
     for ep in tqdm(episodes, desc="tokenize episodes", unit="ep", disable=not show_progress, leave=False):
-        chunks = [tokenizer.encode(ep.images[i:i + batch]).cpu().numpy() for i in range(0, len(ep.images), batch)]
-        ep.tokens = np.concatenate(chunks).astype(np.int16)
+        ep.tokens = tokenizer.encode_sequence(ep.images).cpu().numpy().astype(np.int16)  # still codes held
 
 
 @torch.no_grad()
@@ -121,6 +122,16 @@ def tokenizer_psnr(tokenizer, frames: np.ndarray, batch: int = 256) -> float:
         target = torch.from_numpy(chunk).float() / 255
         errors.append(((recon - target) ** 2).mean((1, 2, 3)))
     return psnr_from_mse(float(torch.cat(errors).mean()))
+
+
+@torch.no_grad()
+def tokenizer_flicker(tokenizer, episodes) -> dict[str, float]:
+    """How stable the tokenizer's codes are over the episodes (`worldmodel.metrics.token_flicker`)."""
+    from worldmodel.metrics import token_flicker
+
+    tokenizer.eval()
+    return token_flicker([(e.images, tokenizer.encode_sequence(e.images).cpu().numpy()) for e in episodes],
+                         tokenizer.config.downsample)
 
 
 @torch.no_grad()
@@ -343,7 +354,10 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         if stage == "tokenizer":
             summary["tokenizer_val_psnr"] = tokenizer_psnr(tokenizer, all_frames(val_episodes))
             summary["tokenizer_train_psnr"] = tokenizer_psnr(tokenizer, frames[:: max(1, len(frames) // 512)])
-            logger.log({"tokenizer/val_psnr": summary["tokenizer_val_psnr"]}, offsets[stage] + stage_steps[stage])
+            summary["tokenizer_val_flicker"] = tokenizer_flicker(tokenizer, val_episodes)
+            logger.log({"tokenizer/val_psnr": summary["tokenizer_val_psnr"],
+                        "tokenizer/val_still_share": summary["tokenizer_val_flicker"]["still_share"]},
+                       offsets[stage] + stage_steps[stage])
         elif stage == "latent_actions":
             summary["latent_actions_val"] = latent_actions_val(latent, val_episodes, int(cfg.train.seed))
             logger.log({f"latent_actions/val_{k}": v for k, v in summary["latent_actions_val"].items()},

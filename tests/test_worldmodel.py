@@ -5,18 +5,16 @@ import numpy as np
 import pytest
 import torch
 
-from worldmodel.dynamics import DynamicsConfig, DynamicsModel, Rollout
+from worldmodel.dynamics import DynamicsModel, Rollout
 from worldmodel.metrics import mmrv, pearson, psnr, ssim
 from worldmodel.model import WorldModel
 from worldmodel.success import SuccessDetector, SuccessDetectorConfig
 from worldmodel.tokenizer import FSQ, FrameTokenizer, TokenizerConfig
-from worldmodel_helpers import SIZE, TOK, TOK_FIELDS
+from worldmodel_helpers import SIZE, TOK
+from worldmodel_helpers import dyn_config as _dyn_config
+from worldmodel_helpers import tiny_world as _world
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _dyn_config(**kw) -> DynamicsConfig:
-    return DynamicsConfig(**{**TOK_FIELDS, "max_frames": 4, "dim": 32, "depth": 1, "heads": 2, "mlp_ratio": 2.0, **kw})
 
 
 def test_fsq_indices_round_trip():
@@ -125,18 +123,6 @@ def test_rollout_longer_than_context_slides_its_window():
     with pytest.raises(ValueError, match="longer than the model's context max_frames=4"):
         model(torch.zeros(1, 5, model.config.num_tokens, dtype=torch.long), torch.zeros(1, 5, 7),
               torch.zeros(1, 5, model.config.num_tokens, dtype=torch.bool))
-
-
-def _world(tokenizer=None, state_dim: int = 0) -> WorldModel:
-    tok = tokenizer or FrameTokenizer(TOK)
-    det = SuccessDetector(SuccessDetectorConfig(codebook_size=TOK.codebook_size, grid=TOK.grid, embed_dim=4,
-                                                channels=8, state_dim=state_dim))
-    stats = {"sim": {"action": {"q01": [-0.05] * 6 + [0.0], "q99": [0.05] * 6 + [1.0], "min": [-0.05] * 6 + [0.0],
-                                "max": [0.05] * 6 + [1.0], "mean": [0.0] * 7, "std": [1.0] * 7,
-                                "mask": [True] * 6 + [False]},
-                     "proprio": {"mean": [0.5, 0.0, 0.2, 0, 0, 0, 0, 0.5], "std": [0.1] * 8, "q01": [-1] * 8,
-                                 "q99": [1] * 8, "min": [-1] * 8, "max": [1] * 8}}}
-    return WorldModel(tok, DynamicsModel(_dyn_config(state_dim=state_dim)), det, stats)
 
 
 def test_world_model_round_trip_and_tokenizer_mismatch(tmp_path):

@@ -5,6 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from worldmodel.dynamics import DynamicsConfig, DynamicsModel
+from worldmodel.model import WorldModel
+from worldmodel.success import SuccessDetector, SuccessDetectorConfig
 from worldmodel.tokenizer import FrameTokenizer, TokenizerConfig
 
 SIZE = 32
@@ -55,3 +58,21 @@ def train_tokenizer(frames: np.ndarray, steps: int = 120) -> FrameTokenizer:
     finally:
         torch.set_num_threads(before)
     return tok.eval()
+
+
+def dyn_config(**kw) -> DynamicsConfig:
+    """The tiny dynamics config for TOK's tokens (4-frame context)."""
+    return DynamicsConfig(**{**TOK_FIELDS, "max_frames": 4, "dim": 32, "depth": 1, "heads": 2, "mlp_ratio": 2.0, **kw})
+
+
+def tiny_world(tokenizer=None, state_dim: int = 0) -> WorldModel:
+    """A small untrained world model on the tiny tokenizer (TOK), with action and state statistics."""
+    tok = tokenizer or FrameTokenizer(TOK)
+    det = SuccessDetector(SuccessDetectorConfig(codebook_size=TOK.codebook_size, grid=TOK.grid, embed_dim=4,
+                                                channels=8, state_dim=state_dim))
+    stats = {"sim": {"action": {"q01": [-0.05] * 6 + [0.0], "q99": [0.05] * 6 + [1.0], "min": [-0.05] * 6 + [0.0],
+                                "max": [0.05] * 6 + [1.0], "mean": [0.0] * 7, "std": [1.0] * 7,
+                                "mask": [True] * 6 + [False]},
+                     "proprio": {"mean": [0.5, 0.0, 0.2, 0, 0, 0, 0, 0.5], "std": [0.1] * 8, "q01": [-1] * 8,
+                                 "q99": [1] * 8, "min": [-1] * 8, "max": [1] * 8}}}
+    return WorldModel(tok, DynamicsModel(dyn_config(state_dim=state_dim)), det, stats)

@@ -2,6 +2,9 @@
 
 * `psnr`, `pooled_psnr`, `ssim`: per-frame PSNR (dB), PSNR of the pooled error, and per-frame
   SSIM (Gaussian window 11, σ 1.5, on luma) of uint8 frames.
+* `token_flicker`: how stable a tokenizer's codes are over time: the share of token changes between
+  consecutive frames that happen in still patches (pixels change by less than a threshold), and the
+  rate at which still and moving patches change token.
 * `pearson`, `mmrv`: SimplerEnv's agreement metrics between per-policy success rates measured two
   ways (here: in the world model vs in the simulator). MMRV = mean over policies i of the largest
   |real_i − real_j| among the policies j whose order relative to i differs between the two.
@@ -52,6 +55,32 @@ def ssim(pred, target, window: int = 11, sigma: float = 1.5) -> np.ndarray:
     c1, c2 = 0.01 ** 2, 0.03 ** 2
     s = ((2 * mu_p * mu_t + c1) * (2 * cov + c2)) / ((mu_p ** 2 + mu_t ** 2 + c1) * (var_p + var_t + c2))
     return s.mean((1, 2, 3)).reshape(lead).numpy()
+
+
+def token_flicker(episodes, downsample: int, still_threshold: float = 0.01) -> dict[str, float]:
+    """Token changes between consecutive frames, split by whether the token's d×d patch is still.
+
+    `episodes`: [(images (T, S, S, 3) uint8, tokens (T, S/d, S/d))]. A patch is still when its mean
+    absolute pixel change (pixels in [0, 1]) is below `still_threshold`. Returns `still_share` (of all
+    token changes, the share in still patches: flicker), `still_change_rate` and `moving_change_rate`
+    (how often a still / moving patch changes token) and `still_patch_share`."""
+    counts = np.zeros(4)  # still changed, still, moving changed, moving
+    for images, tokens in episodes:
+        x = torch.from_numpy(np.array(images)).float().div(255).permute(0, 3, 1, 2)  # a writable copy
+        if len(x) < 2:
+            continue
+        change = F.avg_pool2d((x[1:] - x[:-1]).abs().mean(1, keepdim=True), downsample)[:, 0].numpy()
+        tok = np.asarray(tokens)
+        if tok.shape[1:] != change.shape[1:]:
+            raise ValueError(f"tokens of shape {tok.shape} do not match {downsample}x{downsample} patches of "
+                             f"images shaped {tuple(np.shape(images))}")
+        changed, still = tok[1:] != tok[:-1], change < still_threshold
+        counts += [(changed & still).sum(), still.sum(), (changed & ~still).sum(), (~still).sum()]
+    still_changed, still, moving_changed, moving = counts
+    return {"still_share": float(still_changed / max(still_changed + moving_changed, 1)),
+            "still_change_rate": float(still_changed / max(still, 1)),
+            "moving_change_rate": float(moving_changed / max(moving, 1)),
+            "still_patch_share": float(still / max(still + moving, 1))}
 
 
 def pearson(x, y) -> float:

@@ -112,7 +112,9 @@ class WorldModel:
         frames = np.asarray(context_frames)
         if frames.ndim == 4:
             frames = frames[None]
-        tokens = self.tokenizer.encode(frames).reshape(frames.shape[0], frames.shape[1], -1)
+        # each row's frames as one sequence: a tokenizer that holds still codes encodes them as in training
+        tokens = torch.stack([self.tokenizer.encode_sequence(row) for row in frames]).reshape(
+            frames.shape[0], frames.shape[1], -1)
         actions = None
         if context_actions is not None and frames.shape[1] > 1:
             actions = torch.from_numpy(self.normalize_actions(np.asarray(context_actions).reshape(
@@ -160,7 +162,8 @@ class WorldModel:
                                "stage 'latent_actions')")
         frames = np.asarray(frames)
         single = frames.ndim == 4
-        tokens = self.tokenizer.encode(frames[None] if single else frames)
+        frames = frames[None] if single else frames
+        tokens = torch.stack([self.tokenizer.encode_sequence(row) for row in frames])
         ids = self.latent_actions.infer_latent_actions(tokens).cpu().numpy()
         return ids[0] if single else ids
 

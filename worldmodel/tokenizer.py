@@ -9,6 +9,7 @@ collapse has to be managed.
 
     tok = FrameTokenizer(TokenizerConfig())
     tokens = tok.encode(frames_uint8)        # (..., 64, 64, 3) uint8 → (..., 16, 16) int64
+    tokens = tok.encode_sequence(episode)    # (T, 64, 64, 3) → (T, 16, 16), still codes held (hold_threshold)
     frames = tok.decode(tokens)              # → (..., 64, 64, 3) float in [0, 1]
 """
 from __future__ import annotations
@@ -31,6 +32,11 @@ class TokenizerConfig:
     levels: tuple[int, ...] = (8, 5, 5, 5)  # FSQ levels per latent channel; codebook = their product
     channels: int = 32  # width at full resolution; doubled at each downsampling
     res_blocks: int = 2  # residual blocks at the token-grid resolution
+    # temporal stability (`encode_sequence`, how episodes are tokenized): a patch keeps its token from the
+    # previous frame while its pixels differ by less than this from the frame its token was last set on
+    # (mean absolute change, pixels in [0, 1]), so the codes of still regions cannot flicker with their
+    # neighbours and a slow drift is still re-encoded once it adds up; 0 turns it off
+    hold_threshold: float = 0.0
 
     def __post_init__(self):
         self.levels = tuple(int(x) for x in self.levels)
@@ -40,6 +46,9 @@ class TokenizerConfig:
             raise ValueError(f"tokenizer image_size {self.image_size} is not divisible by downsample {self.downsample}")
         if not self.levels or min(self.levels) < 2:
             raise ValueError(f"tokenizer levels must be integers >= 2, got {self.levels}")
+        if not 0 <= self.hold_threshold < 1:  # also refuses NaN
+            raise ValueError(f"tokenizer hold_threshold must be in [0, 1) (a mean absolute pixel change, pixels "
+                             f"in [0, 1]; 0 turns it off), got {self.hold_threshold}")
 
     @property
     def grid(self) -> int:
@@ -172,6 +181,28 @@ class FrameTokenizer(PretrainedMixin, nn.Module):
         _, indices = self.encode_latents(self.preprocess(frames))
         g = self.config.grid
         return indices.reshape(*lead, g, g)
+
+    @torch.no_grad()
+    def encode_sequence(self, frames) -> torch.Tensor:
+        """Consecutive uint8 frames (T, H, W, 3) of one episode → int64 tokens (T, g, g), with the codes of
+        still patches held (`hold_threshold`); without it, the same as `encode`."""
+        frames = frames if torch.is_tensor(frames) else np.asarray(frames)
+        if frames.ndim != 4:
+            raise ValueError(f"encode_sequence takes one episode's frames (T, H, W, 3); "
+                             f"got shape {tuple(frames.shape)}")
+        tokens = torch.cat([self.encode(frames[i:i + 256]) for i in range(0, len(frames), 256)])
+        threshold = self.config.hold_threshold
+        if threshold <= 0 or len(tokens) < 2:
+            return tokens
+        d, g = self.config.downsample, self.config.grid
+        x = (self.preprocess(frames) + 1) / 2  # (T, 3, S, S) in [0, 1]
+        patches = x.reshape(len(x), 3, g, d, g, d).permute(0, 2, 4, 1, 3, 5).reshape(len(x), g, g, -1)
+        anchor = patches[0].clone()  # the pixels each patch's current token was set on
+        for t in range(1, len(tokens)):
+            held = (patches[t] - anchor).abs().mean(-1) < threshold
+            tokens[t][held] = tokens[t - 1][held]
+            anchor[~held] = patches[t][~held]
+        return tokens
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
