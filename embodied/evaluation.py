@@ -117,10 +117,10 @@ def resolve_tasks(cfg) -> list[str]:
 
 
 def make_eval_policy(spec: str, seed: int = 0, device: str = "cpu", n_action_steps: int | None = None,
-                     binarize_gripper: bool | None = None) -> VectorPolicy:
+                     binarize_gripper: bool | None = None, gripper_threshold: float | None = None) -> VectorPolicy:
     """`scripted`, `random`, or a checkpoint directory / hub id (any policy `policies` can load).
 
-    `n_action_steps` and `binarize_gripper` override a checkpoint's own settings when not None.
+    `n_action_steps`, `binarize_gripper` and `gripper_threshold` override a checkpoint's own settings when not None.
     """
     if spec == "scripted":
         return ScriptedPolicy()
@@ -129,6 +129,8 @@ def make_eval_policy(spec: str, seed: int = 0, device: str = "cpu", n_action_ste
     import policies
 
     overrides = {} if binarize_gripper is None else {"binarize_gripper": bool(binarize_gripper)}
+    if gripper_threshold is not None:
+        overrides["gripper_threshold"] = float(gripper_threshold)
     try:
         policy = policies.load_pretrained(spec, device=device, **overrides)
     except (FileNotFoundError, OSError) as error:
@@ -389,6 +391,7 @@ def evaluate(policy: VectorPolicy, cfg: EvalConfig, output_dir: str | os.PathLik
                          "num_envs": cfg.num_envs}
     if isinstance(policy, CheckpointPolicy):  # inference settings that change the numbers
         results["inference"] = {"n_action_steps": policy.n_action_steps,
-                                "binarize_gripper": bool(getattr(policy.policy.config, "binarize_gripper", False))}
+                                "binarize_gripper": bool(getattr(policy.policy.config, "binarize_gripper", False)),
+                                "gripper_threshold": getattr(policy.policy.config, "gripper_threshold", None)}
     write_outputs(results, records, output_dir)
     return results

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -65,8 +66,10 @@ class VLAConfig:
     n_action_steps: int | None = None  # actions of each chunk executed before predicting again (None: all K)
     decoding: str = "autoregressive"  # | "parallel"
     action_head: str = "tokens"  # | "l1": OpenVLA-OFT's L1 regression head on the parallel slots (continuous actions)
-    binarize_gripper: bool = False  # snap predicted gripper commands (the last action dim, 1 = open) to 0 or 1 at 0.5
+    binarize_gripper: bool = False  # snap predicted gripper commands (the last action dim, 1 = open) to 0 or 1 at gripper_threshold
     classify_gripper: bool = False  # with action_head="l1": the gripper is an open/close logit (cross-entropy), the rest regressed
+    # open above it, close at or below: the classifier's p(open) with classify_gripper, the command with binarize_gripper
+    gripper_threshold: float = 0.5
     observation_image_size: int = 224  # the camera images the policy is trained on (resized to each tower's size)
     normalization: str = "bounds_q99"
     unnorm_key: str | None = None
@@ -104,6 +107,8 @@ class VLAConfig:
         if self.classify_gripper and self.action_head != "l1":
             raise ValueError(f"classify_gripper splits the L1 head's output: it needs action_head='l1', "
                              f"got {self.action_head!r}")
+        if not 0 < self.gripper_threshold < 1:  # also refuses NaN
+            raise ValueError(f"gripper_threshold must be in (0, 1), got {self.gripper_threshold}")
         if self.action_chunk < 1:
             raise ValueError(f"action_chunk must be >= 1, got {self.action_chunk}")
         if self.n_action_steps is not None and not 1 <= self.n_action_steps <= self.action_chunk:
@@ -664,10 +669,13 @@ class OpenVLAPolicy(nn.Module):
         return self.action_head(hidden)
 
     def _head_actions(self, output: torch.Tensor) -> torch.Tensor:
-        """The L1 head's output as normalized actions: with `classify_gripper`, the logit becomes 1 (open) or 0."""
+        """The L1 head's output as normalized actions: with `classify_gripper`, the logit becomes 1 (open) when
+        p(open) > gripper_threshold, else 0."""
         if not self.config.classify_gripper:
             return output
-        return torch.cat([output[..., :-1], (output[..., -1:] > 0).to(output.dtype)], dim=-1)
+        threshold = self.config.gripper_threshold
+        logit = math.log(threshold / (1 - threshold))
+        return torch.cat([output[..., :-1], (output[..., -1:] > logit).to(output.dtype)], dim=-1)
 
     def forward(self, batch: Mapping[str, Any], decoding: str | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss and metrics on a reader batch: cross-entropy on the action tokens (and the stop token), or, with
@@ -786,7 +794,7 @@ class OpenVLAPolicy(nn.Module):
         if self.config.binarize_gripper:
             # demonstrations open or close the gripper fully; a regressed command in between half-closes
             # it (OpenVLA-OFT's LIBERO evaluation binarizes for the same reason)
-            actions[..., -1] = (actions[..., -1] > 0.5).astype(np.float32)
+            actions[..., -1] = (actions[..., -1] > self.config.gripper_threshold).astype(np.float32)
         return actions
 
     @torch.inference_mode()

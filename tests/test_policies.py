@@ -102,14 +102,14 @@ def test_save_then_load_gives_identical_actions(trained_openvla, tmp_path):
                                   "binarize_gripper": None})
     assert np.array_equal(again.predict_actions(observations(data)), policy.predict_actions(observations(data)))
     # null keeps a checkpoint's own training and inference settings; a given value overrides them
-    loaded.config.binarize_gripper, loaded.config.label_sigma_bins = True, 3.0
+    loaded.config.binarize_gripper, loaded.config.gripper_threshold, loaded.config.label_sigma_bins = True, 0.8, 3.0
     loaded.save_pretrained(tmp_path / "ckpt_set")
     kept = policies.make_policy({"name": "openvla", "pretrained": str(tmp_path / "ckpt_set"), "decoding": None,
-                                 "binarize_gripper": None, "label_sigma_bins": None}).config
-    assert (kept.binarize_gripper, kept.label_sigma_bins) == (True, 3.0)
+                                 "binarize_gripper": None, "gripper_threshold": None, "label_sigma_bins": None}).config
+    assert (kept.binarize_gripper, kept.gripper_threshold, kept.label_sigma_bins) == (True, 0.8, 3.0)
     given = policies.make_policy({"name": "openvla", "pretrained": str(tmp_path / "ckpt_set"),
-                                  "binarize_gripper": False, "label_sigma_bins": 0.0}).config
-    assert (given.binarize_gripper, given.label_sigma_bins) == (False, 0.0)
+                                  "binarize_gripper": False, "gripper_threshold": 0.5, "label_sigma_bins": 0.0}).config
+    assert (given.binarize_gripper, given.gripper_threshold, given.label_sigma_bins) == (False, 0.5, 0.0)
 
 
 def test_rt2_overfits_and_loads_as_rt2(tmp_path):
@@ -172,6 +172,9 @@ def test_l1_head_regresses_continuous_actions_and_round_trips(tmp_path):
     snapped = loaded.predict_actions(observations(data))
     np.testing.assert_array_equal(snapped[..., :6], actions[..., :6])
     np.testing.assert_array_equal(snapped[..., 6], (actions[..., 6] > 0.5).astype(np.float32))
+    loaded.config.gripper_threshold = 0.3  # the threshold moves with the setting
+    np.testing.assert_array_equal(loaded.predict_actions(observations(data))[..., 6],
+                                  (actions[..., 6] > 0.3).astype(np.float32))
     # it has no tokens to decode, and it needs the parallel slots
     with pytest.raises(ValueError, match="cannot decode 'autoregressive'"):
         loaded.predict_actions(observations(data), decoding="autoregressive")
@@ -199,6 +202,14 @@ def test_l1_head_can_classify_the_gripper(tmp_path):
     loaded = policies.load_pretrained(tmp_path / "p")
     assert loaded.config.classify_gripper
     np.testing.assert_array_equal(loaded.predict_actions(observations(data)), actions)
+    # the gripper opens when p(open) > gripper_threshold: logits of p = 0.1, 0.5, 0.73, 0.95
+    logits = torch.tensor([[0.0] * 6 + [v] for v in (-2.2, 0.0, 1.0, 3.0)])
+    assert loaded._head_actions(logits)[:, 6].tolist() == [0, 0, 1, 1]
+    wary = policies.load_pretrained(tmp_path / "p", gripper_threshold=0.9)  # e.g. `embodied.eval gripper_threshold=0.9`
+    assert wary._head_actions(logits)[:, 6].tolist() == [0, 0, 0, 1]
+    assert torch.equal(wary._head_actions(logits)[:, :6], logits[:, :6])
+    with pytest.raises(ValueError, match=r"gripper_threshold must be in \(0, 1\), got 1.0"):
+        policies.load_pretrained(tmp_path / "p", gripper_threshold=1.0)
     with pytest.raises(ValueError, match="classify_gripper splits the L1 head's output: it needs action_head='l1'"):
         tiny(OpenVLAPolicy, classify_gripper=True)
     # statistics that normalize the gripper: its normalized targets are no longer 0 (closed) and 1 (open)
