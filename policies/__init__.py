@@ -62,6 +62,11 @@ def load_pretrained(path_or_id: str | os.PathLike, **kwargs):
     return policy
 
 
+# settings a config may change on a loaded checkpoint (they do not change its weights' shapes)
+CHECKPOINT_OVERRIDES = ("decoding", "unnorm_key", "autocast", "n_action_steps", "label_sigma_bins", "binarize_gripper",
+                        "gripper_threshold")
+
+
 def make_policy(cfg: Mapping[str, Any], statistics: Mapping[str, Any] | None = None, device=None):
     """A policy from the Hydra `policy` config group (embodied/conf/policy/*.yaml).
 
@@ -84,10 +89,8 @@ def make_policy(cfg: Mapping[str, Any], statistics: Mapping[str, Any] | None = N
         if cfg.get(key) is None:
             cfg.pop(key, None)
     if pretrained:
-        policy = cls.from_pretrained(pretrained, device=device or "cpu", **{k: v for k, v in cfg.items()
-                                                                             if k in ("decoding", "unnorm_key", "autocast",
-                                                                                      "n_action_steps", "label_sigma_bins",
-                                                                                      "binarize_gripper", "gripper_threshold")})
+        overrides = {k: v for k, v in cfg.items() if k in CHECKPOINT_OVERRIDES}
+        policy = cls.from_pretrained(pretrained, device=device or "cpu", **overrides)
         if statistics is not None:
             policy.set_statistics(statistics)
     else:

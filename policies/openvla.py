@@ -66,7 +66,7 @@ class VLAConfig:
     n_action_steps: int | None = None  # actions of each chunk executed before predicting again (None: all K)
     decoding: str = "autoregressive"  # | "parallel"
     action_head: str = "tokens"  # | "l1": OpenVLA-OFT's L1 regression head on the parallel slots (continuous actions)
-    binarize_gripper: bool = False  # snap predicted gripper commands (the last action dim, 1 = open) to 0 or 1 at gripper_threshold
+    binarize_gripper: bool = False  # snap predicted gripper commands (the last dim, 1 = open) to 0 or 1 at gripper_threshold
     classify_gripper: bool = False  # with action_head="l1": the gripper is an open/close logit (cross-entropy), the rest regressed
     # open above it, close at or below: the classifier's p(open) with classify_gripper, the command with binarize_gripper
     gripper_threshold: float = 0.5

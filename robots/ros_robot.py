@@ -9,9 +9,9 @@ streamed at `command_hz` for one control period and then followed by a zero twis
 0.1 s after the last command, so a single message per step would stutter); the gripper goes to
 its own topic. Topic names, types, rates and frames come from the Hydra `robot` config.
 
-A background thread is both the command streamer and the watchdog: when the newest image is
-(from either camera) or pose is older than `safety.max_observation_age_s`, or the connection drops, it publishes a zero twist
-and latches a halt (`safety.watchdog_period_s` later at most). A `true` on the e-stop topic
+A background thread is both the command streamer and the watchdog: when the newest image (of
+either camera) or pose is older than `safety.max_observation_age_s`, or the connection drops, it
+publishes a zero twist and latches a halt (`safety.watchdog_period_s` later at most). A `true` on the e-stop topic
 latches the emergency stop. In dry-run mode nothing is advertised or published; every command
 that would have been sent is logged.
 """
