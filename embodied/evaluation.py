@@ -78,10 +78,14 @@ class CheckpointPolicy:
         if self.n_action_steps is not None and chunk is not None and not 1 <= self.n_action_steps <= chunk:
             raise ValueError(f"n_action_steps must be in [1, action_chunk={chunk}], got {self.n_action_steps}")
         self.queues: dict[int, list[np.ndarray]] = {}
+        # each env's last gripper command, for a policy whose gripper switches from its current state
+        self.switches_gripper = getattr(config, "gripper_switch_threshold", None) is not None
+        self.gripper: dict[int, float] = {}
 
     def reset(self, env_indices):
         for i in env_indices:
             self.queues[int(i)] = []
+            self.gripper[int(i)] = 1.0  # episodes start open
 
     def act(self, observations, envs):
         n = envs.num_envs
@@ -89,12 +93,17 @@ class CheckpointPolicy:
         if need:
             batch = [{key: observations[key][i] for key in ("image", "wrist_image", "state") if key in observations}
                      for i in need]
-            predicted = np.asarray(self.policy.predict_actions(batch, [str(observations["instruction"][i]) for i in need]))
+            instructions = [str(observations["instruction"][i]) for i in need]
+            extra = {"gripper_state": [self.gripper.get(i, 1.0) for i in need]} if self.switches_gripper else {}
+            predicted = np.asarray(self.policy.predict_actions(batch, instructions, **extra))
             if predicted.ndim == 2:  # (B, 7): one action per prediction
                 predicted = predicted[:, None]
             for row, i in enumerate(need):
                 self.queues[i] = list(predicted[row][:self.n_action_steps])
-        return np.stack([self.queues[i].pop(0) for i in range(n)]).astype(np.float32)
+        actions = np.stack([self.queues[i].pop(0) for i in range(n)]).astype(np.float32)
+        for i in range(n):
+            self.gripper[i] = float(actions[i, -1])
+        return actions
 
 
 def resolve_tasks(cfg) -> list[str]:
@@ -117,10 +126,12 @@ def resolve_tasks(cfg) -> list[str]:
 
 
 def make_eval_policy(spec: str, seed: int = 0, device: str = "cpu", n_action_steps: int | None = None,
-                     binarize_gripper: bool | None = None, gripper_threshold: float | None = None) -> VectorPolicy:
+                     binarize_gripper: bool | None = None, gripper_threshold: float | None = None,
+                     gripper_switch_threshold: float | None = None) -> VectorPolicy:
     """`scripted`, `random`, or a checkpoint directory / hub id (any policy `policies` can load).
 
-    `n_action_steps`, `binarize_gripper` and `gripper_threshold` override a checkpoint's own settings when not None.
+    `n_action_steps`, `binarize_gripper`, `gripper_threshold` and `gripper_switch_threshold` override a
+    checkpoint's own settings when not None.
     """
     if spec == "scripted":
         return ScriptedPolicy()
@@ -131,6 +142,8 @@ def make_eval_policy(spec: str, seed: int = 0, device: str = "cpu", n_action_ste
     overrides = {} if binarize_gripper is None else {"binarize_gripper": bool(binarize_gripper)}
     if gripper_threshold is not None:
         overrides["gripper_threshold"] = float(gripper_threshold)
+    if gripper_switch_threshold is not None:
+        overrides["gripper_switch_threshold"] = float(gripper_switch_threshold)
     try:
         policy = policies.load_pretrained(spec, device=device, **overrides)
     except (FileNotFoundError, OSError) as error:
@@ -392,6 +405,8 @@ def evaluate(policy: VectorPolicy, cfg: EvalConfig, output_dir: str | os.PathLik
     if isinstance(policy, CheckpointPolicy):  # inference settings that change the numbers
         results["inference"] = {"n_action_steps": policy.n_action_steps,
                                 "binarize_gripper": bool(getattr(policy.policy.config, "binarize_gripper", False)),
-                                "gripper_threshold": getattr(policy.policy.config, "gripper_threshold", None)}
+                                "gripper_threshold": getattr(policy.policy.config, "gripper_threshold", None),
+                                "gripper_switch_threshold": getattr(policy.policy.config, "gripper_switch_threshold",
+                                                                    None)}
     write_outputs(results, records, output_dir)
     return results

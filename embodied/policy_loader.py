@@ -70,12 +70,19 @@ class CheckpointPolicy:
     def __init__(self, model, spec: str):
         self.model = model
         self.name = str(spec)
+        # the last gripper command, for a policy whose gripper switches from its current state
+        self.switches_gripper = getattr(getattr(model, "config", None), "gripper_switch_threshold", None) is not None
+        self.gripper = 1.0
 
     def predict_action(self, observation: Mapping[str, Any], instruction: str | None = None) -> np.ndarray:
         obs = {k: v for k, v in observation.items() if k in ("image", "wrist_image", "state", "instruction")}
-        return np.asarray(self.model.predict_action(obs, instruction), dtype=np.float32).reshape(7)
+        extra = {"gripper_state": [self.gripper]} if self.switches_gripper else {}
+        action = np.asarray(self.model.predict_action(obs, instruction, **extra), dtype=np.float32).reshape(7)
+        self.gripper = float(action[-1])
+        return action
 
     def reset(self) -> None:
+        self.gripper = 1.0  # episodes start open
         if hasattr(self.model, "reset"):
             self.model.reset()
 

@@ -177,10 +177,13 @@ def stack_cube(sim, m, task) -> Iterator[Action]:
 
 def open_drawer(sim, m, task) -> Iterator[Action]:
     yaw = np.pi / 2  # fingers close along x, around the bar
+    # fully open (gripper commands stay binary, as a gripper classifier needs), centred 2 cm on the robot's
+    # side of the bar so that the far finger base clears the cabinet top; closing pulls the bar in
+    grasp = lambda: handle_position(sim, "drawer") + np.array([-0.02, 0.0, 0.0])  # noqa: E731
     for _ in range(3):
-        yield from m.grip(0.35, steps=2)  # 28 mm: the 26 mm-thick finger bases clear the cabinet top
-        yield from m.goto(lambda: handle_position(sim, "drawer") + np.array([0.0, 0.0, 0.08]), yaw, tol=0.01)
-        yield from m.goto(lambda: handle_position(sim, "drawer"), yaw, tol=0.005, max_step=0.02)
+        yield from m.grip(OPEN, steps=2)
+        yield from m.goto(lambda: grasp() + np.array([0.0, 0.0, 0.08]), yaw, tol=0.01)
+        yield from m.goto(grasp, yaw, tol=0.005, max_step=0.02)
         yield from m.grip(CLOSED, steps=5)
         pull = lambda: handle_position(sim, "drawer") - np.array([0.05, 0.0, 0.0])  # noqa: E731
         yield from m.goto(pull, yaw, max_step=0.02, max_steps=40, until=lambda: task.success(sim) and sim.joint_position("drawer") > 0.12)

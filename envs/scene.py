@@ -45,6 +45,9 @@ DRAWER_HANDLE_HALF_WIDTH = 0.05
 BUTTON_TRAVEL = 0.015
 BUTTON_BASE_HALF_HEIGHT = 0.01
 BUTTON_BASE_RADIUS_MARGIN = 0.012
+# A latching push button: its base ring lights up once pressed, so that a policy that sees one frame can tell
+# a pressed button from an unpressed one (a momentary press leaves no other trace)
+BUTTON_LIT_RGBA = (0.55, 1.0, 1.0, 1.0)  # pale cyan: no task colour
 
 
 @dataclass(frozen=True)

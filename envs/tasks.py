@@ -99,8 +99,10 @@ class Task:
     def update(self, sim: PhysicsBackend) -> None:
         """Called after every step: latches momentary events such as a button press."""
         for obj in self.objects:
-            if obj.kind == "button" and sim.joint_position(obj.name) <= -0.6 * BUTTON_TRAVEL:
+            if (obj.kind == "button" and obj.name not in self.latched
+                    and sim.joint_position(obj.name) <= -0.6 * BUTTON_TRAVEL):
                 self.latched.add(obj.name)
+                sim.light_button(obj.name)
 
     def success(self, sim: PhysicsBackend) -> bool:
         raise NotImplementedError

@@ -64,7 +64,7 @@ def load_pretrained(path_or_id: str | os.PathLike, **kwargs):
 
 # settings a config may change on a loaded checkpoint (they do not change its weights' shapes)
 CHECKPOINT_OVERRIDES = ("decoding", "unnorm_key", "autocast", "n_action_steps", "label_sigma_bins", "binarize_gripper",
-                        "gripper_threshold")
+                        "gripper_threshold", "gripper_switch_threshold")
 
 
 def make_policy(cfg: Mapping[str, Any], statistics: Mapping[str, Any] | None = None, device=None):
@@ -85,7 +85,8 @@ def make_policy(cfg: Mapping[str, Any], statistics: Mapping[str, Any] | None = N
     components = bool(cfg.pop("pretrained_components", False))
     # decoding and action_chunk are decided by the data, the gripper settings and label_sigma_bins by the user,
     # when given; null: the checkpoint's own (the dataclass default for a new policy)
-    for key in ("decoding", "action_chunk", "binarize_gripper", "gripper_threshold", "label_sigma_bins"):
+    for key in ("decoding", "action_chunk", "binarize_gripper", "gripper_threshold", "gripper_switch_threshold",
+                "label_sigma_bins"):
         if cfg.get(key) is None:
             cfg.pop(key, None)
     if pretrained:

@@ -70,6 +70,10 @@ class VLAConfig:
     classify_gripper: bool = False  # with action_head="l1": the gripper is an open/close logit (cross-entropy), the rest regressed
     # open above it, close at or below: the classifier's p(open) with classify_gripper, the command with binarize_gripper
     gripper_threshold: float = 0.5
+    # set: the gripper keeps its current command and switches only when the other state's score (p(closed) or
+    # p(open); the command with binarize_gripper) exceeds it, at most once per chunk; below 0.5 it switches more
+    # eagerly than gripper_threshold would in either direction (see gripper_commands)
+    gripper_switch_threshold: float | None = None
     observation_image_size: int = 224  # the camera images the policy is trained on (resized to each tower's size)
     normalization: str = "bounds_q99"
     unnorm_key: str | None = None
@@ -109,6 +113,12 @@ class VLAConfig:
                              f"got {self.action_head!r}")
         if not 0 < self.gripper_threshold < 1:  # also refuses NaN
             raise ValueError(f"gripper_threshold must be in (0, 1), got {self.gripper_threshold}")
+        if self.gripper_switch_threshold is not None:
+            if not 0 < self.gripper_switch_threshold < 1:  # also refuses NaN
+                raise ValueError(f"gripper_switch_threshold must be in (0, 1) or None, got {self.gripper_switch_threshold}")
+            if not (self.classify_gripper or self.binarize_gripper):
+                raise ValueError("gripper_switch_threshold switches a binary gripper: it needs classify_gripper or "
+                                 "binarize_gripper")
         if self.action_chunk < 1:
             raise ValueError(f"action_chunk must be >= 1, got {self.action_chunk}")
         if self.n_action_steps is not None and not 1 <= self.n_action_steps <= self.action_chunk:
@@ -356,6 +366,31 @@ class InstructionGrounding(nn.Module):
         return self.out(self.norm(read + queries))
 
 
+def gripper_commands(open_score: np.ndarray, current: np.ndarray | None, switch_threshold: float) -> np.ndarray:
+    """0 (closed) / 1 (open) gripper commands (B, K) from a chunk's open scores (B, K), with hysteresis.
+
+    Each row starts from the gripper's current command (`current`, (B,); None: open, as an episode starts)
+    and switches when the score of the other state passes `switch_threshold`: an open gripper closes when
+    1 - score > threshold, a closed one opens when score > threshold. Demonstrations switch the gripper in a
+    handful of frames, so a cloned classifier is rarely sure of a switch at the states a closed loop reaches
+    (it hovers over the cube at p(open) 0.8, over the tray at 0.1); at most one switch per chunk, because
+    later slots score the same observation and would chatter back.
+    """
+    score = np.asarray(open_score, dtype=np.float64)
+    if score.ndim != 2:
+        raise ValueError(f"open_score must be (batch, chunk), got shape {score.shape}")
+    state = np.ones(len(score), dtype=bool) if current is None else np.asarray(current, dtype=np.float64) > 0.5
+    if state.shape != (len(score),):
+        raise ValueError(f"current gripper commands must be one per row ({len(score)}), got shape {state.shape}")
+    switched = np.zeros_like(state)
+    commands = np.empty(score.shape, dtype=np.float32)
+    for k in range(score.shape[1]):
+        flip = ~switched & np.where(state, 1.0 - score[:, k] > switch_threshold, score[:, k] > switch_threshold)
+        state, switched = state ^ flip, switched | flip
+        commands[:, k] = state
+    return commands
+
+
 def named_object_features(logits: torch.Tensor, located: torch.Tensor, tcp: torch.Tensor) -> torch.Tensor:
     """(B, named, 7): each named object's position (expected over the grounding's slot probabilities), the
     same from the tool centre point, and the probability that none is named; readout units."""
@@ -426,6 +461,7 @@ class OpenVLAPolicy(nn.Module):
         if config.gradient_checkpointing:
             self.enable_gradient_checkpointing()
         self._queue: list[np.ndarray] = []
+        self._gripper: float | None = None  # the last command select_action gave (gripper_switch_threshold)
         self.name_or_path: str | None = None
 
     # -- construction ------------------------------------------------------------------------------
@@ -775,26 +811,36 @@ class OpenVLAPolicy(nn.Module):
 
     def predict_actions(self, observations: Sequence[Mapping[str, Any]], instructions: Sequence[str] | None = None,
                         decoding: str | None = None, num_actions: int | None = None,
-                        unnorm_key: str | None = None) -> np.ndarray:
+                        unnorm_key: str | None = None, gripper_state: Sequence[float] | None = None) -> np.ndarray:
         """Un-normalized float32 actions (B, K, 7) for a batch of raw observations.
 
         K is the config's action_chunk; autoregressive decoding may ask for another `num_actions`.
+        `gripper_state`: each row's current gripper command (1 open, 0 closed; None: open, as an episode
+        starts), which `gripper_switch_threshold` switches from.
         """
         decoding = self._check_decoding(decoding)
         if decoding == "parallel" and num_actions not in (None, self.config.action_chunk):
             raise ValueError(f"parallel decoding predicts action_chunk={self.config.action_chunk} actions, "
                              f"not num_actions={num_actions}")
         inputs = self.processor.from_observations(observations, instructions, decoding=decoding, device=self.device)
+        switch = self.config.gripper_switch_threshold
+        open_score = None
         if self.action_head is not None:
             with torch.inference_mode(), self._autocast():
-                normalized = self._head_actions(self._regress_actions(inputs).float()).clamp(-1, 1).cpu().numpy()
+                output = self._regress_actions(inputs).float()
+                if self.config.classify_gripper:
+                    open_score = torch.sigmoid(output[..., -1]).cpu().numpy()
+                normalized = self._head_actions(output).clamp(-1, 1).cpu().numpy()
             actions = self.processor.unnormalize_actions(normalized, unnorm_key).astype(np.float32)
         else:
             actions = self.processor.decode_actions(self.predict_action_tokens(inputs, num_actions), unnorm_key)
         if self.config.binarize_gripper:
             # demonstrations open or close the gripper fully; a regressed command in between half-closes
             # it (OpenVLA-OFT's LIBERO evaluation binarizes for the same reason)
+            open_score = np.clip(actions[..., -1], 0.0, 1.0)
             actions[..., -1] = (actions[..., -1] > self.config.gripper_threshold).astype(np.float32)
+        if switch is not None:
+            actions[..., -1] = gripper_commands(open_score.reshape(len(actions), -1), gripper_state, switch)
         return actions
 
     @torch.inference_mode()
@@ -819,13 +865,18 @@ class OpenVLAPolicy(nn.Module):
 
     def reset(self) -> None:
         self._queue.clear()
+        self._gripper = None
 
     def select_action(self, observation: Mapping[str, Any], instruction: str | None = None) -> np.ndarray:
         """(7,) action, executing the first n_action_steps of each predicted chunk open-loop before predicting
         the next (call reset() per episode)."""
         if not self._queue:
-            self._queue.extend(self.predict_action_chunk(observation, instruction)[:self.config.n_action_steps])
-        return self._queue.pop(0)
+            state = None if self._gripper is None else [self._gripper]
+            self._queue.extend(self.predict_action_chunk(observation, instruction, gripper_state=state)
+                               [:self.config.n_action_steps])
+        action = self._queue.pop(0)
+        self._gripper = float(action[-1])
+        return action
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> Path:

@@ -13,7 +13,10 @@ SEEDS_PER_TASK = 2
 def run_expert(env, seed):
     env.reset(seed=seed)
     for _ in range(env.max_episode_steps):
-        _, reward, terminated, truncated, info = env.step(env.expert_action())
+        action = env.expert_action()
+        # binary gripper commands, as OXE's grippers and a gripper classifier expect
+        assert action[6] in (0.0, 1.0), f"{env.task.name}: expert gripper command {action[6]}"
+        _, reward, terminated, truncated, info = env.step(action)
         if terminated or truncated:
             return info["success"]
     return False
@@ -51,3 +54,31 @@ def test_random_actions_rarely_succeed(backend):
         finally:
             env.close()
     assert successes <= 1, f"random actions solved {successes}/{episodes} tasks"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_pressed_button_lights_its_ring_until_reset(backend):
+    # a momentary press leaves no trace but this: without it one frame cannot tell what is left to do
+    env = TabletopEnv("ButtonThenTray", backend=backend, image_size=SMALL, randomization="none", wrist_camera=True)
+    try:
+        env.reset(seed=3)
+        for _ in range(60):
+            env.step(env.expert_action())
+            if env.task.latched:
+                break
+        assert env.task.latched == {"button"}
+        lit = env.sim.render("wrist").astype(int)
+        env.sim.light_button("button", False)
+        dark = env.sim.render("wrist").astype(int)
+        changed = np.abs(lit - dark).sum(-1) > 60
+        assert 0.01 < changed.mean() < 0.5, f"{changed.mean():.3f} of the wrist view changed"
+        assert (lit[changed][:, 2] > dark[changed][:, 2] + 40).mean() > 0.9  # pale cyan where the ring was grey
+        env.sim.light_button("button")
+        env.reset(seed=3)
+        reset_view = env.sim.render("wrist")
+        env.sim.light_button("button", False)
+        np.testing.assert_array_equal(reset_view, env.sim.render("wrist"))  # reset darkened it
+        with pytest.raises(ValueError, match="'cube' is a box, not a button"):
+            env.sim.light_button("cube")
+    finally:
+        env.close()

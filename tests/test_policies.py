@@ -3,14 +3,18 @@ from __future__ import annotations
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 import policies
+from embodied.evaluation import CheckpointPolicy as EvalCheckpointPolicy
+from embodied.policy_loader import CheckpointPolicy as LoaderCheckpointPolicy
 from embodied.data.statistics import compute_statistics, normalize, unnormalize
 from policies import ActionTokenizer, OpenVLAPolicy, RT2Policy
+from policies.openvla import gripper_commands
 from policy_helpers import single_thread, IMAGE, batch, observations, statistics, tiny, train_steps, train_until_exact  # noqa: F401 (autouse fixture)
 
 
@@ -217,6 +221,60 @@ def test_l1_head_can_classify_the_gripper(tmp_path):
     normalized_gripper = compute_statistics(rng.normal(size=(50, 7)), rng.normal(size=(50, 8)), 5, action_mask=[True] * 7)
     with pytest.raises(ValueError, match="classify_gripper needs the gripper .* statistics of 'scaled' normalize it"):
         loaded.processor.set_statistics({"scaled": normalized_gripper})
+
+
+def test_gripper_switch_threshold_switches_from_the_current_command(tmp_path):
+    # hand-computed, threshold 0.1: an open gripper closes once p(open) < 0.9, a closed one opens once
+    # p(open) > 0.1, at most once per chunk
+    score = np.array([[0.95, 0.85, 0.95, 0.2], [0.05, 0.12, 0.05, 0.9], [0.5, 0.5, 0.5, 0.5]])
+    assert gripper_commands(score, [1, 0, 0], 0.1).tolist() == [[1, 0, 0, 0], [0, 1, 1, 1], [1, 1, 1, 1]]
+    assert gripper_commands(score, None, 0.1)[:, 0].tolist() == [1, 0, 0]  # no current command: open
+    assert gripper_commands(score, [0, 0, 0], 0.6).tolist() == [[1, 1, 1, 1], [0, 0, 0, 1], [0, 0, 0, 0]]
+    with pytest.raises(ValueError, match=r"one per row \(3\), got shape \(2,\)"):
+        gripper_commands(score, [1, 0], 0.1)
+
+    policy = tiny(OpenVLAPolicy, decoding="parallel", action_chunk=3, n_action_steps=2, action_head="l1",
+                  classify_gripper=True)
+    with torch.no_grad():  # p(open) = 0.3 at every slot and observation
+        policy.action_head.out[1].weight[-1] = 0.0
+        policy.action_head.out[1].bias[-1] = float(np.log(0.3 / 0.7))
+    obs = observations(batch(chunk=3))
+    assert (policy.predict_actions(obs)[..., 6] == 0).all()  # gripper_threshold 0.5: closed
+    policy.config.gripper_switch_threshold = 0.2  # p(closed) 0.7 and p(open) 0.3 both pass it
+    assert policy.predict_actions(obs, gripper_state=[1, 0, 1, 0])[..., 6].tolist() == [[0] * 3, [1] * 3] * 2
+    policy.config.gripper_switch_threshold = 0.4  # only p(closed) passes it: a closed gripper stays closed
+    assert (policy.predict_actions(obs, gripper_state=[1, 0, 1, 0])[..., 6] == 0).all()
+    policy.config.gripper_switch_threshold = 0.2
+
+    # select_action carries its last command into each new chunk; reset() starts open again
+    policy.reset()
+    assert [policy.select_action(obs[0])[6] for _ in range(6)] == [0, 0, 1, 1, 0, 0]
+    policy.reset()
+    assert policy.select_action(obs[0])[6] == 0
+    # the evaluation harness keeps one command per env, and a new episode in one env starts it open
+    harness = EvalCheckpointPolicy(policy)
+    envs = SimpleNamespace(num_envs=2)
+    stacked = {"image": np.stack([o["image"] for o in obs[:2]]), "instruction": [o["instruction"] for o in obs[:2]]}
+    harness.reset([0, 1])
+    assert [harness.act(stacked, envs)[:, 6].tolist() for _ in range(2)] == [[0, 0], [0, 0]]
+    harness.reset([1])
+    assert [harness.act(stacked, envs)[:, 6].tolist() for _ in range(2)] == [[1, 0], [1, 0]]
+    # deploy and serve predict every step from the last command
+    served = LoaderCheckpointPolicy(policy, "tiny")
+    assert [served.predict_action(obs[0])[6] for _ in range(3)] == [0, 1, 0]
+    served.reset()
+    assert served.predict_action(obs[0])[6] == 0
+
+    # saved with the checkpoint; null keeps it, a value overrides it
+    policy.save_pretrained(tmp_path / "p")
+    assert policies.load_pretrained(tmp_path / "p").config.gripper_switch_threshold == 0.2
+    cfg = {"name": "openvla", "pretrained": str(tmp_path / "p"), "gripper_switch_threshold": None}
+    assert policies.make_policy(cfg).config.gripper_switch_threshold == 0.2
+    assert policies.make_policy({**cfg, "gripper_switch_threshold": 0.3}).config.gripper_switch_threshold == 0.3
+    with pytest.raises(ValueError, match=r"gripper_switch_threshold must be in \(0, 1\) or None, got 1.5"):
+        policies.load_pretrained(tmp_path / "p", gripper_switch_threshold=1.5)
+    with pytest.raises(ValueError, match="gripper_switch_threshold switches a binary gripper: it needs classify_gripper"):
+        tiny(OpenVLAPolicy, decoding="parallel", action_head="l1", gripper_switch_threshold=0.1)
 
 
 def test_proprio_token_lets_the_policy_tell_apart_identical_images(tmp_path):

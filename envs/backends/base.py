@@ -56,6 +56,10 @@ class PhysicsBackend(ABC):
         """Drawer opening (m, >= 0) or button press depth (m, <= 0) of a scene object."""
 
     @abstractmethod
+    def light_button(self, name: str, lit: bool = True) -> None:
+        """Light (or darken) a button's base ring, as a latching button shows it was pressed; reset darkens it."""
+
+    @abstractmethod
     def grasped(self, name: str) -> bool:
         """True when both fingers touch the object."""
 

@@ -20,12 +20,13 @@ configure_mujoco_gl()
 import mujoco  # noqa: E402  (MUJOCO_GL must be set before this import)
 
 from envs.backends.base import PhysicsBackend  # noqa: E402
-from envs.scene import (BUTTON_BASE_HALF_HEIGHT, BUTTON_BASE_RADIUS_MARGIN, BUTTON_TRAVEL,  # noqa: E402
+from envs.scene import (BUTTON_BASE_HALF_HEIGHT, BUTTON_BASE_RADIUS_MARGIN, BUTTON_LIT_RGBA, BUTTON_TRAVEL,  # noqa: E402
                         DRAWER_HANDLE_HALF_WIDTH, DRAWER_HANDLE_OFFSET, DRAWER_HANDLE_RADIUS, DRAWER_TRAVEL,
                         GRIPPER_MAX_WIDTH, HOME_JOINTS, NUM_TABLE_TEXTURES, TABLE_CENTER, TABLE_HALF_EXTENTS,
                         EpisodeConfig, ObjectSpec, SceneSpec, look_at_matrix)
 
 TIMESTEP = 0.002
+BUTTON_BASE_RGBA = (0.25, 0.25, 0.27, 1.0)
 # The "discrete" integrator (MuJoCo >= 4.0) solves contacts in the same effective inertia
 # M + hD + h^2K that integrates the stiff, damped position servos; with "implicitfast" the
 # servo damping that the contact solver does not see makes a held object creep along the
@@ -534,7 +535,7 @@ class MujocoBackend(PhysicsBackend):
                 dark = np.concatenate([rgba[:3] * 0.45, rgba[3:]])
                 m.geom_rgba[info["handle_geoms"]] = dark
             if kind == "button":
-                m.geom_rgba[info["base_geom"]] = (0.25, 0.25, 0.27, 1.0)
+                m.geom_rgba[info["base_geom"]] = BUTTON_BASE_RGBA
 
         mujoco.mj_forward(m, d)
         settle = max(1, int(round(SETTLE_TIME / TIMESTEP)))
@@ -640,6 +641,13 @@ class MujocoBackend(PhysicsBackend):
             raise ValueError(f"object {name!r} is a {info['kind']}; only drawers and buttons have a joint")
         lo, hi = self.model.jnt_range[info["jnt"]]  # limits are soft: hide sub-millimetre overshoot
         return float(min(max(self.data.qpos[info["qpos"]], lo), hi))
+
+    def light_button(self, name: str, lit: bool = True) -> None:
+        self._require_built()
+        info = self._info(name)
+        if info["kind"] != "button":
+            raise ValueError(f"object {name!r} is a {info['kind']}, not a button")
+        self.model.geom_rgba[info["base_geom"]] = BUTTON_LIT_RGBA if lit else BUTTON_BASE_RGBA
 
     def grasped(self, name: str) -> bool:
         self._require_built()

@@ -29,7 +29,7 @@ import pybullet_data
 
 from envs.backends.base import PhysicsBackend
 from envs.rendering import gpu_present
-from envs.scene import (BUTTON_BASE_HALF_HEIGHT, BUTTON_BASE_RADIUS_MARGIN, BUTTON_TRAVEL,
+from envs.scene import (BUTTON_BASE_HALF_HEIGHT, BUTTON_BASE_RADIUS_MARGIN, BUTTON_LIT_RGBA, BUTTON_TRAVEL,
                         DRAWER_HANDLE_HALF_WIDTH, DRAWER_HANDLE_OFFSET, DRAWER_HANDLE_RADIUS,
                         DRAWER_TRAVEL, GRIPPER_MAX_WIDTH, HOME_JOINTS, NUM_TABLE_TEXTURES,
                         TABLE_CENTER, TABLE_HALF_EXTENTS, EpisodeConfig, ObjectSpec, SceneSpec,
@@ -528,6 +528,7 @@ class PybulletBackend(PhysicsBackend):
                 p.resetJointState(body, 0, q, 0.0, physicsClientId=c)
             elif obj.kind == "button":
                 p.changeVisualShape(body, 0, rgbaColor=rgba, physicsClientId=c)
+                p.changeVisualShape(body, -1, rgbaColor=BUTTON_BASE_RGBA, physicsClientId=c)
                 q = min(max(float(episode.joints.get(name, 0.0)), -BUTTON_TRAVEL), 0.0)
                 p.resetJointState(body, 0, q, 0.0, physicsClientId=c)
             else:
@@ -596,6 +597,13 @@ class PybulletBackend(PhysicsBackend):
         if kind not in ("drawer", "button"):
             raise ValueError(f"object {name!r} is a {kind}, which has no joint; only drawers and buttons do")
         return float(p.getJointState(body, 0, physicsClientId=self.client)[0])
+
+    def light_button(self, name: str, lit: bool = True) -> None:
+        body = self._body(name)
+        kind = self._specs[name].kind
+        if kind != "button":
+            raise ValueError(f"object {name!r} is a {kind}, not a button")
+        p.changeVisualShape(body, -1, rgbaColor=BUTTON_LIT_RGBA if lit else BUTTON_BASE_RGBA, physicsClientId=self.client)
 
     def grasped(self, name: str) -> bool:
         body, c, r = self._body(name), self.client, self.robot
