@@ -119,12 +119,14 @@ def test_cli_turns_on_the_wrist_camera_for_a_checkpoint_that_reads_it(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "embodied.eval", f"policy={tmp_path / 'policy'}", "backend=mujoco",
                            "episodes_per_task=1", "tasks=[ReachTarget]", "num_envs=1", "videos_per_task=0",
-                           "binarize_gripper=true", "gripper_threshold=0.7", f"output_dir={out}"], capture_output=True, text=True, timeout=300)
+                           "binarize_gripper=true", "gripper_threshold=0.7", "gripper_switch_threshold=0.2",
+                           f"output_dir={out}"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["overall"]["episodes"] == 1
     # the override of the checkpoint's inference setting is recorded with the numbers it produced
-    assert results["inference"] == {"n_action_steps": None, "binarize_gripper": True, "gripper_threshold": 0.7}
+    assert results["inference"] == {"n_action_steps": None, "binarize_gripper": True, "gripper_threshold": 0.7,
+                                    "gripper_switch_threshold": 0.2}
     proc = subprocess.run([sys.executable, "-m", "embodied.eval", f"policy={tmp_path / 'policy'}", "backend=mujoco",
                            "episodes_per_task=1", "tasks=[ReachTarget]", "num_envs=1", "videos_per_task=0",
                            "wrist_camera=false", f"output_dir={tmp_path / 'refused'}"],
