@@ -240,9 +240,10 @@ def deploy(cfg: Mapping[str, Any], output_dir: str | os.PathLike) -> dict:
     if sim_values:
         from robots.sim_server import SimArmServer
 
-        # the simulated arm publishes the wrist camera where the robot config reads it
+        # the simulated arm publishes the wrist camera where and as the robot config reads it
         server = SimArmServer({**sim_values, "host": robot_cfg.host, "port": robot_cfg.port,
-                               "wrist_camera_topic": robot_cfg.wrist_camera_topic}).start()
+                               "wrist_camera_topic": robot_cfg.wrist_camera_topic,
+                               "wrist_camera_type": robot_cfg.wrist_camera_type}).start()
         robot_cfg.port = server.port
     robot = RosBridgeRobot(robot_cfg)
     records: list[EpisodeRecord] = []

@@ -8,7 +8,7 @@ published (topic, type)                                      obeyed
   /joint_states                       sensor_msgs/JointState        /embodied/gripper_command     std_msgs/Float64 (1 = open)
   /embodied/ee_pose                   geometry_msgs/PoseStamped     service /embodied/sim/reset   {seed: int}
   /embodied/sim/status                std_msgs/String (JSON: instruction, success, frame, expert_action)
-  wrist_camera_topic (when set)       the wrist camera, of camera_type
+  wrist_camera_topic (when set)       the wrist camera, of wrist_camera_type
 
 Like MoveIt Servo it integrates the newest twist every servo period and halts when no command
 arrived for `command_timeout_s` (0.1 s). Twists above the servo's speed limits are scaled down,
@@ -58,7 +58,8 @@ class SimServerConfig:
     camera_topic: str = "/camera/color/image_raw/compressed"
     camera_type: str = "sensor_msgs/CompressedImage"  # or sensor_msgs/Image (raw rgb8)
     image_format: str = "jpeg"  # for CompressedImage: jpeg | png
-    wrist_camera_topic: str | None = None  # also publish the wrist camera here (same type and format)
+    wrist_camera_topic: str | None = None  # also publish the wrist camera here
+    wrist_camera_type: str | None = None  # its message type (None: camera_type); image_format as the front camera
     joint_states_topic: str = "/joint_states"
     ee_pose_topic: str = "/embodied/ee_pose"
     twist_topic: str = "/servo_node/delta_twist_cmds"
@@ -75,9 +76,12 @@ class SimServerConfig:
         ratio = self.servo_hz / self.camera_hz
         if self.camera_hz <= 0 or ratio < 1 or abs(ratio - round(ratio)) > 1e-6:
             raise ValueError(f"servo_hz ({self.servo_hz}) must be a whole multiple of camera_hz ({self.camera_hz})")
-        if self.camera_type not in ("sensor_msgs/CompressedImage", "sensor_msgs/Image"):
-            raise ValueError(f"camera_type must be sensor_msgs/CompressedImage or sensor_msgs/Image, "
-                             f"got {self.camera_type!r}")
+        types = ("sensor_msgs/CompressedImage", "sensor_msgs/Image")
+        if self.camera_type not in types:
+            raise ValueError(f"camera_type must be {' or '.join(types)}, got {self.camera_type!r}")
+        if self.wrist_camera_type not in (None, *types):
+            raise ValueError(f"wrist_camera_type must be {' or '.join(types)} (or None: camera_type), "
+                             f"got {self.wrist_camera_type!r}")
 
     @classmethod
     def from_dict(cls, values) -> "SimServerConfig":
@@ -204,7 +208,8 @@ class SimArmServer(ServerThread):
             status["expert_action"] = [float(v) for v in self.expert.act()]
         def image_message(camera: str) -> dict:
             image, frame_id = env.sim.render(camera), {"front": "camera", "wrist": "wrist_camera"}[camera]
-            if cfg.camera_type.endswith("CompressedImage"):
+            message_type = cfg.camera_type if camera == "front" else cfg.wrist_camera_type or cfg.camera_type
+            if message_type.endswith("CompressedImage"):
                 return M.compressed_image(image, stamp, frame_id, cfg.image_format, ros_version=cfg.ros_version)
             return M.raw_image(image, stamp, frame_id, ros_version=cfg.ros_version)
 

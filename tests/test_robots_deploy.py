@@ -184,7 +184,8 @@ def test_a_wrist_camera_policy_deploys_with_the_robots_wrist_camera(tmp_path):
     tiny(OpenVLAPolicy, wrist_image=True).save_pretrained(checkpoint)
     with pytest.raises(ValueError, match="reads a wrist camera .* set robot.wrist_camera_topic"):
         deploy(deploy_config(tmp_path / "none", policy=str(checkpoint)), tmp_path / "none")
-    robot = robot_config(wrist_camera_topic="/wrist_camera/color/image_raw/compressed")
+    # raw images from the wrist beside the front camera's JPEGs: the simulated arm sends each as configured
+    robot = robot_config(wrist_camera_topic="/wrist_camera/color/image_raw", wrist_camera_type="sensor_msgs/Image")
     summary = deploy(deploy_config(tmp_path / "wrist", policy=str(checkpoint), max_steps=3, robot=robot),
                      tmp_path / "wrist")
     episode = summary["episodes"][0]
@@ -194,3 +195,7 @@ def test_a_wrist_camera_policy_deploys_with_the_robots_wrist_camera(tmp_path):
     assert np.abs(ep["wrist_image"].astype(int) - ep["image"].astype(int)).mean() > 10  # another view
     with pytest.raises(ValueError, match="the wrist camera needs its own topic"):
         RosRobotConfig(wrist_camera_topic=RosRobotConfig().camera_topic)
+    from robots.sim_server import SimServerConfig
+
+    with pytest.raises(ValueError, match="wrist_camera_type must be .* got 'sensor_msgs/PointCloud2'"):
+        SimServerConfig(wrist_camera_type="sensor_msgs/PointCloud2")
