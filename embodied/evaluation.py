@@ -139,11 +139,9 @@ def make_eval_policy(spec: str, seed: int = 0, device: str = "cpu", n_action_ste
         return RandomPolicy(seed)
     import policies
 
-    overrides = {} if binarize_gripper is None else {"binarize_gripper": bool(binarize_gripper)}
-    if gripper_threshold is not None:
-        overrides["gripper_threshold"] = float(gripper_threshold)
-    if gripper_switch_threshold is not None:
-        overrides["gripper_switch_threshold"] = float(gripper_switch_threshold)
+    given = {"binarize_gripper": (bool, binarize_gripper), "gripper_threshold": (float, gripper_threshold),
+             "gripper_switch_threshold": (float, gripper_switch_threshold)}
+    overrides = {key: cast(value) for key, (cast, value) in given.items() if value is not None}
     try:
         policy = policies.load_pretrained(spec, device=device, **overrides)
     except (FileNotFoundError, OSError) as error:
