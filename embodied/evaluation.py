@@ -20,6 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from envs.suites import get_suite
+from policies.action_chunks import ActionChunkQueue
 
 
 class VectorPolicy(Protocol):
@@ -77,33 +78,27 @@ class CheckpointPolicy:
         chunk = getattr(config, "action_chunk", None)
         if self.n_action_steps is not None and chunk is not None and not 1 <= self.n_action_steps <= chunk:
             raise ValueError(f"n_action_steps must be in [1, action_chunk={chunk}], got {self.n_action_steps}")
-        self.queues: dict[int, list[np.ndarray]] = {}
-        # each env's last gripper command, for a policy whose gripper switches from its current state
+        self.actions = ActionChunkQueue(self.n_action_steps)  # one stream per env
+        # a policy whose gripper switches from its current state is told each env's last command
         self.switches_gripper = getattr(config, "gripper_switch_threshold", None) is not None
-        self.gripper: dict[int, float] = {}
 
     def reset(self, env_indices):
-        for i in env_indices:
-            self.queues[int(i)] = []
-            self.gripper[int(i)] = 1.0  # episodes start open
+        self.actions.reset(env_indices)
 
     def act(self, observations, envs):
         n = envs.num_envs
-        need = [i for i in range(n) if not self.queues.get(i)]
+        need = self.actions.needing(range(n))
         if need:
             batch = [{key: observations[key][i] for key in ("image", "wrist_image", "state") if key in observations}
                      for i in need]
             instructions = [str(observations["instruction"][i]) for i in need]
-            extra = {"gripper_state": [self.gripper.get(i, 1.0) for i in need]} if self.switches_gripper else {}
+            extra = {"gripper_state": self.actions.gripper_state(need)} if self.switches_gripper else {}
             predicted = np.asarray(self.policy.predict_actions(batch, instructions, **extra))
             if predicted.ndim == 2:  # (B, 7): one action per prediction
                 predicted = predicted[:, None]
             for row, i in enumerate(need):
-                self.queues[i] = list(predicted[row][:self.n_action_steps])
-        actions = np.stack([self.queues[i].pop(0) for i in range(n)]).astype(np.float32)
-        for i in range(n):
-            self.gripper[i] = float(actions[i, -1])
-        return actions
+                self.actions.fill(i, predicted[row])
+        return np.stack([self.actions.pop(i) for i in range(n)]).astype(np.float32)
 
 
 def resolve_tasks(cfg) -> list[str]:

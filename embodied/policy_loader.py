@@ -6,8 +6,9 @@
     ws://host:port            a remote policy server (`python -m embodied.serve`)
     <directory> | <hub id>    a checkpoint, through `policies.load_pretrained`
 
-Every policy has `predict_action(observation: dict, instruction: str) -> np.ndarray (7,)`,
-`reset()` and `metadata()`.
+Every policy has `predict_action(observation: dict, instruction: str) -> np.ndarray (7,)`, the action for
+this control step (a chunked checkpoint runs its chunks open-loop, as the evaluation harness does), `reset()`,
+called at every episode start, and `metadata()`.
 """
 from __future__ import annotations
 
@@ -65,26 +66,23 @@ class SimExpertPolicy:
 
 
 class CheckpointPolicy:
-    """A `policies` checkpoint behind the common interface."""
+    """A `policies` checkpoint behind the common interface.
+
+    Each call is one control step: the model's `select_action` runs its chunks open-loop for
+    `n_action_steps` and switches the gripper from its last command, exactly as the evaluation harness does,
+    until `reset()` starts the next episode.
+    """
 
     def __init__(self, model, spec: str):
         self.model = model
         self.name = str(spec)
-        # the last gripper command, for a policy whose gripper switches from its current state
-        self.switches_gripper = getattr(getattr(model, "config", None), "gripper_switch_threshold", None) is not None
-        self.gripper = 1.0
 
     def predict_action(self, observation: Mapping[str, Any], instruction: str | None = None) -> np.ndarray:
         obs = {k: v for k, v in observation.items() if k in ("image", "wrist_image", "state", "instruction")}
-        extra = {"gripper_state": [self.gripper]} if self.switches_gripper else {}
-        action = np.asarray(self.model.predict_action(obs, instruction, **extra), dtype=np.float32).reshape(7)
-        self.gripper = float(action[-1])
-        return action
+        return np.asarray(self.model.select_action(obs, instruction), dtype=np.float32).reshape(7)
 
     def reset(self) -> None:
-        self.gripper = 1.0  # episodes start open
-        if hasattr(self.model, "reset"):
-            self.model.reset()
+        self.model.reset()
 
     def metadata(self) -> dict:
         meta = {"policy": self.name, "action_dim": 7, "class": type(self.model).__name__}

@@ -4,8 +4,11 @@ A websocket server so that a GPU machine can serve the robot computer:
 
 - On connect the server sends its metadata (policy, action dimension, protocol version).
 - Each request `{"observation": {"image": uint8 HxWx3, "state": float32 (8,)}, "instruction": str}`
-  gets `{"action": float32 (7,), "timing": {"infer_ms", "server_ms"}}`; an error gets
-  `{"error": "..."}` and the connection stays open.
+  gets `{"action": float32 (7,), "timing": {"infer_ms", "server_ms"}}`: the action for this control step
+  (a chunked policy runs its chunks open-loop and remembers its last gripper command, as in evaluation);
+  an error gets `{"error": "..."}` and the connection stays open.
+- `{"reset": true}` starts an episode (the policy forgets its queued actions and gripper command) and gets
+  `{"reset": true}`; a new connection starts one too.
 - Encoding: msgpack (binary frames, the default) or JSON (text frames); numpy arrays travel as
   `{"__ndarray__": <bytes | base64 str>, "dtype": ..., "shape": [...]}` in both. A client picks
   JSON with `?encoding=json` in the URL; the server answers in the encoding it was sent.
@@ -32,7 +35,7 @@ log = logging.getLogger(__name__)
 # Apps that take a policy checkpoint path live in conf/rollout (a `policy` config group is in conf/).
 CONF_DIR = Path(__file__).resolve().parent / "conf" / "rollout"
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: episode resets
 MAX_MESSAGE_BYTES = 16 * 2**20
 MAX_ARRAY_ELEMENTS = 8 * 2**20
 ALLOWED_DTYPES = ("uint8", "int32", "int64", "float16", "float32", "float64", "bool")
@@ -175,13 +178,23 @@ class PolicyServer(ServerThread):
         import websockets
 
         binary = "encoding=json" not in (ws.request.path if ws.request else "")
+        async with self._lock:
+            await asyncio.to_thread(self._reset_policy)
         await ws.send(pack({"type": "metadata", **self.meta}, binary))
         try:
             async for payload in ws:
                 started = time.perf_counter()
                 is_binary = isinstance(payload, bytes)
                 try:
-                    observation, instruction = _check_request(unpack(payload))
+                    request = unpack(payload)
+                    if isinstance(request, dict) and "reset" in request:
+                        if request["reset"] is not True or len(request) != 1:
+                            raise ProtocolError("a reset request is exactly {\"reset\": true}")
+                        async with self._lock:
+                            await asyncio.to_thread(self._reset_policy)
+                        await ws.send(pack({"reset": True}, is_binary))
+                        continue
+                    observation, instruction = _check_request(request)
                     async with self._lock:
                         t0 = time.perf_counter()
                         action = await asyncio.to_thread(self.policy.predict_action, observation, instruction)
@@ -202,6 +215,10 @@ class PolicyServer(ServerThread):
                 await ws.send(pack(reply, is_binary))
         except websockets.ConnectionClosed:
             pass
+
+    def _reset_policy(self) -> None:
+        if hasattr(self.policy, "reset"):
+            self.policy.reset()
 
     async def _serve(self) -> None:
         import websockets
@@ -248,6 +265,9 @@ class RemotePolicy:
         meta = unpack(self.ws.recv(timeout=timeout))
         if not isinstance(meta, dict) or meta.get("type") != "metadata":
             raise ConnectionError(f"{url} did not send policy metadata on connect; is it `embodied.serve`?")
+        if meta.get("protocol_version") != PROTOCOL_VERSION:
+            raise ConnectionError(f"policy server {url} speaks protocol version {meta.get('protocol_version')}, this "
+                                  f"client {PROTOCOL_VERSION}; run the same version of embodied on both machines")
         self.server_metadata = meta
         self.name = f"remote:{meta.get('policy', url)}"
         self.last_timing: dict[str, float] = {}
@@ -270,7 +290,13 @@ class RemotePolicy:
         return action
 
     def reset(self) -> None:
-        pass
+        """Start an episode on the server: it forgets its queued actions and last gripper command."""
+        self.ws.send(pack({"reset": True}, self.binary))
+        reply = unpack(self.ws.recv(timeout=self.timeout))
+        if not isinstance(reply, dict) or reply.get("reset") is not True:
+            error = reply.get("error") if isinstance(reply, dict) else None
+            raise RuntimeError(f"policy server {self.url} did not acknowledge the episode reset"
+                               + (f": {error}" if error else ""))
 
     def metadata(self) -> dict:
         return dict(self.server_metadata)

@@ -8,7 +8,7 @@
     policy = policies.load_pretrained("runs/ckpt")                         # OpenVLA or RT-2, from config.json
 
 Modules: openvla.py (OpenVLA), rt2.py (RT-2 style), processor.py (shared preprocessing),
-action_tokenizer.py (256-bin action tokens), lora.py (peft adapters), sizes.py (tiny | base | 7b).
+action_tokenizer.py (256-bin action tokens), action_chunks.py (open-loop chunk execution), lora.py (peft adapters), sizes.py (tiny | base | 7b).
 Names are imported on first use, so `import policies` does not load transformers.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ _EXPORTS = {
     "rt2": ("RT2Policy",),
     "processor": ("VLAProcessor",),
     "action_tokenizer": ("ActionTokenizer",),
+    "action_chunks": ("ActionChunkQueue",),
     "lora": ("LoraSettings", "apply_lora", "merge_lora", "load_adapter"),
     "tiny_tokenizer": ("build_tiny_tokenizer",),
     "sizes": ("SIZES",),

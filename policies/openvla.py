@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from embodied.data.statistics import STATISTICS_FILENAME, load_dataset_statistics, save_dataset_statistics
+from policies.action_chunks import ActionChunkQueue
 from policies.processor import DECODING_MODES, VLAProcessor, canonical_quaternions
 from policies.sizes import get_size
 
@@ -460,8 +461,7 @@ class OpenVLAPolicy(nn.Module):
         self.set_trainable(vision=config.train_vision)
         if config.gradient_checkpointing:
             self.enable_gradient_checkpointing()
-        self._queue: list[np.ndarray] = []
-        self._gripper: float | None = None  # the last command select_action gave (gripper_switch_threshold)
+        self._actions = ActionChunkQueue(config.n_action_steps)  # select_action's episode
         self.name_or_path: str | None = None
 
     # -- construction ------------------------------------------------------------------------------
@@ -864,19 +864,16 @@ class OpenVLAPolicy(nn.Module):
         return self.predict_action_chunk(observation, instruction, **kwargs)[0]
 
     def reset(self) -> None:
-        self._queue.clear()
-        self._gripper = None
+        self._actions = ActionChunkQueue(self.config.n_action_steps)
 
     def select_action(self, observation: Mapping[str, Any], instruction: str | None = None) -> np.ndarray:
         """(7,) action, executing the first n_action_steps of each predicted chunk open-loop before predicting
         the next (call reset() per episode)."""
-        if not self._queue:
-            state = None if self._gripper is None else [self._gripper]
-            self._queue.extend(self.predict_action_chunk(observation, instruction, gripper_state=state)
-                               [:self.config.n_action_steps])
-        action = self._queue.pop(0)
-        self._gripper = float(action[-1])
-        return action
+        if self._actions.needing([0]):
+            self._actions.n_action_steps = self.config.n_action_steps  # a loaded policy's setting may be changed
+            self._actions.fill(0, self.predict_action_chunk(observation, instruction,
+                                                            gripper_state=self._actions.gripper_state([0])))
+        return self._actions.pop(0)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> Path:

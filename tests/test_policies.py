@@ -259,9 +259,10 @@ def test_gripper_switch_threshold_switches_from_the_current_command(tmp_path):
     assert [harness.act(stacked, envs)[:, 6].tolist() for _ in range(2)] == [[0, 0], [0, 0]]
     harness.reset([1])
     assert [harness.act(stacked, envs)[:, 6].tolist() for _ in range(2)] == [[1, 0], [1, 0]]
-    # deploy and serve predict every step from the last command
+    # deploy and serve run the chunks as evaluation does: n_action_steps=2 of each, then re-plan
     served = LoaderCheckpointPolicy(policy, "tiny")
-    assert [served.predict_action(obs[0])[6] for _ in range(3)] == [0, 1, 0]
+    served.reset()
+    assert [served.predict_action(obs[0])[6] for _ in range(6)] == [0, 0, 1, 1, 0, 0]
     served.reset()
     assert served.predict_action(obs[0])[6] == 0
 
@@ -300,7 +301,7 @@ def test_proprio_token_lets_the_policy_tell_apart_identical_images(tmp_path):
     assert torch.equal(policy.processor.normalize_states(flipped), policy.processor.normalize_states(data["state"]))
     # n_action_steps: select_action re-plans after the first action of each chunk
     policy.reset()
-    assert np.allclose(policy.select_action(obs[0]), actions[0, 0]) and not policy._queue
+    assert np.allclose(policy.select_action(obs[0]), actions[0, 0]) and policy._actions.needing([0]) == [0]
     policy.save_pretrained(tmp_path)
     loaded = policies.load_pretrained(tmp_path)
     assert loaded.config.use_proprio and loaded.config.n_action_steps == 1

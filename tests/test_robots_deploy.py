@@ -82,7 +82,8 @@ def test_policy_server_health_metadata_timing_and_errors():
         obs = {"image": np.zeros((SMALL, SMALL, 3), np.uint8), "state": np.zeros(8, np.float32)}
         local = RandomPolicy(seed=3)
         for encoding in ("msgpack", "json"):
-            remote = RemotePolicy(server.url, encoding=encoding)
+            remote = RemotePolicy(server.url, encoding=encoding)  # each connection starts an episode
+            local.reset()
             assert remote.server_metadata["type"] == "metadata" and remote.server_metadata["action_dim"] == 7
             np.testing.assert_array_equal(remote.predict_action(obs, "reach"), local.predict_action(obs, "reach"))
             assert remote.last_timing["server_ms"] >= remote.last_timing["infer_ms"] >= 0
@@ -97,6 +98,43 @@ def test_policy_server_health_metadata_timing_and_errors():
             assert unpack(ws.recv())["error"].startswith("bad request: not valid msgpack")
             ws.send(pack({"observation": obs, "instruction": "still served"}))
             assert unpack(ws.recv())["action"].shape == (7,)
+    finally:
+        server.stop()
+
+
+def test_a_served_chunked_policy_runs_its_chunks_and_resets_per_episode():
+    # what evaluation executes is what a served checkpoint executes: n_action_steps of each chunk, the gripper
+    # switched from its last command, and a fresh episode after a reset or on a new connection
+    import torch
+
+    from embodied.policy_loader import CheckpointPolicy
+    from policies import OpenVLAPolicy
+    from tests.policy_helpers import batch, observations, tiny
+
+    model = tiny(OpenVLAPolicy, decoding="parallel", action_chunk=3, n_action_steps=2, action_head="l1",
+                 classify_gripper=True, gripper_switch_threshold=0.2)
+    with torch.no_grad():  # p(open) = 0.3 everywhere: each new chunk switches the gripper
+        model.action_head.out[1].weight[-1] = 0.0
+        model.action_head.out[1].bias[-1] = float(np.log(0.3 / 0.7))
+    obs = {k: v for k, v in observations(batch(chunk=3))[0].items() if k != "instruction"}
+    model.reset()
+    expected = [model.select_action(obs, "pick up the cube") for _ in range(6)]
+    assert [a[6] for a in expected] == [0, 0, 1, 1, 0, 0]
+    server = PolicyServer(CheckpointPolicy(model, "tiny"), port=0).start()
+    try:
+        remote = RemotePolicy(server.url)
+        assert remote.server_metadata["protocol_version"] == 2
+        for _ in range(2):  # two episodes
+            remote.reset()
+            got = [remote.predict_action(obs, "pick up the cube") for _ in range(6)]
+            np.testing.assert_allclose(got, expected, atol=1e-6)
+        remote.predict_action(obs, "pick up the cube")  # mid-chunk, gripper closed
+        remote.close()
+        again = RemotePolicy(server.url, encoding="json")  # a new connection starts an episode
+        np.testing.assert_allclose(again.predict_action(obs, "pick up the cube"), expected[0], atol=1e-6)
+        again.ws.send(pack({"reset": 1}, binary=False))
+        assert unpack(again.ws.recv())["error"] == 'bad request: a reset request is exactly {"reset": true}'
+        again.close()
     finally:
         server.stop()
 

@@ -1,0 +1,64 @@
+"""Open-loop execution of predicted action chunks, shared by every caller that steps a policy.
+
+A chunked policy predicts K actions at once. Each stream (one env of a vector env, or one episode of
+`select_action`, the policy server or the deploy loop) runs the first `n_action_steps` of a chunk before
+asking for the next, as LeRobot's `n_action_steps` and OpenVLA-OFT do, and remembers the last gripper
+command it executed: a policy with `gripper_switch_threshold` switches the gripper from that command.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+
+GRIPPER_OPEN = 1.0  # every stream starts an episode with the gripper open
+
+
+class ActionChunkQueue:
+    """Per-stream queues of the actions still to run, and each stream's last gripper command."""
+
+    def __init__(self, n_action_steps: int | None = None):
+        if n_action_steps is not None and n_action_steps < 1:
+            raise ValueError(f"n_action_steps must be >= 1 (or None: the whole chunk), got {n_action_steps}")
+        self.n_action_steps = n_action_steps
+        self._actions: dict[int, list[np.ndarray]] = {}
+        self._gripper: dict[int, float] = {}
+
+    def reset(self, streams: Iterable[int] | None = None) -> None:
+        """Forget the queued actions and gripper command of `streams` (all of them when None)."""
+        if streams is None:
+            self._actions.clear()
+            self._gripper.clear()
+            return
+        for stream in streams:
+            self._actions.pop(int(stream), None)
+            self._gripper.pop(int(stream), None)
+
+    def needing(self, streams: Iterable[int]) -> list[int]:
+        """The streams among `streams` whose queue is empty: they need a new chunk before `pop`."""
+        return [int(s) for s in streams if not self._actions.get(int(s))]
+
+    def gripper_state(self, streams: Iterable[int]) -> list[float]:
+        """Each stream's last executed gripper command (open when the stream has not acted yet)."""
+        return [self._gripper.get(int(s), GRIPPER_OPEN) for s in streams]
+
+    def fill(self, stream: int, chunk: np.ndarray) -> None:
+        """Queue the first `n_action_steps` actions of `chunk` ((K, D), or one action (D,)) for `stream`."""
+        chunk = np.asarray(chunk, dtype=np.float32)
+        if chunk.ndim == 1:
+            chunk = chunk[None]
+        if chunk.ndim != 2 or len(chunk) == 0:
+            raise ValueError(f"a chunk is (K, action_dim) with K >= 1, got shape {chunk.shape}")
+        if self.n_action_steps is not None and self.n_action_steps > len(chunk):
+            raise ValueError(f"n_action_steps={self.n_action_steps} exceeds the predicted chunk of {len(chunk)} "
+                             "actions")
+        self._actions[int(stream)] = list(chunk[:self.n_action_steps])
+
+    def pop(self, stream: int) -> np.ndarray:
+        """The next action of `stream`, recorded as its current gripper command."""
+        queue = self._actions.get(int(stream))
+        if not queue:
+            raise RuntimeError(f"stream {stream} has no queued action: fill it with a predicted chunk first")
+        action = queue.pop(0)
+        self._gripper[int(stream)] = float(action[-1])
+        return action
