@@ -44,7 +44,8 @@ def main(cfg: DictConfig) -> dict:
     policy = make_eval_policy(str(cfg.policy), seed=int(cfg.seed), n_action_steps=cfg.get("n_action_steps"),
                               binarize_gripper=cfg.get("binarize_gripper"),
                               gripper_threshold=cfg.get("gripper_threshold"),
-                              gripper_switch_threshold=cfg.get("gripper_switch_threshold"))
+                              gripper_switch_threshold=cfg.get("gripper_switch_threshold"),
+                              temporal_ensemble_coeff=cfg.get("temporal_ensemble_coeff"))
     trained = getattr(policy, "policy", None)
     trained_config = getattr(trained, "config", None)
     eval_cfg = config_from_hydra(cfg, getattr(trained_config, "observation_image_size", 224),

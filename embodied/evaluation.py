@@ -66,19 +66,18 @@ class CheckpointPolicy:
     """A trained policy driving N envs: one batched forward pass for every env that needs actions.
 
     A chunked policy (K actions per prediction) runs the first `n_action_steps` of each chunk open-loop
-    (all K by default, as OpenVLA-OFT does; fewer re-plans more often, like LeRobot's n_action_steps);
-    each env keeps its own queue, emptied when that env starts a new episode.
+    (all K by default, as OpenVLA-OFT does; fewer re-plans more often, like LeRobot's n_action_steps), or
+    averages overlapping chunks (`temporal_ensemble_coeff`); each env keeps its own queue, emptied when that
+    env starts a new episode.
     """
 
-    def __init__(self, policy, name: str | None = None, n_action_steps: int | None = None):
+    def __init__(self, policy, name: str | None = None):
         self.policy = policy
         self.name = name or str(getattr(policy, "name_or_path", type(policy).__name__))
-        config = getattr(policy, "config", None)
-        self.n_action_steps = n_action_steps or getattr(config, "n_action_steps", None)
-        chunk = getattr(config, "action_chunk", None)
-        if self.n_action_steps is not None and chunk is not None and not 1 <= self.n_action_steps <= chunk:
-            raise ValueError(f"n_action_steps must be in [1, action_chunk={chunk}], got {self.n_action_steps}")
-        self.actions = ActionChunkQueue(self.n_action_steps)  # one stream per env
+        config = getattr(policy, "config", None)  # its settings were checked when it was built or loaded
+        self.n_action_steps = getattr(config, "n_action_steps", None)
+        # one stream per env
+        self.actions = ActionChunkQueue(self.n_action_steps, getattr(config, "temporal_ensemble_coeff", None))
         # a policy whose gripper switches from its current state is told each env's last command
         self.switches_gripper = getattr(config, "gripper_switch_threshold", None) is not None
 
@@ -122,11 +121,12 @@ def resolve_tasks(cfg) -> list[str]:
 
 def make_eval_policy(spec: str, seed: int = 0, device: str = "cpu", n_action_steps: int | None = None,
                      binarize_gripper: bool | None = None, gripper_threshold: float | None = None,
-                     gripper_switch_threshold: float | None = None) -> VectorPolicy:
+                     gripper_switch_threshold: float | None = None,
+                     temporal_ensemble_coeff: float | None = None) -> VectorPolicy:
     """`scripted`, `random`, or a checkpoint directory / hub id (any policy `policies` can load).
 
-    `n_action_steps`, `binarize_gripper`, `gripper_threshold` and `gripper_switch_threshold` override a
-    checkpoint's own settings when not None.
+    `n_action_steps`, `binarize_gripper`, `gripper_threshold`, `gripper_switch_threshold` and
+    `temporal_ensemble_coeff` override a checkpoint's own settings when not None.
     """
     if spec == "scripted":
         return ScriptedPolicy()
@@ -134,15 +134,17 @@ def make_eval_policy(spec: str, seed: int = 0, device: str = "cpu", n_action_ste
         return RandomPolicy(seed)
     import policies
 
-    given = {"binarize_gripper": (bool, binarize_gripper), "gripper_threshold": (float, gripper_threshold),
-             "gripper_switch_threshold": (float, gripper_switch_threshold)}
+    given = {"n_action_steps": (int, n_action_steps), "binarize_gripper": (bool, binarize_gripper),
+             "gripper_threshold": (float, gripper_threshold),
+             "gripper_switch_threshold": (float, gripper_switch_threshold),
+             "temporal_ensemble_coeff": (float, temporal_ensemble_coeff)}
     overrides = {key: cast(value) for key, (cast, value) in given.items() if value is not None}
     try:
         policy = policies.load_pretrained(spec, device=device, **overrides)
     except (FileNotFoundError, OSError) as error:
         raise FileNotFoundError(f"policy {spec!r} is neither 'scripted', 'random' nor a loadable checkpoint: "
                                 f"{error}") from error
-    return CheckpointPolicy(policy, name=spec, n_action_steps=n_action_steps)
+    return CheckpointPolicy(policy, name=spec)
 
 
 def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
@@ -400,6 +402,8 @@ def evaluate(policy: VectorPolicy, cfg: EvalConfig, output_dir: str | os.PathLik
                                 "binarize_gripper": bool(getattr(policy.policy.config, "binarize_gripper", False)),
                                 "gripper_threshold": getattr(policy.policy.config, "gripper_threshold", None),
                                 "gripper_switch_threshold": getattr(policy.policy.config, "gripper_switch_threshold",
-                                                                    None)}
+                                                                    None),
+                                "temporal_ensemble_coeff": getattr(policy.policy.config, "temporal_ensemble_coeff",
+                                                                   None)}
     write_outputs(results, records, output_dir)
     return results

@@ -65,7 +65,7 @@ def load_pretrained(path_or_id: str | os.PathLike, **kwargs):
 
 # settings a config may change on a loaded checkpoint (they do not change its weights' shapes)
 CHECKPOINT_OVERRIDES = ("decoding", "unnorm_key", "autocast", "n_action_steps", "label_sigma_bins", "binarize_gripper",
-                        "gripper_threshold", "gripper_switch_threshold")
+                        "gripper_threshold", "gripper_switch_threshold", "temporal_ensemble_coeff")
 
 
 def make_policy(cfg: Mapping[str, Any], statistics: Mapping[str, Any] | None = None, device=None):

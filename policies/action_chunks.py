@@ -4,6 +4,11 @@ A chunked policy predicts K actions at once. Each stream (one env of a vector en
 `select_action`, the policy server or the deploy loop) runs the first `n_action_steps` of a chunk before
 asking for the next, as LeRobot's `n_action_steps` and OpenVLA-OFT do, and remembers the last gripper
 command it executed: a policy with `gripper_switch_threshold` switches the gripper from that command.
+
+With `temporal_ensemble_coeff` (ACT's temporal ensembling, LeRobot's setting of the same name) a stream
+predicts at every step instead, and the arm's action for a step is the average of every chunk's prediction
+for it, weighted exp(-coeff * i) with i = 0 for the oldest: each step's motion is smoothed over K re-plans.
+The gripper is not averaged: it is the newest chunk's command, which the gripper settings already decide.
 """
 from __future__ import annotations
 
@@ -17,22 +22,31 @@ GRIPPER_OPEN = 1.0  # every stream starts an episode with the gripper open
 class ActionChunkQueue:
     """Per-stream queues of the actions still to run, and each stream's last gripper command."""
 
-    def __init__(self, n_action_steps: int | None = None):
+    def __init__(self, n_action_steps: int | None = None, temporal_ensemble_coeff: float | None = None):
         if n_action_steps is not None and n_action_steps < 1:
             raise ValueError(f"n_action_steps must be >= 1 (or None: the whole chunk), got {n_action_steps}")
+        if temporal_ensemble_coeff is not None and n_action_steps != 1:
+            raise ValueError("temporal_ensemble_coeff averages a new chunk at every step: it needs n_action_steps=1, "
+                             f"got {n_action_steps}")
         self.n_action_steps = n_action_steps
+        self.temporal_ensemble_coeff = temporal_ensemble_coeff
         self._actions: dict[int, list[np.ndarray]] = {}
         self._gripper: dict[int, float] = {}
+        # temporal ensembling: per stream, the running weighted mean of the predictions for each coming step
+        # (K, D), and how many chunks each step's mean holds
+        self._ensembled: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def reset(self, streams: Iterable[int] | None = None) -> None:
         """Forget the queued actions and gripper command of `streams` (all of them when None)."""
         if streams is None:
             self._actions.clear()
             self._gripper.clear()
+            self._ensembled.clear()
             return
         for stream in streams:
             self._actions.pop(int(stream), None)
             self._gripper.pop(int(stream), None)
+            self._ensembled.pop(int(stream), None)
 
     def needing(self, streams: Iterable[int]) -> list[int]:
         """The streams among `streams` whose queue is empty: they need a new chunk before `pop`."""
@@ -52,7 +66,31 @@ class ActionChunkQueue:
         if self.n_action_steps is not None and self.n_action_steps > len(chunk):
             raise ValueError(f"n_action_steps={self.n_action_steps} exceeds the predicted chunk of {len(chunk)} "
                              "actions")
+        if self.temporal_ensemble_coeff is not None:
+            chunk = self._ensemble(int(stream), chunk)
         self._actions[int(stream)] = list(chunk[:self.n_action_steps])
+
+    def _ensemble(self, stream: int, chunk: np.ndarray) -> np.ndarray:
+        """Fold `chunk` into the stream's running means; returns the means for the coming steps (K, D)."""
+        weights = np.exp(-self.temporal_ensemble_coeff * np.arange(len(chunk)))
+        cumulative = np.cumsum(weights)
+        previous = self._ensembled.get(stream)
+        if previous is None or len(previous[0]) == 0:
+            mean, count = chunk.copy(), np.ones(len(chunk), dtype=np.int64)
+        else:
+            mean, count = previous
+            if len(mean) > len(chunk) - 1:
+                raise ValueError(f"chunks of {len(chunk)} actions after chunks of {len(mean) + 1}")
+            n = len(mean)  # steps the earlier chunks still cover; the new chunk adds one more at the end
+            arm = slice(0, chunk.shape[1] - 1)
+            mean = mean.copy()
+            mean[:, arm] = ((mean[:, arm] * cumulative[count - 1, None] + chunk[:n, arm] * weights[count, None])
+                            / cumulative[count, None])
+            mean[:, -1] = chunk[:n, -1]  # the newest gripper command
+            mean = np.concatenate([mean, chunk[n:]])
+            count = np.concatenate([count + 1, np.ones(len(chunk) - n, dtype=np.int64)])
+        self._ensembled[stream] = (mean[1:], count[1:])  # this step's action leaves the window
+        return mean
 
     def pop(self, stream: int) -> np.ndarray:
         """The next action of `stream`, recorded as its current gripper command."""

@@ -75,6 +75,9 @@ class VLAConfig:
     # p(open); the command with binarize_gripper) exceeds it, at most once per chunk; below 0.5 it switches more
     # eagerly than gripper_threshold would in either direction (see gripper_commands)
     gripper_switch_threshold: float | None = None
+    # set (with n_action_steps=1): ACT's temporal ensembling, the arm's action is the exp(-coeff * i)-weighted
+    # mean of every chunk's prediction for the step, oldest first (policies.action_chunks)
+    temporal_ensemble_coeff: float | None = None
     observation_image_size: int = 224  # the camera images the policy is trained on (resized to each tower's size)
     normalization: str = "bounds_q99"
     unnorm_key: str | None = None
@@ -124,6 +127,13 @@ class VLAConfig:
             raise ValueError(f"action_chunk must be >= 1, got {self.action_chunk}")
         if self.n_action_steps is not None and not 1 <= self.n_action_steps <= self.action_chunk:
             raise ValueError(f"n_action_steps must be in [1, action_chunk={self.action_chunk}], got {self.n_action_steps}")
+        if self.temporal_ensemble_coeff is not None:
+            if not self.temporal_ensemble_coeff >= 0:  # also refuses NaN
+                raise ValueError(f"temporal_ensemble_coeff must be >= 0 or None, got {self.temporal_ensemble_coeff}")
+            if self.n_action_steps != 1 or self.action_chunk < 2:
+                raise ValueError("temporal_ensemble_coeff averages overlapping chunks: it needs action_chunk >= 2 and "
+                                 f"n_action_steps=1, got action_chunk={self.action_chunk}, "
+                                 f"n_action_steps={self.n_action_steps}")
         if "{instruction}" not in self.prompt:
             raise ValueError(f"prompt {self.prompt!r} has no {{instruction}} field")
         if self.use_proprio and self.proprio_dim < 1:
@@ -461,7 +471,8 @@ class OpenVLAPolicy(nn.Module):
         self.set_trainable(vision=config.train_vision)
         if config.gradient_checkpointing:
             self.enable_gradient_checkpointing()
-        self._actions = ActionChunkQueue(config.n_action_steps)  # select_action's episode
+        self._actions = ActionChunkQueue()  # select_action's episode (set up by reset)
+        self.reset()
         self.name_or_path: str | None = None
 
     # -- construction ------------------------------------------------------------------------------
@@ -864,13 +875,12 @@ class OpenVLAPolicy(nn.Module):
         return self.predict_action_chunk(observation, instruction, **kwargs)[0]
 
     def reset(self) -> None:
-        self._actions = ActionChunkQueue(self.config.n_action_steps)
+        self._actions = ActionChunkQueue(self.config.n_action_steps, self.config.temporal_ensemble_coeff)
 
     def select_action(self, observation: Mapping[str, Any], instruction: str | None = None) -> np.ndarray:
         """(7,) action, executing the first n_action_steps of each predicted chunk open-loop before predicting
         the next (call reset() per episode)."""
         if self._actions.needing([0]):
-            self._actions.n_action_steps = self.config.n_action_steps  # a loaded policy's setting may be changed
             self._actions.fill(0, self.predict_action_chunk(observation, instruction,
                                                             gripper_state=self._actions.gripper_state([0])))
         return self._actions.pop(0)

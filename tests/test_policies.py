@@ -14,6 +14,7 @@ from embodied.evaluation import CheckpointPolicy as EvalCheckpointPolicy
 from embodied.policy_loader import CheckpointPolicy as LoaderCheckpointPolicy
 from embodied.data.statistics import compute_statistics, normalize, unnormalize
 from policies import ActionTokenizer, OpenVLAPolicy, RT2Policy
+from policies.action_chunks import ActionChunkQueue
 from policies.openvla import gripper_commands
 from policy_helpers import single_thread, IMAGE, batch, observations, statistics, tiny, train_steps, train_until_exact  # noqa: F401 (autouse fixture)
 
@@ -276,6 +277,47 @@ def test_gripper_switch_threshold_switches_from_the_current_command(tmp_path):
         policies.load_pretrained(tmp_path / "p", gripper_switch_threshold=1.5)
     with pytest.raises(ValueError, match="gripper_switch_threshold switches a binary gripper: it needs classify_gripper"):
         tiny(OpenVLAPolicy, decoding="parallel", action_head="l1", gripper_switch_threshold=0.1)
+
+
+def test_temporal_ensembling_averages_every_chunks_prediction_for_the_step(tmp_path):
+    # hand-computed, K = 3, coeff ln 2 (weights 1, 1/2, 1/4, oldest first); the gripper is the newest command
+    queue = ActionChunkQueue(n_action_steps=1, temporal_ensemble_coeff=float(np.log(2)))
+    chunks = [np.array([[0.0, 1.0], [3.0, 1.0], [6.0, 1.0]]), np.array([[1.5, 0.0], [4.5, 0.0], [7.5, 1.0]]),
+              np.array([[9.0, 1.0], [9.0, 0.0], [9.0, 0.0]])]
+    executed = []
+    for chunk in chunks:
+        queue.fill(0, chunk)
+        executed.append(queue.pop(0).tolist())
+    # step 1: (3 * 1 + 1.5 * 1/2) / 1.5 = 2.5; step 2: (6 * 1 + 4.5 * 1/2 + 9 * 1/4) / 1.75 = 6
+    np.testing.assert_allclose(executed, [[0.0, 1.0], [2.5, 0.0], [6.0, 1.0]], rtol=1e-6)
+    queue.reset([0])  # a new episode forgets the earlier chunks
+    queue.fill(0, chunks[2])
+    np.testing.assert_allclose(queue.pop(0), [9.0, 1.0])
+    with pytest.raises(ValueError, match="it needs n_action_steps=1, got 4"):
+        ActionChunkQueue(n_action_steps=4, temporal_ensemble_coeff=0.01)
+
+    # the policy setting: select_action and the evaluation harness execute the ensembled actions
+    policy = tiny(OpenVLAPolicy, decoding="parallel", action_chunk=3, n_action_steps=1, temporal_ensemble_coeff=0.5)
+    obs = observations(batch(chunk=3))
+    chunk = policy.predict_action_chunk(obs[0])
+    policy.reset()
+    first, second = policy.select_action(obs[0]), policy.select_action(obs[0])
+    np.testing.assert_allclose(first, chunk[0], atol=1e-6)
+    # the same observation twice: step 1 is predicted as chunk[1] by the first chunk and chunk[0] by the second
+    blend = (chunk[1, :6] + np.exp(-0.5) * chunk[0, :6]) / (1 + np.exp(-0.5))
+    np.testing.assert_allclose(second[:6], blend, atol=1e-5)
+    harness = EvalCheckpointPolicy(policy)
+    stacked = {"image": np.stack([obs[0]["image"]] * 2), "instruction": [obs[0]["instruction"]] * 2}
+    harness.reset([0, 1])
+    np.testing.assert_allclose([harness.act(stacked, SimpleNamespace(num_envs=2))[0] for _ in range(2)],
+                               [first, second], atol=1e-5)
+    policy.save_pretrained(tmp_path / "p")
+    assert policies.load_pretrained(tmp_path / "p").config.temporal_ensemble_coeff == 0.5
+    with pytest.raises(ValueError, match="it needs action_chunk >= 2 and n_action_steps=1, got action_chunk=3, "
+                                         "n_action_steps=2"):
+        policies.load_pretrained(tmp_path / "p", n_action_steps=2)
+    with pytest.raises(ValueError, match="temporal_ensemble_coeff must be >= 0 or None, got -1"):
+        policies.load_pretrained(tmp_path / "p", temporal_ensemble_coeff=-1.0)
 
 
 def test_proprio_token_lets_the_policy_tell_apart_identical_images(tmp_path):

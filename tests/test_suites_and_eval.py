@@ -115,18 +115,18 @@ def test_cli_turns_on_the_wrist_camera_for_a_checkpoint_that_reads_it(tmp_path):
     from policies.openvla import OpenVLAPolicy
     from policy_helpers import tiny
 
-    tiny(OpenVLAPolicy, wrist_image=True).save_pretrained(tmp_path / "policy")
+    tiny(OpenVLAPolicy, wrist_image=True, decoding="parallel", action_chunk=2).save_pretrained(tmp_path / "policy")
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "embodied.eval", f"policy={tmp_path / 'policy'}", "backend=mujoco",
                            "episodes_per_task=1", "tasks=[ReachTarget]", "num_envs=1", "videos_per_task=0",
                            "binarize_gripper=true", "gripper_threshold=0.7", "gripper_switch_threshold=0.2",
-                           f"output_dir={out}"], capture_output=True, text=True, timeout=300)
+                           "n_action_steps=1", "temporal_ensemble_coeff=0.01", f"output_dir={out}"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["overall"]["episodes"] == 1
     # the override of the checkpoint's inference setting is recorded with the numbers it produced
-    assert results["inference"] == {"n_action_steps": None, "binarize_gripper": True, "gripper_threshold": 0.7,
-                                    "gripper_switch_threshold": 0.2}
+    assert results["inference"] == {"n_action_steps": 1, "binarize_gripper": True, "gripper_threshold": 0.7,
+                                    "gripper_switch_threshold": 0.2, "temporal_ensemble_coeff": 0.01}
     proc = subprocess.run([sys.executable, "-m", "embodied.eval", f"policy={tmp_path / 'policy'}", "backend=mujoco",
                            "episodes_per_task=1", "tasks=[ReachTarget]", "num_envs=1", "videos_per_task=0",
                            "wrist_camera=false", f"output_dir={tmp_path / 'refused'}"],
