@@ -175,6 +175,7 @@ def detector_data(dynamics, episodes, det_cfg, scfg, seed: int, show_progress: b
     tokens = [imagined[i] for i in train_ids]
     states = [imagined_states[i] for i in train_ids]
     targets = [labels[i] for i in train_ids]
+    references = [episodes[i].tokens[0] for i in train_ids]
     extra = int(round(float(scfg.random_action_negatives) * len(train_ids)))
     if extra:
         # a random policy (almost) never succeeds; its imagined frames teach the detector what drift looks like
@@ -190,11 +191,16 @@ def detector_data(dynamics, episodes, det_cfg, scfg, seed: int, show_progress: b
         tokens += extra_tokens
         states += extra_states
         targets += [np.zeros(len(e), bool) for e in picks]
+        references += [e.tokens[0] for e in picks]
     use_states = bool(dynamics.config.state_dim)
     return {"tokens": np.concatenate(tokens).astype(np.int64), "labels": np.concatenate(targets),
             "states": np.concatenate(states) if use_states else None,
+            # each frame's episode's first real frame (the replays start from it)
+            "references": np.concatenate([np.repeat(r.reshape(1, -1), len(t), 0)
+                                          for r, t in zip(references, tokens)]).astype(np.int64),
             "cal_tokens": [imagined[i] for i in cal], "cal_labels": [labels[i] for i in cal],
-            "cal_states": [imagined_states[i] for i in cal] if use_states else None}
+            "cal_states": [imagined_states[i] for i in cal] if use_states else None,
+            "cal_references": [episodes[i].tokens[0] for i in cal]}
 
 
 @torch.no_grad()
@@ -212,7 +218,8 @@ def detector_val(dynamics, detector, episodes, seed: int) -> dict[str, float]:
 
     cfg = detector.config
     imagined, states = imagine_episodes(dynamics, episodes, cfg.rollout_method, cfg.rollout_steps, seed)
-    return episode_metrics(detector.eval(), imagined, [e.rewards > 0 for e in episodes], states)
+    return episode_metrics(detector.eval(), imagined, [e.rewards > 0 for e in episodes], states,
+                           [e.tokens[0] for e in episodes])
 
 
 # -- the run ------------------------------------------------------------------------------------------
@@ -330,7 +337,8 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
                 pos_weight = float((~labels).sum() / max(labels.sum(), 1))
                 states = None if det_data["states"] is None else torch.from_numpy(det_data["states"][idx])
                 loss, metrics = detector.loss(torch.from_numpy(det_data["tokens"][idx]),
-                                              torch.from_numpy(labels[idx]), pos_weight, states)
+                                              torch.from_numpy(labels[idx]), pos_weight, states,
+                                              torch.from_numpy(det_data["references"][idx]))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{stage} loss is {loss.item()} at step {step + 1}; the last good "
                                          f"checkpoint is {latest_checkpoint(run_dir / CHECKPOINT_DIR)}")
@@ -377,9 +385,9 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
             detector.eval()
             summary["detector_threshold"] = calibrate_episode_threshold(
                 detector, det_data["cal_tokens"], np.array([y.any() for y in det_data["cal_labels"]]),
-                det_data["cal_states"])
+                det_data["cal_states"], det_data["cal_references"])
             summary["detector_calibration"] = episode_metrics(detector, det_data["cal_tokens"], det_data["cal_labels"],
-                                                              det_data["cal_states"])
+                                                              det_data["cal_states"], det_data["cal_references"])
             summary["detector_val"] = detector_val(dynamics, detector, val_episodes, int(cfg.train.seed) + 2)
             logger.log({f"detector/val_{k}": v for k, v in summary["detector_val"].items()},
                        offsets[stage] + stage_steps[stage])

@@ -149,8 +149,8 @@ def test_imagined_env_passes_check_env_and_validates_actions():
 
     torch.manual_seed(0)
     for state_dim in (0, 8):
-        env = ImaginedEnv(_world(state_dim=state_dim), task="ReachTarget", backend="pybullet", randomization="none",
-                          steps=2, max_episode_steps=5)
+        env = ImaginedEnv(_world(state_dim=state_dim, reference_frame=bool(state_dim)), task="ReachTarget",
+                          backend="pybullet", randomization="none", steps=2, max_episode_steps=5)
         check_env(env, skip_render_check=True)
         obs, info = env.reset(seed=3)
         assert obs["image"].shape == (SIZE, SIZE, 3) and obs["instruction"].startswith("reach")
@@ -204,8 +204,8 @@ def test_eval_in_imagination_writes_the_results_schema_and_side_by_side_videos(t
     torch.manual_seed(0)
     cfg = EvalConfig(backend="pybullet", episodes_per_task=1, tasks=["ReachTarget"], num_envs=1, image_size=SIZE,
                      randomization="none", videos_per_task=1)
-    results = evaluate_in_imagination(ScriptedPolicy(), cfg, tmp_path, _world(state_dim=state_dim), steps=2,
-                                      show_progress=False)
+    world = _world(state_dim=state_dim, reference_frame=bool(state_dim))
+    results = evaluate_in_imagination(ScriptedPolicy(), cfg, tmp_path, world, steps=2, show_progress=False)
     assert results["policy"] == "scripted (imagined)"
     assert set(results) >= {"suite", "backend", "policy", "seed", "tasks", "overall", "versions"}
     assert results["tasks"]["ReachTarget"]["episodes"] == 1
@@ -254,6 +254,49 @@ def test_detector_threshold_is_chosen_per_episode(tmp_path):
     assert SuccessDetector.from_pretrained(tmp_path).config.threshold == threshold
     with pytest.raises(ValueError, match="3 episodes but 2 success labels"):
         calibrate_episode_threshold(det, episodes[:3], successes[:2])
+
+
+def test_a_detector_with_the_reference_frame_learns_what_only_the_first_frame_shows():
+    # success = the arm (token 6) is on the cell where the episode's first frame showed the target (token 7),
+    # which the later frames no longer show: only a detector that reads the reference frame can tell
+    from worldmodel.success import episode_scores
+
+    rng = np.random.default_rng(0)
+
+    def examples(n):
+        references = rng.integers(0, 6, (n, 16))
+        target = rng.integers(0, 16, n)
+        references[np.arange(n), target] = 7
+        frames = rng.integers(0, 6, (n, 16))
+        labels = rng.random(n) < 0.5
+        arm = np.where(labels, target, (target + rng.integers(1, 16, n)) % 16)
+        frames[np.arange(n), arm] = 6
+        return torch.from_numpy(frames), torch.from_numpy(references), torch.from_numpy(labels)
+
+    frames, references, labels = examples(4096)
+    test_frames, test_references, test_labels = examples(512)
+    accuracy = {}
+    for reference_frame in (False, True):
+        torch.manual_seed(0)
+        det = SuccessDetector(SuccessDetectorConfig(codebook_size=8, grid=4, embed_dim=8, channels=32,
+                                                    reference_frame=reference_frame))
+        optimizer = torch.optim.Adam(det.parameters(), lr=3e-3)
+        for step in range(300):
+            idx = torch.from_numpy(rng.integers(0, len(frames), 128))
+            loss, _ = det.loss(frames[idx], labels[idx], references=references[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        predicted = det.predict(test_frames, references=test_references)
+        accuracy[reference_frame] = (predicted == test_labels).float().mean().item()
+    assert accuracy[True] > 0.9 and accuracy[False] < 0.65, accuracy
+    with pytest.raises(ValueError, match=r"reads each frame's reference frame \(reference_frame=true\)"):
+        det(test_frames[:2])
+    with pytest.raises(ValueError, match="give episode_references, one per episode \\(2\\)"):
+        episode_scores(det, [test_frames[:3].numpy(), test_frames[3:5].numpy()])
+    scores = episode_scores(det, [test_frames[:3].numpy()], episode_references=[test_references[0].numpy()])
+    np.testing.assert_allclose(scores[0], det.scores(test_frames[:3], references=test_references[[0, 0, 0]]),
+                               atol=1e-6)
 
 
 def test_imagine_episodes_matches_one_rollout_per_episode():

@@ -142,7 +142,7 @@ class ImaginedEnv(gym.Env):
         action = TabletopEnv.validate_action(action).astype(np.float32)
         self._tokens = self._rollout.step(torch.from_numpy(self.world.normalize_actions(action[None])))
         state = self._rollout.states[-1] if self._rollout.states else None
-        success = bool(self.world.success(self._tokens, state)[0])
+        success = bool(self.world.success(self._tokens, state, self._anchor_tokens)[0])
         if state is not None:
             self._state = np.clip(self.world.unnormalize_states(state.cpu().numpy())[0], *self._state_bounds)
         self._image = self._render_tokens(self._tokens)

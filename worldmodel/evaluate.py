@@ -71,7 +71,7 @@ def imagine_replays(world: WorldModel, records: list[dict], method: str | None =
         episodes.append(Episode("replay", frame[None], actions, world.normalize_actions(actions),
                                 np.zeros(len(actions), np.float32), "", first, None, states))
     tokens, states = imagine_episodes(world.dynamics, episodes, method, steps, seed, show_progress=show_progress)
-    scores = episode_scores(world.detector, tokens, states)
+    scores = episode_scores(world.detector, tokens, states, [first[0] for first in first_tokens])
     out = []
     for r, episode, ep_tokens, ep_scores in zip(records, episodes, tokens, scores):
         fired = np.flatnonzero(ep_scores > world.detector.config.threshold)

@@ -143,15 +143,19 @@ class WorldModel:
         return to_uint8(self.tokenizer.decode(tokens))
 
     @torch.no_grad()
-    def success(self, tokens: torch.Tensor, states: torch.Tensor | None = None) -> np.ndarray:
-        """Whether each (imagined) frame (B, g*g), with its imagined normalized state (B, S) for a detector
-        that reads states, shows the task complete, by the success detector."""
+    def success(self, tokens: torch.Tensor, states: torch.Tensor | None = None,
+                references: torch.Tensor | None = None) -> np.ndarray:
+        """Whether each (imagined) frame (B, g*g), with its imagined normalized state (B, S) and the tokens of
+        the real frame its rollout started from (B, g*g), for a detector that reads them, shows the task
+        complete, by the success detector."""
         if self.detector is None:
             raise RuntimeError("this world model has no success detector (train one with train_worldmodel "
                                "stage 'detector')")
         if states is not None:
             states = torch.as_tensor(states).to(self.device)
-        return self.detector.predict(torch.as_tensor(tokens).to(self.device), states).cpu().numpy()
+        if references is not None:
+            references = torch.as_tensor(references).to(self.device)
+        return self.detector.predict(torch.as_tensor(tokens).to(self.device), states, references).cpu().numpy()
 
     @torch.no_grad()
     def infer_latent_actions(self, frames) -> np.ndarray:

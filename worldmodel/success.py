@@ -1,6 +1,7 @@
 """Success detector: P(the task is complete in this frame), from the frame's tokens (and, for a world
 model that imagines the robot state, that imagined state: where the gripper is and how far it is
-closed).
+closed). With `reference_frame` it also reads the tokens of the episode's first, real frame, where the
+scene (the target, the button, the cube) is seen as it is, not as the world model redraws it.
 
 It judges what the world model imagines, so it is trained on imagined frames, not real ones:
 every training episode is replayed open-loop in the world model from its first real frame with
@@ -34,6 +35,7 @@ class SuccessDetectorConfig:
     channels: int = 64
     threshold: float = 0.5
     state_dim: int = 0  # > 0: also reads the imagined (normalized) robot state of the frame
+    reference_frame: bool = False  # also reads the episode's first real frame, stacked on the frame's channels
     # how the imagined frames it was trained on were decoded; judge rollouts decoded the same way
     rollout_method: str = "maskgit"
     rollout_steps: int = 4
@@ -48,18 +50,27 @@ class SuccessDetector(PretrainedMixin, nn.Module):
         self.config = cfg = config or SuccessDetectorConfig()
         self.embed = nn.Embedding(cfg.codebook_size, cfg.embed_dim)
         c = cfg.channels
-        self.conv = nn.Sequential(nn.Conv2d(cfg.embed_dim, c, 3, padding=1), nn.SiLU(),
+        inputs = cfg.embed_dim * (2 if cfg.reference_frame else 1)
+        self.conv = nn.Sequential(nn.Conv2d(inputs, c, 3, padding=1), nn.SiLU(),
                                   nn.Conv2d(c, c, 3, stride=2, padding=1), nn.SiLU(),
                                   nn.Conv2d(c, c, 3, padding=1), nn.SiLU())
         if cfg.state_dim:
             self.state_proj = nn.Sequential(nn.Linear(cfg.state_dim, c), nn.SiLU())
         self.head = nn.Sequential(nn.Linear(c * (2 if cfg.state_dim else 1), c), nn.SiLU(), nn.Linear(c, 1))
 
-    def forward(self, tokens: torch.Tensor, states: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (B, g, g) or (B, g*g) (and states (B, S) when the detector reads them) → logits (B,)."""
+    def forward(self, tokens: torch.Tensor, states: torch.Tensor | None = None,
+                references: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, g, g) or (B, g*g) (and states (B, S), references (B, g*g): each frame's episode's first
+        real frame, when the detector reads them) → logits (B,)."""
         g = self.config.grid
-        x = self.embed(tokens.reshape(-1, g, g).long()).permute(0, 3, 1, 2)
-        features = self.conv(x).mean((2, 3))
+        x = self.embed(tokens.reshape(-1, g, g).long())
+        if self.config.reference_frame:
+            if references is None or references.numel() != tokens.numel():
+                raise ValueError("this success detector reads each frame's reference frame (reference_frame=true): "
+                                 f"give references of shape {tuple(tokens.shape)}, got "
+                                 f"{None if references is None else tuple(references.shape)}")
+            x = torch.cat([x, self.embed(references.reshape(-1, g, g).long())], -1)
+        features = self.conv(x.permute(0, 3, 1, 2)).mean((2, 3))
         if self.config.state_dim:
             if states is None or states.shape[-1] != self.config.state_dim:
                 raise ValueError(f"this success detector reads the robot state (state_dim={self.config.state_dim}); "
@@ -69,39 +80,54 @@ class SuccessDetector(PretrainedMixin, nn.Module):
 
     @torch.no_grad()
     def scores(self, tokens: torch.Tensor | np.ndarray, states: torch.Tensor | np.ndarray | None = None,
-               batch: int = 1024) -> np.ndarray:
-        """P(task complete) of each frame (N, g*g) (with its state (N, S)), in batches."""
+               references: torch.Tensor | np.ndarray | None = None, batch: int = 1024) -> np.ndarray:
+        """P(task complete) of each frame (N, g*g) (with its state (N, S) and reference frame (N, g*g)), in
+        batches."""
         tokens = torch.as_tensor(tokens)
         states = None if states is None or not self.config.state_dim else torch.as_tensor(states)
+        references = None if references is None or not self.config.reference_frame else torch.as_tensor(references)
         device = self.head[-1].weight.device
-        out = [torch.sigmoid(self(tokens[i:i + batch].to(device),
-                                  None if states is None else states[i:i + batch].to(device))).cpu().numpy()
+        part = lambda x, i: None if x is None else x[i:i + batch].to(device)  # noqa: E731
+        out = [torch.sigmoid(self(tokens[i:i + batch].to(device), part(states, i), part(references, i))).cpu().numpy()
                for i in range(0, len(tokens), batch)]
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 
     @torch.no_grad()
-    def predict(self, tokens: torch.Tensor, states: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.sigmoid(self(tokens, states if self.config.state_dim else None)) > self.config.threshold
+    def predict(self, tokens: torch.Tensor, states: torch.Tensor | None = None,
+                references: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.sigmoid(self(tokens, states if self.config.state_dim else None,
+                                  references if self.config.reference_frame else None)) > self.config.threshold
 
-    def loss(self, tokens, labels, pos_weight: float = 1.0, states=None):
-        logits = self(tokens, states)
+    def loss(self, tokens, labels, pos_weight: float = 1.0, states=None, references=None):
+        logits = self(tokens, states, references)
         loss = F.binary_cross_entropy_with_logits(logits, labels.float(),
                                                   pos_weight=torch.tensor(pos_weight, device=logits.device))
         return loss, {"loss": loss.item()}
 
 
 def episode_scores(detector: SuccessDetector, episode_tokens: list[np.ndarray],
-                   episode_states: list[np.ndarray] | None = None) -> list[np.ndarray]:
-    """The detector's score of every frame, one array per episode (scored in one batched pass)."""
+                   episode_states: list[np.ndarray] | None = None,
+                   episode_references: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """The detector's score of every frame, one array per episode (scored in one batched pass).
+
+    `episode_references`: each episode's first real frame's tokens (g*g,), for a detector that reads them."""
     if not episode_tokens:
         return []
     states = np.concatenate(episode_states) if detector.config.state_dim else None
-    scores = detector.scores(np.concatenate(episode_tokens), states)
+    references = None
+    if detector.config.reference_frame:
+        if episode_references is None or len(episode_references) != len(episode_tokens):
+            raise ValueError("this success detector reads each episode's first real frame: give episode_references, "
+                             f"one per episode ({len(episode_tokens)})")
+        references = np.concatenate([np.repeat(np.asarray(r).reshape(1, -1), len(t), 0)
+                                     for r, t in zip(episode_references, episode_tokens)])
+    scores = detector.scores(np.concatenate(episode_tokens), states, references)
     return np.split(scores, np.cumsum([len(t) for t in episode_tokens])[:-1])
 
 
 def calibrate_episode_threshold(detector: SuccessDetector, episode_tokens: list[np.ndarray],
-                                successes: np.ndarray, episode_states: list[np.ndarray] | None = None) -> float:
+                                successes: np.ndarray, episode_states: list[np.ndarray] | None = None,
+                                episode_references: list[np.ndarray] | None = None) -> float:
     """Set (and return) the threshold that best separates successful from failed episodes.
 
     An episode counts as a success when any of its frames scores above the threshold, so the
@@ -112,7 +138,8 @@ def calibrate_episode_threshold(detector: SuccessDetector, episode_tokens: list[
     successes = np.asarray(successes, bool)
     if len(episode_tokens) != len(successes):
         raise ValueError(f"{len(episode_tokens)} episodes but {len(successes)} success labels")
-    best = np.array([s.max() if len(s) else 0.0 for s in episode_scores(detector, episode_tokens, episode_states)])
+    best = np.array([s.max() if len(s) else 0.0
+                     for s in episode_scores(detector, episode_tokens, episode_states, episode_references)])
     threshold = 0.5
     if successes.any() and (~successes).any():
         candidates = np.unique(best)
@@ -124,11 +151,13 @@ def calibrate_episode_threshold(detector: SuccessDetector, episode_tokens: list[
 
 
 def episode_metrics(detector: SuccessDetector, episode_tokens: list[np.ndarray], episode_labels: list[np.ndarray],
-                    episode_states: list[np.ndarray] | None = None) -> dict[str, float]:
+                    episode_states: list[np.ndarray] | None = None,
+                    episode_references: list[np.ndarray] | None = None) -> dict[str, float]:
     """Per-frame and per-episode figures of a detector on imagined episodes (labels: reward > 0 per frame)."""
     if not episode_tokens:
         return {}
-    fires = [s > detector.config.threshold for s in episode_scores(detector, episode_tokens, episode_states)]
+    fires = [s > detector.config.threshold
+             for s in episode_scores(detector, episode_tokens, episode_states, episode_references)]
     frames = classification_metrics(np.concatenate(fires), np.concatenate(episode_labels))
     episodes = classification_metrics(np.array([f.any() for f in fires]), np.array([y.any() for y in episode_labels]))
     return {**{f"frame_{k}": v for k, v in frames.items()}, **{f"episode_{k}": v for k, v in episodes.items()}}
