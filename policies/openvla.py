@@ -75,7 +75,7 @@ class VLAConfig:
     # p(open); the command with binarize_gripper) exceeds it, at most once per chunk; below 0.5 it switches more
     # eagerly than gripper_threshold would in either direction (see gripper_commands)
     gripper_switch_threshold: float | None = None
-    # set (with n_action_steps=1): ACT's temporal ensembling, the arm's action is the exp(-coeff * i)-weighted
+    # set (with n_action_steps=1): ACT's temporal ensembling, the action is the exp(-coeff * i)-weighted
     # mean of every chunk's prediction for the step, oldest first (policies.action_chunks)
     temporal_ensemble_coeff: float | None = None
     observation_image_size: int = 224  # the camera images the policy is trained on (resized to each tower's size)
@@ -875,7 +875,8 @@ class OpenVLAPolicy(nn.Module):
         return self.predict_action_chunk(observation, instruction, **kwargs)[0]
 
     def reset(self) -> None:
-        self._actions = ActionChunkQueue(self.config.n_action_steps, self.config.temporal_ensemble_coeff)
+        self._actions = ActionChunkQueue(self.config.n_action_steps, self.config.temporal_ensemble_coeff,
+                                         binary_gripper=self.config.classify_gripper or self.config.binarize_gripper)
 
     def select_action(self, observation: Mapping[str, Any], instruction: str | None = None) -> np.ndarray:
         """(7,) action, executing the first n_action_steps of each predicted chunk open-loop before predicting

@@ -280,16 +280,18 @@ def test_gripper_switch_threshold_switches_from_the_current_command(tmp_path):
 
 
 def test_temporal_ensembling_averages_every_chunks_prediction_for_the_step(tmp_path):
-    # hand-computed, K = 3, coeff ln 2 (weights 1, 1/2, 1/4, oldest first); the gripper is the newest command
-    queue = ActionChunkQueue(n_action_steps=1, temporal_ensemble_coeff=float(np.log(2)))
-    chunks = [np.array([[0.0, 1.0], [3.0, 1.0], [6.0, 1.0]]), np.array([[1.5, 0.0], [4.5, 0.0], [7.5, 1.0]]),
+    # hand-computed, K = 3, coeff ln 2 (weights 1, 1/2, 1/4, oldest first); a binary gripper is the weighted vote
+    chunks = [np.array([[0.0, 1.0], [3.0, 0.0], [6.0, 0.0]]), np.array([[1.5, 0.0], [4.5, 0.0], [7.5, 1.0]]),
               np.array([[9.0, 1.0], [9.0, 0.0], [9.0, 0.0]])]
-    executed = []
-    for chunk in chunks:
-        queue.fill(0, chunk)
-        executed.append(queue.pop(0).tolist())
-    # step 1: (3 * 1 + 1.5 * 1/2) / 1.5 = 2.5; step 2: (6 * 1 + 4.5 * 1/2 + 9 * 1/4) / 1.75 = 6
-    np.testing.assert_allclose(executed, [[0.0, 1.0], [2.5, 0.0], [6.0, 1.0]], rtol=1e-6)
+    for binary, gripper in ((False, [1.0, 0.0, 0.25 / 1.75]), (True, [1.0, 0.0, 0.0])):
+        queue = ActionChunkQueue(n_action_steps=1, temporal_ensemble_coeff=float(np.log(2)), binary_gripper=binary)
+        executed = []
+        for chunk in chunks:
+            queue.fill(0, chunk)
+            executed.append(queue.pop(0).tolist())
+        # step 1: (3 * 1 + 1.5 * 1/2) / 1.5 = 2.5; step 2: (6 * 1 + 4.5 * 1/2 + 9 * 1/4) / 1.75 = 6; the newest
+        # chunk alone would open the gripper at step 2, the vote keeps it closed
+        np.testing.assert_allclose(executed, np.stack([[0.0, 2.5, 6.0], gripper], 1), rtol=1e-6)
     queue.reset([0])  # a new episode forgets the earlier chunks
     queue.fill(0, chunks[2])
     np.testing.assert_allclose(queue.pop(0), [9.0, 1.0])
