@@ -264,8 +264,10 @@ class RemotePolicy:
                                   "`python -m embodied.serve policy=...`") from err
         meta = unpack(self.ws.recv(timeout=timeout))
         if not isinstance(meta, dict) or meta.get("type") != "metadata":
+            self.ws.close()
             raise ConnectionError(f"{url} did not send policy metadata on connect; is it `embodied.serve`?")
         if meta.get("protocol_version") != PROTOCOL_VERSION:
+            self.ws.close()
             raise ConnectionError(f"policy server {url} speaks protocol version {meta.get('protocol_version')}, this "
                                   f"client {PROTOCOL_VERSION}; run the same version of embodied on both machines")
         self.server_metadata = meta

@@ -471,8 +471,7 @@ class OpenVLAPolicy(nn.Module):
         self.set_trainable(vision=config.train_vision)
         if config.gradient_checkpointing:
             self.enable_gradient_checkpointing()
-        self._actions = ActionChunkQueue()  # select_action's episode (set up by reset)
-        self.reset()
+        self.reset()  # select_action's chunk queue
         self.name_or_path: str | None = None
 
     # -- construction ------------------------------------------------------------------------------
