@@ -15,8 +15,10 @@ Three stages by default (plus an optional fourth), one run, one step counter:
    open-loop in the trained dynamics from its first frame, and the imagined frame after action t
    gets that step's reward label; its threshold is set on held-out episodes, per episode.
 
-With no argument it trains on `data/rlds/embodied_tabletop10_pybullet` and, if that dataset
-is missing, first collects it with the scripted experts (`data.collect`).
+With no argument it trains on `data/rlds/embodied_tabletop10_pybullet` (expert demonstrations) and
+`embodied_tabletop10_pybullet_failures` (noisy experts, failures kept: the detector's threshold is calibrated
+on both outcomes), and first collects either one that is missing with the scripted experts (`data.collect`
+names each dataset it may collect, with its `embodied.collect` settings).
 
 Output (`output_dir`, printed at the end): `.hydra/` (resolved config), `metrics.jsonl`,
 wandb offline files, `checkpoints/step_*` (atomic, `checkpoint.keep_last` kept; each holds the
@@ -71,7 +73,7 @@ def build_configs(cfg: DictConfig, tokenizer_config=None):
 
 
 def ensure_data(cfg: DictConfig) -> None:
-    """Collect the default sim dataset when it is missing and `data.collect_if_missing` is set."""
+    """Collect each missing dataset that `data.collect` names, when `data.collect_if_missing` is set."""
     from embodied.data import resolve_builder_dir
     from embodied.data.errors import DatasetNotFoundError
     from embodied.data.mixtures import parse_datasets
@@ -81,11 +83,12 @@ def ensure_data(cfg: DictConfig) -> None:
         try:
             resolve_builder_dir(name, cfg.data.data_dir)
         except DatasetNotFoundError:
-            if not cfg.data.collect_if_missing or cfg.data.data_dir is None:
+            recipes = OmegaConf.to_container(cfg.data.collect, resolve=True) if cfg.data.collect else {}
+            if not cfg.data.collect_if_missing or cfg.data.data_dir is None or name not in recipes:
                 raise
             from embodied.collect import CollectConfig, collect
 
-            values = OmegaConf.to_container(cfg.data.collect, resolve=True)
+            values = recipes[name]
             print(f"[train_worldmodel] {name} not found under {cfg.data.data_dir}: collecting it with the "
                   f"scripted experts ({values})", flush=True)
             collect(CollectConfig(dataset_name=name, image_size=int(cfg.worldmodel.tokenizer.image_size), **values),

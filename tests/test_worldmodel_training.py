@@ -176,3 +176,31 @@ def test_train_worldmodel_retrains_some_parts_on_a_saved_world_model(tmp_path):
         train(_cfg(data_dir, tmp_path / "c", "stages=[policy]"), tmp_path / "c")
     with pytest.raises(FileNotFoundError, match="no tokenizer/ to take the tokenizer from"):
         train(_cfg(data_dir, tmp_path / "c", "stages=[dynamics]", f"init_from={tmp_path}"), tmp_path / "c")
+
+
+def test_the_default_datasets_are_collected_when_missing_with_failures_kept(tmp_path):
+    # the default trains on the experts' demonstrations and on noisy experts' attempts, failures kept (the
+    # detector's threshold needs both outcomes); a missing dataset that `data.collect` does not name is refused
+    import tensorflow_datasets as tfds
+    from hydra import compose, initialize_config_dir
+
+    from embodied.data.errors import DatasetNotFoundError
+    from embodied.train_worldmodel import ensure_data
+
+    names = ("embodied_tabletop10_pybullet", "embodied_tabletop10_pybullet_failures")
+    overrides = [f"data.data_dir={tmp_path}", "worldmodel=tiny"]
+    for name in names:
+        overrides += [f"data.collect.{name}.tasks=[PickCube]", f"data.collect.{name}.episodes_per_task=1",
+                      f"+data.collect.{name}.num_envs=1", f"+data.collect.{name}.max_attempts_per_episode=1"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train_worldmodel", overrides=overrides)
+        missing = compose("train_worldmodel", overrides=overrides + ["data.datasets=[embodied_not_collected]"])
+    ensure_data(cfg)
+    succeeded = {}
+    for name in names:
+        (episode,) = tfds.builder_from_directory(str(tmp_path / name / "1.0.0")).as_dataset(split="train")
+        succeeded[name] = bool(sum(float(step["reward"]) for step in episode["steps"]))
+    # the expert picks the cube; under 4 cm of noise per step it fails, and the failure is kept
+    assert succeeded == {names[0]: True, names[1]: False}
+    with pytest.raises(DatasetNotFoundError, match="embodied_not_collected"):
+        ensure_data(missing)
