@@ -76,10 +76,7 @@ class CheckpointPolicy:
         self.name = name or str(getattr(policy, "name_or_path", type(policy).__name__))
         config = getattr(policy, "config", None)  # its settings were checked when it was built or loaded
         self.n_action_steps = getattr(config, "n_action_steps", None)
-        # one stream per env
-        binary = bool(getattr(config, "classify_gripper", False) or getattr(config, "binarize_gripper", False))
-        self.actions = ActionChunkQueue(self.n_action_steps, getattr(config, "temporal_ensemble_coeff", None),
-                                        binary_gripper=binary)
+        self.actions = ActionChunkQueue.for_config(config)  # one stream per env
         # a policy whose gripper switches from its current state is told each env's last command
         self.switches_gripper = getattr(config, "gripper_switch_threshold", None) is not None
 

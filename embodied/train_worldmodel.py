@@ -167,6 +167,7 @@ def detector_data(dynamics, episodes, det_cfg, scfg, seed: int, show_progress: b
     episode-level threshold; `random_action_negatives` adds that share of replays under uniform random
     (normalized) actions as failures."""
     from worldmodel.rollouts import imagine_episodes
+    from worldmodel.success import frame_references
 
     rng = np.random.default_rng(seed)
     imagined, imagined_states = imagine_episodes(dynamics, episodes, det_cfg.rollout_method, det_cfg.rollout_steps,
@@ -199,8 +200,7 @@ def detector_data(dynamics, episodes, det_cfg, scfg, seed: int, show_progress: b
     return {"tokens": np.concatenate(tokens).astype(np.int64), "labels": np.concatenate(targets),
             "states": np.concatenate(states) if use_states else None,
             # each frame's episode's first real frame (the replays start from it)
-            "references": np.concatenate([np.repeat(r.reshape(1, -1), len(t), 0)
-                                          for r, t in zip(references, tokens)]).astype(np.int64),
+            "references": frame_references(references, tokens).astype(np.int64),
             "cal_tokens": [imagined[i] for i in cal], "cal_labels": [labels[i] for i in cal],
             "cal_states": [imagined_states[i] for i in cal] if use_states else None,
             "cal_references": [episodes[i].tokens[0] for i in cal]}

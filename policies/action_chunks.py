@@ -40,6 +40,14 @@ class ActionChunkQueue:
         # (K, D), and how many chunks each step's mean holds
         self._ensembled: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
+    @classmethod
+    def for_config(cls, config) -> "ActionChunkQueue":
+        """The queue a policy config asks for (`n_action_steps`, `temporal_ensemble_coeff`, and a binary gripper
+        with `classify_gripper` or `binarize_gripper`); defaults for a policy without them."""
+        binary = bool(getattr(config, "classify_gripper", False) or getattr(config, "binarize_gripper", False))
+        return cls(getattr(config, "n_action_steps", None), getattr(config, "temporal_ensemble_coeff", None),
+                   binary_gripper=binary)
+
     def reset(self, streams: Iterable[int] | None = None) -> None:
         """Forget the queued actions and gripper command of `streams` (all of them when None)."""
         if streams is None:

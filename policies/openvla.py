@@ -874,8 +874,7 @@ class OpenVLAPolicy(nn.Module):
         return self.predict_action_chunk(observation, instruction, **kwargs)[0]
 
     def reset(self) -> None:
-        self._actions = ActionChunkQueue(self.config.n_action_steps, self.config.temporal_ensemble_coeff,
-                                         binary_gripper=self.config.classify_gripper or self.config.binarize_gripper)
+        self._actions = ActionChunkQueue.for_config(self.config)
 
     def select_action(self, observation: Mapping[str, Any], instruction: str | None = None) -> np.ndarray:
         """(7,) action, executing the first n_action_steps of each predicted chunk open-loop before predicting

@@ -105,6 +105,12 @@ class SuccessDetector(PretrainedMixin, nn.Module):
         return loss, {"loss": loss.item()}
 
 
+def frame_references(episode_references: list[np.ndarray], episode_tokens: list[np.ndarray]) -> np.ndarray:
+    """Each frame's reference (its episode's first real frame's tokens), (N, g*g) for the N frames."""
+    return np.concatenate([np.repeat(np.asarray(r).reshape(1, -1), len(t), 0)
+                           for r, t in zip(episode_references, episode_tokens)])
+
+
 def episode_scores(detector: SuccessDetector, episode_tokens: list[np.ndarray],
                    episode_states: list[np.ndarray] | None = None,
                    episode_references: list[np.ndarray] | None = None) -> list[np.ndarray]:
@@ -119,8 +125,7 @@ def episode_scores(detector: SuccessDetector, episode_tokens: list[np.ndarray],
         if episode_references is None or len(episode_references) != len(episode_tokens):
             raise ValueError("this success detector reads each episode's first real frame: give episode_references, "
                              f"one per episode ({len(episode_tokens)})")
-        references = np.concatenate([np.repeat(np.asarray(r).reshape(1, -1), len(t), 0)
-                                     for r, t in zip(episode_references, episode_tokens)])
+        references = frame_references(episode_references, episode_tokens)
     scores = detector.scores(np.concatenate(episode_tokens), states, references)
     return np.split(scores, np.cumsum([len(t) for t in episode_tokens])[:-1])
 
