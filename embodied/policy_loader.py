@@ -8,7 +8,8 @@
 
 Every policy has `predict_action(observation: dict, instruction: str) -> np.ndarray (7,)`, the action for
 this control step (a chunked checkpoint runs its chunks open-loop, as the evaluation harness does), `reset()`,
-called at every episode start, and `metadata()`.
+called at every episode start, and `metadata()`. A policy whose actions depend on its episode so far also has
+`session()`: an independent episode stream on the same weights, one per robot the policy server serves.
 """
 from __future__ import annotations
 
@@ -37,6 +38,9 @@ class RandomPolicy:
 
     def reset(self) -> None:
         self.rng = np.random.default_rng(self.seed)
+
+    def session(self) -> "RandomPolicy":
+        return RandomPolicy(self.seed, self.low, self.high)
 
     def metadata(self) -> dict:
         return {"policy": self.name, "seed": self.seed, "action_dim": 7}
@@ -70,19 +74,28 @@ class CheckpointPolicy:
 
     Each call is one control step: the model's `select_action` runs its chunks open-loop for
     `n_action_steps` and switches the gripper from its last command, exactly as the evaluation harness does,
-    until `reset()` starts the next episode.
+    until `reset()` starts the next episode. The episode's queue belongs to this object: `session()` gives
+    another episode stream on the same model (the policy server opens one per connection).
     """
 
     def __init__(self, model, spec: str):
+        from policies.action_chunks import ActionChunkQueue
+
         self.model = model
         self.name = str(spec)
+        self.actions = ActionChunkQueue.for_config(getattr(model, "config", None))
 
     def predict_action(self, observation: Mapping[str, Any], instruction: str | None = None) -> np.ndarray:
         obs = {k: v for k, v in observation.items() if k in ("image", "wrist_image", "state", "instruction")}
-        return np.asarray(self.model.select_action(obs, instruction), dtype=np.float32).reshape(7)
+        action = self.model.select_action(obs, instruction, queue=self.actions)
+        return np.asarray(action, dtype=np.float32).reshape(7)
 
     def reset(self) -> None:
-        self.model.reset()
+        self.actions.reset()
+
+    def session(self) -> "CheckpointPolicy":
+        """An episode stream of its own (queued actions, gripper command) on the same model."""
+        return CheckpointPolicy(self.model, self.name)
 
     def metadata(self) -> dict:
         meta = {"policy": self.name, "action_dim": 7, "class": type(self.model).__name__}

@@ -8,7 +8,9 @@ A websocket server so that a GPU machine can serve the robot computer:
   (a chunked policy runs its chunks open-loop and remembers its last gripper command, as in evaluation);
   an error gets `{"error": "..."}` and the connection stays open.
 - `{"reset": true}` starts an episode (the policy forgets its queued actions and gripper command) and gets
-  `{"reset": true}`; a new connection starts one too.
+  `{"reset": true}`; a new connection starts one too. Each connection has its own episode stream on the
+  shared weights (`session()`), so that one server drives several robots at once; their requests are
+  answered one at a time.
 - Encoding: msgpack (binary frames, the default) or JSON (text frames); numpy arrays travel as
   `{"__ndarray__": <bytes | base64 str>, "dtype": ..., "shape": [...]}` in both. A client picks
   JSON with `?encoding=json` in the URL; the server answers in the encoding it was sent.
@@ -152,7 +154,8 @@ def _check_request(request) -> tuple[dict, str]:
 
 
 class PolicyServer(ServerThread):
-    """Serves one policy; requests are answered one at a time (one model, one device)."""
+    """Serves one policy to any number of connections, each its own episode stream; requests are answered
+    one at a time (one model, one device)."""
 
     description = "the policy server"
     thread_name = "policy-server"
@@ -178,8 +181,11 @@ class PolicyServer(ServerThread):
         import websockets
 
         binary = "encoding=json" not in (ws.request.path if ws.request else "")
+        # each connection is one robot's episode stream: its own queued actions and gripper command on the
+        # shared weights (a policy without `session()` keeps no such state and is shared as it is)
+        policy = self.policy.session() if hasattr(self.policy, "session") else self.policy
         async with self._lock:
-            await asyncio.to_thread(self._reset_policy)
+            await asyncio.to_thread(self._reset_policy, policy)
         await ws.send(pack({"type": "metadata", **self.meta}, binary))
         try:
             async for payload in ws:
@@ -191,13 +197,13 @@ class PolicyServer(ServerThread):
                         if request["reset"] is not True or len(request) != 1:
                             raise ProtocolError("a reset request is exactly {\"reset\": true}")
                         async with self._lock:
-                            await asyncio.to_thread(self._reset_policy)
+                            await asyncio.to_thread(self._reset_policy, policy)
                         await ws.send(pack({"reset": True}, is_binary))
                         continue
                     observation, instruction = _check_request(request)
                     async with self._lock:
                         t0 = time.perf_counter()
-                        action = await asyncio.to_thread(self.policy.predict_action, observation, instruction)
+                        action = await asyncio.to_thread(policy.predict_action, observation, instruction)
                         infer_ms = (time.perf_counter() - t0) * 1000
                     action = np.asarray(action, dtype=np.float32).reshape(-1)
                     if action.shape != (7,):
@@ -216,9 +222,10 @@ class PolicyServer(ServerThread):
         except websockets.ConnectionClosed:
             pass
 
-    def _reset_policy(self) -> None:
-        if hasattr(self.policy, "reset"):
-            self.policy.reset()
+    @staticmethod
+    def _reset_policy(policy) -> None:
+        if hasattr(policy, "reset"):
+            policy.reset()
 
     async def _serve(self) -> None:
         import websockets

@@ -876,13 +876,15 @@ class OpenVLAPolicy(nn.Module):
     def reset(self) -> None:
         self._actions = ActionChunkQueue.for_config(self.config)
 
-    def select_action(self, observation: Mapping[str, Any], instruction: str | None = None) -> np.ndarray:
+    def select_action(self, observation: Mapping[str, Any], instruction: str | None = None,
+                      queue: ActionChunkQueue | None = None) -> np.ndarray:
         """(7,) action, executing the first n_action_steps of each predicted chunk open-loop before predicting
-        the next (call reset() per episode)."""
-        if self._actions.needing([0]):
-            self._actions.fill(0, self.predict_action_chunk(observation, instruction,
-                                                            gripper_state=self._actions.gripper_state([0])))
-        return self._actions.pop(0)
+        the next (call reset() per episode). `queue`: another episode's queue (`ActionChunkQueue.for_config`),
+        so that one model serves several robots at once; by default the policy's own."""
+        queue = self._actions if queue is None else queue
+        if queue.needing([0]):
+            queue.fill(0, self.predict_action_chunk(observation, instruction, gripper_state=queue.gripper_state([0])))
+        return queue.pop(0)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> Path:

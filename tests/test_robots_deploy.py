@@ -135,6 +135,17 @@ def test_a_served_chunked_policy_runs_its_chunks_and_resets_per_episode():
         again.ws.send(pack({"reset": 1}, binary=False))
         assert unpack(again.ws.recv())["error"] == 'bad request: a reset request is exactly {"reset": true}'
         again.close()
+        # two robots at once: interleaved requests, each connection its own chunks and gripper
+        first, second = RemotePolicy(server.url), RemotePolicy(server.url)
+        second.predict_action(obs, "pick up the cube")  # the second robot is one step ahead
+        got_first, got_second = [], []
+        for _ in range(5):
+            got_first.append(first.predict_action(obs, "pick up the cube"))
+            got_second.append(second.predict_action(obs, "pick up the cube"))
+        np.testing.assert_allclose(got_first, expected[:5], atol=1e-6)
+        np.testing.assert_allclose(got_second, expected[1:6], atol=1e-6)
+        first.close()
+        second.close()
     finally:
         server.stop()
 
