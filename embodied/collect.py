@@ -274,7 +274,8 @@ def collect(cfg: CollectConfig, output_dir: str | os.PathLike, show_progress: bo
     summary = {"dataset": cfg.name, "builder_dir": str(builder_dir), "data_dir": str(output_dir),
                "episodes": writer.num_episodes, "steps": writer.num_steps, "tasks": per_task,
                "seconds": round(time.time() - started, 1), "config": config, "versions": versions}
-    (output_dir / "collect_summary.json").write_text(json.dumps(summary, indent=2))
+    # beside the data it describes: datasets collected into one output_dir keep their own summaries
+    (Path(builder_dir) / "collect_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 

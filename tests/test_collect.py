@@ -115,7 +115,7 @@ def test_collect_writes_rlds_that_plain_tfds_reads(collected, backend):
         actions = np.asarray(episode["actions"])
         assert actions.shape == (n, 7) and np.all(np.abs(actions[:, :3]) <= 0.05 + 1e-6)
         assert set(np.unique(actions[:, 6])) <= {0.0, 1.0}
-    summary = json.loads((out / "collect_summary.json").read_text())
+    summary = json.loads((builder_dir / "collect_summary.json").read_text())
     assert summary["episodes"] == len(episodes) == len(TASKS)
     assert summary["steps"] == sum(e["length"] for e in episodes)
 

@@ -200,6 +200,8 @@ def test_the_default_datasets_are_collected_when_missing_with_failures_kept(tmp_
     for name in names:
         (episode,) = tfds.builder_from_directory(str(tmp_path / name / "1.0.0")).as_dataset(split="train")
         succeeded[name] = bool(sum(float(step["reward"]) for step in episode["steps"]))
+        # each dataset keeps its own collection summary, though both were collected into one directory
+        assert json.loads((tmp_path / name / "1.0.0" / "collect_summary.json").read_text())["dataset"] == name
     # the expert picks the cube; under 4 cm of noise per step it fails, and the failure is kept
     assert succeeded == {names[0]: True, names[1]: False}
     with pytest.raises(DatasetNotFoundError, match="embodied_not_collected"):
