@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from embodied.config_keys import from_mapping
 from policies.openvla import POSITION_CENTRE, POSITION_SCALE
 
 # Positions are regressed relative to the workspace centre, in units of 10 cm.
@@ -55,11 +56,7 @@ class VisionPretrainingConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "VisionPretrainingConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown vision_pretraining key(s) {unknown}; valid: {', '.join(sorted(known))}")
-        config = cls(**values)
+        config = from_mapping(cls, values, "vision_pretraining key")
         if config.layouts < 0 or config.steps <= 0 or config.batch_size <= 0:
             raise ValueError(f"vision_pretraining needs layouts >= 0 and steps, batch_size > 0; got layouts="
                              f"{config.layouts}, steps={config.steps}, batch_size={config.batch_size}")

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
+from embodied.config_keys import from_mapping
 from envs.scene import (DEFAULT_CAMERA, DEFAULT_LIGHT_POS, NUM_TABLE_TEXTURES, Camera,
                         EpisodeConfig, SceneSpec, euler_to_matrix)
 
@@ -48,11 +49,7 @@ class RandomizationConfig:
         if value is True or value == "default":
             return cls()
         if hasattr(value, "items"):
-            known = {f.name for f in fields(cls)}
-            unknown = sorted(set(value) - known)
-            if unknown:
-                raise ValueError(f"unknown randomization key(s) {unknown}; valid keys: {sorted(known)}")
-            return cls(**dict(value))
+            return from_mapping(cls, value, "randomization key")
         raise ValueError(f"randomization must be a RandomizationConfig, a mapping, 'default' or 'none'; got {value!r}")
 
     @property

@@ -34,7 +34,7 @@ import contextlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from embodied.config_keys import from_mapping
 from embodied.data.statistics import STATISTICS_FILENAME, load_dataset_statistics, save_dataset_statistics
 from policies.action_chunks import ActionChunkQueue
 from policies.processor import DECODING_MODES, VLAProcessor, canonical_quaternions
@@ -98,11 +99,7 @@ class VLAConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "VLAConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown policy config key(s) {unknown}; valid keys: {sorted(known)}")
-        return cls(**values)
+        return from_mapping(cls, values, "policy config key")
 
     def validate(self) -> None:
         if self.decoding not in DECODING_MODES:

@@ -22,11 +22,12 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
 
+from embodied.config_keys import from_mapping
 from robots import messages as M
 from robots.base import Robot
 from robots.safety import SafetyConfig, SafetyLayer
@@ -87,14 +88,7 @@ class RosRobotConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "RosRobotConfig":
-        values = dict(values)
-        values.pop("_target_", None)
-        values.pop("kind", None)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown robot setting(s) {unknown}; valid: {sorted(known)}")
-        return cls(**values)
+        return from_mapping(cls, values, "robot setting", ignore=("_target_", "kind"))
 
     def safety_config(self) -> SafetyConfig:
         values = dict(self.safety)

@@ -20,10 +20,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
+
+from embodied.config_keys import from_mapping
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +73,7 @@ class SafetyConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> "SafetyConfig":
-        values = dict(values or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown safety setting(s) {unknown}; valid: {sorted(known)}")
-        return cls(**values)
+        return from_mapping(cls, values, "safety setting")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from embodied.config_keys import from_mapping
 from robots import messages as M
 from robots import rosbridge as rb
 from robots.server_thread import ServerThread
@@ -85,12 +86,7 @@ class SimServerConfig:
 
     @classmethod
     def from_dict(cls, values) -> "SimServerConfig":
-        values = dict(values or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown sim_server setting(s) {unknown}; valid: {sorted(known)}")
-        return cls(**values)
+        return from_mapping(cls, values, "sim_server setting")
 
 
 @dataclass

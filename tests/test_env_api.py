@@ -59,7 +59,7 @@ def test_unknown_names_list_the_valid_ones():
     from envs.suites import get_suite
     with pytest.raises(ValueError, match="valid suites: .*tabletop10"):
         get_suite("tabletop1000")
-    with pytest.raises(ValueError, match="valid keys"):
+    with pytest.raises(ValueError, match=r"unknown randomization key\(s\) \['gravity'\]; valid: .*friction"):
         TabletopEnv("PickCube", randomization={"gravity": 0.1})
 
 

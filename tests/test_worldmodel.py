@@ -1,6 +1,8 @@
 """World model: tokenizer, dynamics (both decoders), success detector, ImaginedEnv, metrics."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -138,6 +140,11 @@ def test_world_model_round_trip_and_tokenizer_mismatch(tmp_path):
                                          r"\[5, 4, 4\], .* has \[8, 5, 5, 5\], codebook_size"):
         WorldModel.from_pretrained(path)
     assert not list(tmp_path.glob(".*tmp*"))  # atomic saves leave no temporary directory
+    config_file = path / "tokenizer" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "chanels": 8}))
+    with pytest.raises(ValueError, match=rf"{config_file}: unknown TokenizerConfig key\(s\) \['chanels'\]; "
+                                         "valid: channels, downsample"):
+        WorldModel.from_pretrained(path)
 
 
 def test_imagined_env_passes_check_env_and_validates_actions():

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from embodied.config_keys import from_mapping
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -31,12 +33,11 @@ def check_tokenizer_fingerprint(config, fingerprint: dict, source: str, part: st
 
 
 def _config_from_dict(config_cls, values: dict[str, Any], source: str):
-    known = {f.name for f in fields(config_cls)}
-    unknown = sorted(set(values) - known - {"model_type"})
-    if unknown:
-        raise ValueError(f"{source}: unknown {config_cls.__name__} key(s) {unknown}; valid keys: {sorted(known)}")
-    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in known}
-    return config_cls(**values)
+    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items()}  # JSON lists: tuples
+    try:
+        return from_mapping(config_cls, values, f"{config_cls.__name__} key", ignore=("model_type",))
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
 
 
 class PretrainedMixin:

@@ -31,6 +31,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from embodied.config_keys import from_mapping
 from embodied.data import oxe
 from embodied.data._tensorflow import tf as _tf
 from embodied.data._tensorflow import tfds as _tfds
@@ -397,11 +398,7 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "DataConfig":
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown data config key(s) {unknown}; valid keys: {sorted(known)}")
-        return cls(**dict(values))
+        return from_mapping(cls, values, "data config key")
 
 
 def _torch_batch(batch: dict[str, Any], names: list[str]) -> dict[str, Any]:
