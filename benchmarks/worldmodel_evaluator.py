@@ -83,15 +83,22 @@ def main() -> None:
     except ValueError as error:  # a constant column
         r_value = float("nan")
         print(f"pearson undefined: {error}")
+    # Pearson r ignores scale: a detector that fires on nearly every episode can still rank the policies by a
+    # few points. The span of the imagined rates and the share of episodes judged as the simulator judged them
+    # show whether the imagined rates mean anything on their own.
+    episodes = sum(r["episodes"] for r in rows)
+    agreement = sum(r["episodes_agreeing"] * r["episodes"] for r in rows) / max(episodes, 1)
     result = {"rows": rows, "pearson": r_value, "mmrv": mmrv(imagined_rates, sim_rates),
-              "seconds": round(time.time() - started, 1), "tasks": cfg.tasks,
+              "imagined_span": max(imagined_rates) - min(imagined_rates), "sim_span": max(sim_rates) - min(sim_rates),
+              "episode_agreement": agreement, "seconds": round(time.time() - started, 1), "tasks": cfg.tasks,
               "episodes_per_task": args.episodes_per_task, "maskgit_steps": steps}
     print("| policy | sim success | imagined success | episodes agreeing |")
     print("|---|---|---|---|")
     for r in rows:
         print(f"| {r['policy']} | {r['sim']:.2f} | {r['imagined']:.2f} | {r['episodes_agreeing']:.2f} |")
     print(f"Pearson r = {result['pearson']:.3f}, MMRV = {result['mmrv']:.3f} ({len(rows)} policies, "
-          f"{result['seconds']:.0f} s)")
+          f"{result['seconds']:.0f} s); imagined rates span {result['imagined_span']:.2f} (simulated "
+          f"{result['sim_span']:.2f}); episodes judged as in the simulator: {agreement:.2f}")
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(args.output_dir) / "summary.json").write_text(json.dumps(result, indent=2))
 

@@ -206,3 +206,35 @@ def test_the_default_datasets_are_collected_when_missing_with_failures_kept(tmp_
     assert succeeded == {names[0]: True, names[1]: False}
     with pytest.raises(DatasetNotFoundError, match="embodied_not_collected"):
         ensure_data(missing)
+
+
+def test_the_detector_threshold_is_calibrated_on_both_outcomes():
+    # the held-out calibration episodes are drawn from the successes and from the failures apart, so that the
+    # threshold sees both even when failures are few (the default's data: about 1 in 8 episodes)
+    from types import SimpleNamespace
+
+    from embodied.train_worldmodel import detector_data
+    from worldmodel.data import Episode
+    from worldmodel.dynamics import DynamicsModel
+    from worldmodel_helpers import TOK, dyn_config
+
+    rng = np.random.default_rng(0)
+    episodes = []
+    for i in range(13):  # 10 successes, 3 failures
+        n = 5
+        rewards = np.zeros(n, np.float32)
+        rewards[-1] = float(i < 10)
+        episodes.append(Episode("d", np.zeros((n, 32, 32, 3), np.uint8), np.zeros((n, 7), np.float32),
+                                rng.uniform(-1, 1, (n, 7)).astype(np.float32), rewards, f"episode {i}",
+                                tokens=rng.integers(0, TOK.codebook_size, (n, TOK.grid, TOK.grid)).astype(np.int16)))
+    torch.manual_seed(0)
+    dynamics = DynamicsModel(dyn_config()).eval()
+    det_cfg = SimpleNamespace(rollout_method="maskgit", rollout_steps=2)
+    for seed in range(3):
+        data = detector_data(dynamics, episodes, det_cfg, SimpleNamespace(calibration_fraction=0.4,
+                                                                          random_action_negatives=1.0), seed=seed,
+                             show_progress=False)
+        outcomes = [bool(y.any()) for y in data["cal_labels"]]
+        assert (outcomes.count(True), outcomes.count(False)) == (4, 1)  # 40% of each outcome, rounded
+        # the detector trains on the other 8 episodes and 8 random-action replays of them
+        assert len(data["labels"]) == 16 * 5 and data["labels"].sum() == 6  # 6 successes' last frames
