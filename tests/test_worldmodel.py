@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from worldmodel.dynamics import DynamicsModel, Rollout
-from worldmodel.metrics import mmrv, pearson, psnr, ssim
+from worldmodel.metrics import bootstrap_agreement, mmrv, pearson, psnr, ssim
 from worldmodel.model import WorldModel
 from worldmodel.success import SuccessDetector, SuccessDetectorConfig
 from worldmodel.tokenizer import FSQ, FrameTokenizer, TokenizerConfig
@@ -190,6 +190,30 @@ def test_pearson_and_mmrv_match_hand_computed_values():
     assert mmrv(real, real) == 0.0
     with pytest.raises(ValueError, match="constant"):
         pearson([0.5, 0.5], [0.1, 0.2])
+
+
+def test_bootstrap_intervals_of_r_and_mmrv():
+    # one episode per policy: every resample is the data itself, so both intervals shrink to the values.
+    # By hand: imagined (1, 0, 0), simulated (1, 1, 0): deviations (2/3, -1/3, -1/3) and (1/3, 1/3, -2/3),
+    # cross sum 1/3, squares 2/3 each, r = 0.5; only policy 3 is ordered wrongly against policy 2 (0 = 0
+    # imagined, 0 < 1 simulated), a violation of 1: MMRV = 1/3
+    single = [([True], [True]), ([False], [True]), ([False], [False])]
+    out = bootstrap_agreement(single, resamples=50)
+    assert out["pearson_interval"] == pytest.approx([0.5, 0.5]) and out["mmrv_interval"] == pytest.approx([1 / 3] * 2)
+    # imagined = simulated on every episode: each resample ranks the policies alike (r = 1, MMRV = 0)
+    rng = np.random.default_rng(0)
+    same = [(o, o) for o in (rng.random(40) < p for p in (0.9, 0.5, 0.1))]
+    out = bootstrap_agreement(same, resamples=200)
+    assert out["pearson_interval"] == pytest.approx([1.0, 1.0]) and out["mmrv_interval"] == [0.0, 0.0]
+    # an imagined column unrelated to the simulated one: the interval spans zero, and is reproducible
+    unrelated = [(rng.random(40) < 0.5, o) for _, o in same]
+    out = bootstrap_agreement(unrelated, resamples=500, seed=3)
+    assert out["pearson_interval"][0] < 0 < out["pearson_interval"][1]
+    assert bootstrap_agreement(unrelated, resamples=500, seed=3) == out
+    with pytest.raises(ValueError, match="policy 1: imagined and simulated outcomes must be two equal"):
+        bootstrap_agreement([([True], [True]), ([True, False], [True])])
+    with pytest.raises(ValueError, match="at least 2 policies"):
+        bootstrap_agreement(single[:1])
 
 
 def test_ssim_and_psnr_sanity():

@@ -8,8 +8,12 @@
 * `pearson`, `mmrv`: SimplerEnv's agreement metrics between per-policy success rates measured two
   ways (here: in the world model vs in the simulator). MMRV = mean over policies i of the largest
   |real_i − real_j| among the policies j whose order relative to i differs between the two.
+* `bootstrap_agreement`: intervals for both, from resampling each policy's episodes.
 """
 from __future__ import annotations
+
+import math
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -107,3 +111,40 @@ def mmrv(sim, real) -> float:
                 violation = max(violation, abs(real[i] - real[j]))
         worst.append(violation)
     return float(np.mean(worst))
+
+
+def bootstrap_agreement(outcomes: Sequence[tuple[Sequence[bool], Sequence[bool]]], resamples: int = 2000,
+                        seed: int = 0, level: float = 0.95) -> dict[str, Any]:
+    """Intervals for Pearson r and MMRV between imagined and simulated success rates, from the episodes.
+
+    `outcomes`: per policy, (imagined successes, simulated successes) of the same episodes, in order. Each
+    resample draws every policy's episodes with replacement, pairs kept (the imagined and the simulated
+    rollout share their initial state and actions), and recomputes both rates, r and MMRV. The intervals
+    cover the episode draw only, not the world model's training seed. Resamples in which a policy's rates
+    are all equal leave r undefined and are counted, not scored."""
+    if len(outcomes) < 2:
+        raise ValueError(f"bootstrap_agreement needs at least 2 policies; got {len(outcomes)}")
+    pairs = []
+    for i, (imagined, simulated) in enumerate(outcomes):
+        imagined, simulated = np.asarray(imagined, bool), np.asarray(simulated, bool)
+        if imagined.shape != simulated.shape or imagined.ndim != 1 or not len(imagined):
+            raise ValueError(f"policy {i}: imagined and simulated outcomes must be two equal, non-empty lists of "
+                             f"episodes; got shapes {imagined.shape} and {simulated.shape}")
+        pairs.append((imagined, simulated))
+    rng = np.random.default_rng(seed)
+    r_values, mmrv_values, undefined = [], [], 0
+    for _ in range(resamples):
+        imagined_rates, sim_rates = [], []
+        for imagined, simulated in pairs:
+            pick = rng.integers(0, len(imagined), len(imagined))
+            imagined_rates.append(imagined[pick].mean())
+            sim_rates.append(simulated[pick].mean())
+        mmrv_values.append(mmrv(imagined_rates, sim_rates))
+        try:
+            r_values.append(pearson(imagined_rates, sim_rates))
+        except ValueError:
+            undefined += 1
+    tail = 100 * (1 - level) / 2
+    interval = lambda v: [float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))] if v else [math.nan] * 2
+    return {"pearson_interval": interval(r_values), "mmrv_interval": interval(mmrv_values), "level": level,
+            "resamples": resamples, "pearson_undefined": undefined}
