@@ -258,6 +258,10 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     tokenizer = loaded.get("tokenizer") or FrameTokenizer(tok_cfg)
     dynamics = loaded.get("dynamics") or DynamicsModel(dyn_cfg)
     det_cfg.state_dim = dynamics.config.state_dim  # the detector reads the states this dynamics imagines
+    if det_cfg.spatial_state and not det_cfg.state_dim and "detector" in stages:
+        raise ValueError("worldmodel.detector.spatial_state=true compares the imagined robot state with the frame, "
+                         "but this dynamics model imagines none (state_dim=0): set worldmodel.detector.spatial_state"
+                         "=false, or give the dynamics a state (worldmodel.dynamics.state_dim=8)")
     detector = loaded.get("detector") or (SuccessDetector(det_cfg) if "detector" in stages else None)
     latent = loaded.get("latent_actions") or (LatentActionModel(lam_cfg) if "latent_actions" in stages else None)
     dynamics.check_tokenizer(tokenizer.fingerprint(), source=f"init_from={cfg.get('init_from')}")

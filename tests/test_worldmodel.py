@@ -156,8 +156,9 @@ def test_imagined_env_passes_check_env_and_validates_actions():
 
     torch.manual_seed(0)
     for state_dim in (0, 8):
-        env = ImaginedEnv(_world(state_dim=state_dim, reference_frame=bool(state_dim)), task="ReachTarget",
-                          backend="pybullet", randomization="none", steps=2, max_episode_steps=5)
+        world = _world(state_dim=state_dim, reference_frame=bool(state_dim), spatial_state=bool(state_dim))
+        env = ImaginedEnv(world, task="ReachTarget", backend="pybullet", randomization="none", steps=2,
+                          max_episode_steps=5)
         check_env(env, skip_render_check=True)
         obs, info = env.reset(seed=3)
         assert obs["image"].shape == (SIZE, SIZE, 3) and obs["instruction"].startswith("reach")
@@ -235,7 +236,7 @@ def test_eval_in_imagination_writes_the_results_schema_and_side_by_side_videos(t
     torch.manual_seed(0)
     cfg = EvalConfig(backend="pybullet", episodes_per_task=1, tasks=["ReachTarget"], num_envs=1, image_size=SIZE,
                      randomization="none", videos_per_task=1)
-    world = _world(state_dim=state_dim, reference_frame=bool(state_dim))
+    world = _world(state_dim=state_dim, reference_frame=bool(state_dim), spatial_state=bool(state_dim))
     results = evaluate_in_imagination(ScriptedPolicy(), cfg, tmp_path, world, steps=2, show_progress=False)
     assert results["policy"] == "scripted (imagined)"
     assert set(results) >= {"suite", "backend", "policy", "seed", "tasks", "overall", "versions"}
@@ -365,6 +366,43 @@ def test_detector_with_states_reads_them():
     assert not torch.equal(det(tokens, states), det(tokens, states + 1))  # the state changes the score
     with pytest.raises(ValueError, match=r"reads the robot state \(state_dim=8\); got None"):
         det(tokens)
+
+
+def test_a_spatial_detector_compares_the_gripper_state_with_where_the_target_is():
+    # success = the gripper (its state: the cell's coordinates in [-1, 1]) is within 2 cells of the target that
+    # the reference frame shows. Convolutions pooled over the grid cannot tell where the target is; with each
+    # cell's coordinates and their products with the state at every cell (spatial_state) they can
+    g = 8
+
+    def examples(rng, n):
+        references = np.zeros((n, g, g), np.int64)
+        ty, tx, gy, gx = (rng.integers(0, g, n) for _ in range(4))
+        references[np.arange(n), ty, tx] = 1
+        states = np.zeros((n, 8), np.float32)
+        states[:, 0], states[:, 1] = gy / (g - 1) * 2 - 1, gx / (g - 1) * 2 - 1
+        labels = (np.abs(gy - ty) <= 2) & (np.abs(gx - tx) <= 2)
+        return torch.from_numpy(references.reshape(n, -1)), torch.from_numpy(states), torch.from_numpy(labels)
+
+    test_references, test_states, test_labels = examples(np.random.default_rng(1), 2000)
+    balanced = {}
+    for spatial in (False, True):
+        torch.manual_seed(0)
+        rng = np.random.default_rng(0)
+        det = SuccessDetector(SuccessDetectorConfig(codebook_size=2, grid=g, embed_dim=8, channels=16, state_dim=8,
+                                                    reference_frame=True, spatial_state=spatial))
+        optimizer = torch.optim.AdamW(det.parameters(), lr=1e-2)
+        for _ in range(300):
+            references, states, labels = examples(rng, 128)
+            loss, _ = det.loss(torch.zeros_like(references), labels, pos_weight=2.7, states=states,
+                               references=references)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        predicted = det.predict(torch.zeros_like(test_references), test_states, test_references)
+        balanced[spatial] = ((predicted[test_labels].float().mean() + (~predicted[~test_labels]).float().mean()) / 2).item()
+    assert balanced[True] > 0.85 and balanced[False] < 0.7, balanced
+    with pytest.raises(ValueError, match=r"spatial_state=true needs a detector that reads the robot state"):
+        SuccessDetector(SuccessDetectorConfig(codebook_size=2, grid=g, spatial_state=True))
 
 
 def test_a_proprio_policy_runs_closed_loop_in_imagination():

@@ -135,14 +135,16 @@ def test_train_worldmodel_retrains_some_parts_on_a_saved_world_model(tmp_path):
     data_dir, _ = write_platform_dataset(tmp_path / "data", num_episodes=3, length=(6, 8), image_size=32)
     first = train(_cfg(data_dir, tmp_path / "a"), tmp_path / "a")
     base = WorldModel.from_pretrained(first["worldmodel_dir"])
-    # only the detector, with another architecture (one that reads each episode's first real frame too);
-    # tokenizer and dynamics are taken as they are
+    assert base.detector.config.spatial_state  # the default detector compares the state with each cell
+    # only the detector, with another architecture (one that reads each episode's first real frame too, without
+    # the state at each cell); tokenizer and dynamics are taken as they are
     out = tmp_path / "b"
     summary = train(_cfg(data_dir, out, "stages=[detector]", f"init_from={first['worldmodel_dir']}",
                          "worldmodel.detector.channels=8", "worldmodel.detector.reference_frame=true",
-                         "train.detector.steps=3"), out)
+                         "worldmodel.detector.spatial_state=false", "train.detector.steps=3"), out)
     world = WorldModel.from_pretrained(summary["worldmodel_dir"])
     assert summary["stages"] == ["detector"] and world.detector.config.channels == 8
+    assert not world.detector.config.spatial_state
     assert world.detector.config.reference_frame and "episode_balanced_accuracy" in summary["detector_val"]
     for part in ("tokenizer", "dynamics"):
         for (name, a), b in zip(getattr(base, part).state_dict().items(), getattr(world, part).state_dict().values()):
@@ -172,6 +174,8 @@ def test_train_worldmodel_retrains_some_parts_on_a_saved_world_model(tmp_path):
         train(_cfg(data_dir, tmp_path / "c", "stages=[dynamics,detector]"), tmp_path / "c")
     with pytest.raises(ValueError, match=r"init_from=.* is used only for the parts that stages= leaves out"):
         train(_cfg(data_dir, tmp_path / "c", f"init_from={first['worldmodel_dir']}"), tmp_path / "c")
+    with pytest.raises(ValueError, match=r"spatial_state=true compares the imagined robot state .* \(state_dim=0\)"):
+        train(_cfg(data_dir, tmp_path / "c", "worldmodel.dynamics.state_dim=0"), tmp_path / "c")
     with pytest.raises(ValueError, match=r"unknown stage\(s\) \['policy'\]"):
         train(_cfg(data_dir, tmp_path / "c", "stages=[policy]"), tmp_path / "c")
     with pytest.raises(FileNotFoundError, match="no tokenizer/ to take the tokenizer from"):

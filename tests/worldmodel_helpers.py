@@ -65,11 +65,13 @@ def dyn_config(**kw) -> DynamicsConfig:
     return DynamicsConfig(**{**TOK_FIELDS, "max_frames": 4, "dim": 32, "depth": 1, "heads": 2, "mlp_ratio": 2.0, **kw})
 
 
-def tiny_world(tokenizer=None, state_dim: int = 0, reference_frame: bool = False) -> WorldModel:
+def tiny_world(tokenizer=None, state_dim: int = 0, reference_frame: bool = False,
+               spatial_state: bool = False) -> WorldModel:
     """A small untrained world model on the tiny tokenizer (TOK), with action and state statistics."""
     tok = tokenizer or FrameTokenizer(TOK)
     det = SuccessDetector(SuccessDetectorConfig(codebook_size=TOK.codebook_size, grid=TOK.grid, embed_dim=4,
-                                                channels=8, state_dim=state_dim, reference_frame=reference_frame))
+                                                channels=8, state_dim=state_dim, reference_frame=reference_frame,
+                                                spatial_state=spatial_state))
     stats = {"sim": {"action": {"q01": [-0.05] * 6 + [0.0], "q99": [0.05] * 6 + [1.0], "min": [-0.05] * 6 + [0.0],
                                 "max": [0.05] * 6 + [1.0], "mean": [0.0] * 7, "std": [1.0] * 7,
                                 "mask": [True] * 6 + [False]},

@@ -36,6 +36,11 @@ class SuccessDetectorConfig:
     threshold: float = 0.5
     state_dim: int = 0  # > 0: also reads the imagined (normalized) robot state of the frame
     reference_frame: bool = False  # also reads the episode's first real frame, stacked on the frame's channels
+    # each cell also reads its coordinates, their products with the imagined state (so that a linear layer can
+    # compare the cell with where the gripper is in the image) and the state, and the cells are max- as well as
+    # mean-pooled: convolutions pooled over the grid cannot tell where anything is, so without this the
+    # detector cannot compare where the gripper is with where the target is
+    spatial_state: bool = False
     # how the imagined frames it was trained on were decoded; judge rollouts decoded the same way
     rollout_method: str = "maskgit"
     rollout_steps: int = 4
@@ -51,12 +56,17 @@ class SuccessDetector(PretrainedMixin, nn.Module):
         self.embed = nn.Embedding(cfg.codebook_size, cfg.embed_dim)
         c = cfg.channels
         inputs = cfg.embed_dim * (2 if cfg.reference_frame else 1)
+        if cfg.spatial_state:
+            if not cfg.state_dim:
+                raise ValueError("spatial_state=true needs a detector that reads the robot state (state_dim > 0)")
+            inputs += 2 + 2 * cfg.state_dim + c  # the cell's coordinates, their products with the state, the state
         self.conv = nn.Sequential(nn.Conv2d(inputs, c, 3, padding=1), nn.SiLU(),
                                   nn.Conv2d(c, c, 3, stride=2, padding=1), nn.SiLU(),
                                   nn.Conv2d(c, c, 3, padding=1), nn.SiLU())
         if cfg.state_dim:
             self.state_proj = nn.Sequential(nn.Linear(cfg.state_dim, c), nn.SiLU())
-        self.head = nn.Sequential(nn.Linear(c * (2 if cfg.state_dim else 1), c), nn.SiLU(), nn.Linear(c, 1))
+        pooled = c * (2 if cfg.spatial_state else 1)
+        self.head = nn.Sequential(nn.Linear(pooled + (c if cfg.state_dim else 0), c), nn.SiLU(), nn.Linear(c, 1))
 
     def forward(self, tokens: torch.Tensor, states: torch.Tensor | None = None,
                 references: torch.Tensor | None = None) -> torch.Tensor:
@@ -70,12 +80,23 @@ class SuccessDetector(PretrainedMixin, nn.Module):
                                  f"give references of shape {tuple(tokens.shape)}, got "
                                  f"{None if references is None else tuple(references.shape)}")
             x = torch.cat([x, self.embed(references.reshape(-1, g, g).long())], -1)
-        features = self.conv(x.permute(0, 3, 1, 2)).mean((2, 3))
+        state = None
         if self.config.state_dim:
             if states is None or states.shape[-1] != self.config.state_dim:
                 raise ValueError(f"this success detector reads the robot state (state_dim={self.config.state_dim}); "
                                  f"got {None if states is None else tuple(states.shape)}")
-            features = torch.cat([features, self.state_proj(states.float())], -1)
+            state = self.state_proj(states.float())
+        if self.config.spatial_state:
+            axis = torch.linspace(-1, 1, g, device=x.device)
+            xy = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), -1)  # each cell's coordinates, in [-1, 1]
+            products = (xy[None, :, :, :, None] * states.float()[:, None, None, None, :]).flatten(3)
+            x = torch.cat([x, xy.expand(len(x), g, g, 2), products, state[:, None, None, :].expand(-1, g, g, -1)], -1)
+        maps = self.conv(x.permute(0, 3, 1, 2))
+        features = maps.mean((2, 3))
+        if self.config.spatial_state:
+            features = torch.cat([features, maps.amax((2, 3))], -1)
+        if state is not None:
+            features = torch.cat([features, state], -1)
         return self.head(features).squeeze(-1)
 
     @torch.no_grad()
