@@ -125,5 +125,6 @@ def main() -> None:
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(args.output_dir) / "summary.json").write_text(json.dumps(result, indent=2))
 
+
 if __name__ == "__main__":
     main()
