@@ -56,6 +56,7 @@ class CollectConfig:
     max_attempts_per_episode: int = 3
     keep_failures: bool = False  # also write failed episodes (success false, reward 0): detector negatives
     action_noise: float = 0.0  # DART: std (metres) of noise on the executed translation; the label stays the expert's
+    rotation_noise: float = 0.0  # std (radians) of noise on the executed roll, pitch and yaw
     # the action written with each step: "expert" (its answer to the state: DART's labels, for imitation) or
     # "executed" (what the arm was commanded, noise included: what moved the next frame, e.g. for latent actions)
     action_label: str = "expert"
@@ -173,9 +174,11 @@ def collect_task(task: str, cfg: CollectConfig, writer, progress=None, envs=None
         while any(s is not None for s in slots):
             actions = np.clip(np.stack(envs.call("expert_action")).astype(np.float32), ACTION_LOW, ACTION_HIGH)
             executed = actions
-            if cfg.action_noise > 0:  # the closed-loop expert labels its correction of the perturbed state
+            if cfg.action_noise > 0 or cfg.rotation_noise > 0:  # the expert labels its correction of the perturbed state
                 executed = actions.copy()
                 executed[:, :3] += noise_rng.normal(0.0, cfg.action_noise, (num_envs, 3)).astype(np.float32)
+                if cfg.rotation_noise > 0:  # drawn only when asked: translation-only datasets keep their noise stream
+                    executed[:, 3:6] += noise_rng.normal(0.0, cfg.rotation_noise, (num_envs, 3)).astype(np.float32)
                 executed = np.clip(executed, ACTION_LOW, ACTION_HIGH)
             obs, _, terminated, truncated, _ = envs.step(executed)
             restart = np.zeros(num_envs, dtype=bool)
@@ -225,8 +228,9 @@ def collect(cfg: CollectConfig, output_dir: str | os.PathLike, show_progress: bo
     from envs.randomization import RandomizationConfig
 
     tasks = resolve_tasks(cfg)
-    if cfg.action_noise < 0:
-        raise ValueError(f"action_noise must be >= 0, got {cfg.action_noise}")
+    for key in ("action_noise", "rotation_noise"):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"{key} must be >= 0, got {getattr(cfg, key)}")
     if cfg.action_label not in ("expert", "executed"):
         raise ValueError(f"action_label must be 'expert' or 'executed', got {cfg.action_label!r}")
     if cfg.min_steps_per_task < 0:

@@ -15,10 +15,12 @@ Three stages by default (plus an optional fourth), one run, one step counter:
    open-loop in the trained dynamics from its first frame, and the imagined frame after action t
    gets that step's reward label; its threshold is set on held-out episodes, per episode.
 
-With no argument it trains on `data/rlds/embodied_tabletop10_pybullet` (expert demonstrations) and
-`embodied_tabletop10_pybullet_failures` (noisy experts, failures kept: the detector's threshold is calibrated
-on both outcomes), and first collects either one that is missing with the scripted experts (`data.collect`
-names each dataset it may collect, with its `embodied.collect` settings).
+With no argument it trains on `data/rlds/embodied_tabletop10_pybullet_perturbed` (the experts under noise of
+~0.6x the action bounds on every pose command, actions recorded as executed, failures kept: the dynamics sees
+what actions outside the experts' habits do, and the detector's threshold is calibrated on both outcomes) and
+`embodied_tabletop10_pybullet` (expert demonstrations), all normalized with the first one's statistics
+(`data.shared_statistics`), and first collects either one that is missing with the scripted experts
+(`data.collect` names each dataset it may collect, with its `embodied.collect` settings).
 
 Output (`output_dir`, printed at the end): `.hydra/` (resolved config), `metrics.jsonl`,
 wandb offline files, `checkpoints/step_*` (atomic, `checkpoint.keep_last` kept; each holds the
@@ -95,6 +97,19 @@ def ensure_data(cfg: DictConfig) -> None:
                     cfg.data.data_dir)
 
 
+def shared_statistics(cfg: DictConfig, datasets, show_progress: bool) -> dict | None:
+    """With `data.shared_statistics`, the first dataset's statistics, which then normalize every dataset's
+    actions and states (one robot, one scale); None: each dataset its own. The world model normalizes its
+    inputs at inference with the first dataset's either way."""
+    from embodied.data import RLDSSource
+    from embodied.data.mixtures import parse_datasets
+
+    if not cfg.data.get("shared_statistics"):
+        return None
+    first = parse_datasets(datasets)[0][0]
+    return RLDSSource(first, cfg.data.data_dir, "train", spec=cfg.data.spec).statistics(show_progress=show_progress)
+
+
 # -- helpers ------------------------------------------------------------------------------------------
 
 def warmup_cosine(optimizer, warmup: int, total: int):
@@ -163,9 +178,9 @@ def clip_tensors(dynamics, clip) -> dict[str, torch.Tensor | None]:
 def detector_data(dynamics, episodes, det_cfg, scfg, seed: int, show_progress: bool = True) -> dict[str, Any]:
     """The detector's examples: imagined frames of open-loop replays of the training episodes.
 
-    A `calibration_fraction` of the successful and of the failed episodes is held out of the detector's
-    training to choose its episode-level threshold (each outcome apart, so that the few failures are there
-    too); `random_action_negatives` adds that share of replays of the training episodes under uniform random
+    A `calibration_fraction` of the successful episodes and a `failure_calibration_fraction` (default: the
+    same) of the failed ones are held out of the detector's training to choose its episode-level threshold
+    (each outcome apart, so that the few failures are there too); `random_action_negatives` adds that share of replays of the training episodes under uniform random
     (normalized) actions as failures. (Such replays in the calibration set too made the default world model
     rank worse, benchmarks/RESULTS.md.)"""
     from worldmodel.rollouts import imagine_episodes
@@ -177,9 +192,11 @@ def detector_data(dynamics, episodes, det_cfg, scfg, seed: int, show_progress: b
     labels = [e.rewards > 0 for e in episodes]
     succeeded = np.array([y.any() for y in labels])
     cal, train_ids = [], []
-    for group in (np.flatnonzero(succeeded), np.flatnonzero(~succeeded)):  # both outcomes in both parts
-        group = rng.permutation(group)
-        n_cal = int(round(float(scfg.calibration_fraction) * len(group)))
+    failure_fraction = getattr(scfg, "failure_calibration_fraction", None)
+    fractions = (scfg.calibration_fraction, scfg.calibration_fraction if failure_fraction is None else failure_fraction)
+    for group, fraction in zip((np.flatnonzero(succeeded), np.flatnonzero(~succeeded)), fractions):
+        group = rng.permutation(group)  # both outcomes in both parts
+        n_cal = int(round(float(fraction) * len(group)))
         cal += group[:n_cal].tolist()
         train_ids += group[n_cal:].tolist()
     tokens = [imagined[i] for i in train_ids]
@@ -284,9 +301,11 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     # -- data
     ensure_data(cfg)
     datasets = cfg.data.datasets if isinstance(cfg.data.datasets, str) else OmegaConf.to_container(cfg.data.datasets)
+    shared = shared_statistics(cfg, datasets, show)
     episodes, statistics, weights = load_episodes(datasets, cfg.data.data_dir, "train", tok_cfg.image_size,
                                                   cfg.data.spec, max_episodes=cfg.data.max_episodes,
-                                                  show_progress=show)
+                                                  show_progress=show, fallback_statistics=shared)
+    statistics_key = next(iter(statistics))  # the first dataset's: what the world model normalizes with
     val_datasets = cfg.data.val_datasets or datasets
     if not isinstance(val_datasets, str):
         val_datasets = (OmegaConf.to_container(val_datasets) if isinstance(val_datasets, DictConfig)
@@ -297,7 +316,7 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         # held-out datasets are normalized as the world model will normalize at inference
         val_episodes, _, _ = load_episodes(val_datasets, cfg.data.data_dir, cfg.data.val_split, tok_cfg.image_size,
                                            cfg.data.spec, statistics=statistics, show_progress=show,
-                                           fallback_statistics=statistics[next(iter(statistics))])
+                                           fallback_statistics=statistics[statistics_key])
     frames = all_frames(episodes)
     print(f"[train_worldmodel] {len(episodes)} train episodes ({len(frames)} frames), {len(val_episodes)} "
           f"held-out episodes from {', '.join(statistics)}", flush=True)
@@ -406,7 +425,7 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
                        offsets[stage] + stage_steps[stage])
 
     summary["seconds"] = round(time.time() - started, 1)
-    world = WorldModel(tokenizer, dynamics, detector, statistics, next(iter(statistics)),
+    world = WorldModel(tokenizer, dynamics, detector, statistics, statistics_key,
                        info={"train_summary": summary}, latent_actions=latent)
     final = world.save_pretrained(run_dir / "worldmodel")
     (final / "train_summary.json").write_text(json.dumps(summary, indent=2))

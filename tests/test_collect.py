@@ -188,12 +188,15 @@ def test_action_label_executed_records_the_noisy_commanded_action(tmp_path):
 
     out = tmp_path / "executed"
     collect(CollectConfig(backend="pybullet", episodes_per_task=1, tasks=["ReachTarget"], image_size=IMAGE,
-                          num_envs=1, vector="sync", action_noise=0.04, action_label="executed", keep_failures=True),
-            out, show_progress=False)
+                          num_envs=1, vector="sync", action_noise=0.04, rotation_noise=0.1, action_label="executed",
+                          keep_failures=True), out, show_progress=False)
     (episode,) = RLDSSource(out / "embodied_tabletop10_pybullet", split="train[:100%]").episodes()
     actions = episode["action"]
     assert np.linalg.norm(actions[:, :3], axis=1).max() > 0.03 + 1e-5
+    assert np.abs(actions[:, 3:5]).max() > 0.05  # the expert's roll and pitch stay under 0.002 rad
     assert (actions >= ACTION_LOW - 1e-6).all() and (actions <= ACTION_HIGH + 1e-6).all()  # clipped, as executed
+    with pytest.raises(ValueError, match="rotation_noise must be >= 0, got -1"):
+        collect(CollectConfig(tasks=["ReachTarget"], rotation_noise=-1), tmp_path / "bad", show_progress=False)
     with pytest.raises(ValueError, match="action_label must be 'expert' or 'executed', got 'noisy'"):
         collect(CollectConfig(tasks=["ReachTarget"], action_label="noisy"), tmp_path / "bad", show_progress=False)
 

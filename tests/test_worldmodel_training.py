@@ -182,16 +182,42 @@ def test_train_worldmodel_retrains_some_parts_on_a_saved_world_model(tmp_path):
         train(_cfg(data_dir, tmp_path / "c", "stages=[dynamics]", f"init_from={tmp_path}"), tmp_path / "c")
 
 
+def test_every_dataset_is_normalized_with_the_first_ones_statistics(tmp_path):
+    # one robot, one scale: with data.shared_statistics (the default) a 5 mm step means the same to the dynamics
+    # whichever dataset it came from; without it each dataset is normalized with its own bounds
+    from embodied.data.synthetic import write_platform_dataset
+    from embodied.train_worldmodel import train
+    from worldmodel.model import WorldModel
+
+    def steps(scale):
+        return lambda e, t: np.r_[np.random.default_rng([e, t]).normal(scale=scale, size=6), t % 2]
+
+    wide, _ = write_platform_dataset(tmp_path / "data", "embodied_wide", 3, (6, 8), 32, action_fn=steps(0.05))
+    narrow, _ = write_platform_dataset(tmp_path / "data", "embodied_narrow", 3, (6, 8), 32, seed=1,
+                                       action_fn=steps(0.005))
+    both = f"[{wide},{narrow}]"
+    for shared in (True, False):
+        out = tmp_path / f"shared_{shared}"
+        summary = train(_cfg(wide, out, f"data.datasets={both}", f"data.val_datasets={both}",
+                             f"data.shared_statistics={str(shared).lower()}"), out)
+        world = WorldModel.from_pretrained(summary["worldmodel_dir"])
+        assert world.statistics_key == "embodied_wide"
+        q99 = {name: np.asarray(world.statistics[name]["action"]["q99"]) for name in world.statistics}
+        assert np.allclose(q99["embodied_narrow"], q99["embodied_wide"]) == shared
+        assert q99["embodied_wide"][0] > 0.05
+
+
 def test_the_default_datasets_are_collected_when_missing_with_failures_kept(tmp_path):
-    # the default trains on the experts' demonstrations and on noisy experts' attempts, failures kept (the
-    # detector's threshold needs both outcomes); a missing dataset that `data.collect` does not name is refused
+    # the default trains on perturbed experts' attempts, failures kept and actions recorded as executed (the
+    # dynamics sees what any action does; the detector's threshold needs both outcomes), and on the experts'
+    # demonstrations; a missing dataset that `data.collect` does not name is refused
     import tensorflow_datasets as tfds
     from hydra import compose, initialize_config_dir
 
     from embodied.data.errors import DatasetNotFoundError
     from embodied.train_worldmodel import ensure_data
 
-    names = ("embodied_tabletop10_pybullet", "embodied_tabletop10_pybullet_failures")
+    names = ("embodied_tabletop10_pybullet_perturbed", "embodied_tabletop10_pybullet")
     overrides = [f"data.data_dir={tmp_path}", "worldmodel=tiny"]
     for name in names:
         overrides += [f"data.collect.{name}.tasks=[PickCube]", f"data.collect.{name}.episodes_per_task=1",
@@ -200,14 +226,17 @@ def test_the_default_datasets_are_collected_when_missing_with_failures_kept(tmp_
         cfg = compose("train_worldmodel", overrides=overrides)
         missing = compose("train_worldmodel", overrides=overrides + ["data.datasets=[embodied_not_collected]"])
     ensure_data(cfg)
-    succeeded = {}
+    succeeded, turned = {}, {}
     for name in names:
         (episode,) = tfds.builder_from_directory(str(tmp_path / name / "1.0.0")).as_dataset(split="train")
         succeeded[name] = bool(sum(float(step["reward"]) for step in episode["steps"]))
+        turned[name] = max(float(np.abs(step["action"][3:5]).max()) for step in episode["steps"])
         # each dataset keeps its own collection summary, though both were collected into one directory
         assert json.loads((tmp_path / name / "1.0.0" / "collect_summary.json").read_text())["dataset"] == name
-    # the expert picks the cube; under 4 cm of noise per step it fails, and the failure is kept
-    assert succeeded == {names[0]: True, names[1]: False}
+    # the expert picks the cube; perturbed it fails, the failure is kept, and its roll and pitch are the executed
+    # (perturbed) ones, not the expert's few milliradians
+    assert succeeded == {names[0]: False, names[1]: True}
+    assert turned[names[0]] > 0.1 > 0.01 > turned[names[1]]
     with pytest.raises(DatasetNotFoundError, match="embodied_not_collected"):
         ensure_data(missing)
 
@@ -242,3 +271,11 @@ def test_the_detector_threshold_is_calibrated_on_both_outcomes():
         assert (outcomes.count(True), outcomes.count(False)) == (4, 1)  # 40% of each outcome, rounded
         # the detector trains on the other 8 episodes and 8 random-action replays of them
         assert len(data["labels"]) == 16 * 5 and data["labels"].sum() == 6  # 6 successes' last frames
+    # the scarce failures decide the threshold: a larger share of them may be held out
+    data = detector_data(dynamics, episodes, det_cfg, SimpleNamespace(calibration_fraction=0.4,
+                                                                      failure_calibration_fraction=0.7,
+                                                                      random_action_negatives=0.0), seed=0,
+                         show_progress=False)
+    outcomes = [bool(y.any()) for y in data["cal_labels"]]
+    assert (outcomes.count(True), outcomes.count(False)) == (4, 2)
+    assert len(data["labels"]) == 7 * 5 and data["labels"].sum() == 6
