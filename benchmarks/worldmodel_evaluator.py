@@ -1,6 +1,7 @@
 """The world model as a policy evaluator: success in imagination vs in the simulator.
 
     python benchmarks/worldmodel_evaluator.py --worldmodel RUN/worldmodel --tasks ReachTarget,PressButton,PickCube
+    python benchmarks/worldmodel_evaluator.py --worldmodel SEED0/worldmodel SEED1/worldmodel   # one simulated run
 
 Policies of graded skill: the scripted expert with Gaussian noise of increasing scale added to its
 translation and rotation commands (`--noise`), plus uniform random actions. Each runs in the
@@ -8,7 +9,8 @@ simulator on the suite's evaluation seeds (never used for training data), and ev
 replayed open-loop in the world model from the same initial frame (`worldmodel.evaluate`).
 Reported: each policy's success rate both ways, and SimplerEnv's Pearson r and MMRV between them, with
 95% intervals from resampling each policy's episodes (`--rescore --output-dir DIR` recomputes them for an
-earlier run).
+earlier run). Several world models (training seeds, recipes) judge the same simulated episodes, so their
+spread is their own, not the episodes' draw.
 """
 from __future__ import annotations
 
@@ -39,47 +41,13 @@ class NoisyExpert:
         return np.clip(actions, ACTION_LOW, ACTION_HIGH).astype(np.float32)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--worldmodel", help="the world model to evaluate (not needed with --rescore)")
-    parser.add_argument("--tasks", default="ReachTarget,PressButton,PickCube")
-    parser.add_argument("--backend", default="pybullet")
-    parser.add_argument("--episodes-per-task", type=int, default=8)
-    parser.add_argument("--noise", default="0,0.5,1,2", help="expert noise scales (fractions of the action bound)")
-    parser.add_argument("--random", action="store_true", default=True)
-    parser.add_argument("--steps", type=int, default=None,
-                        help="MaskGIT steps (default: as the success detector was trained)")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--output-dir", default="outputs/worldmodel_evaluator")
-    parser.add_argument("--rescore", action="store_true",
-                        help="recompute the summary from --output-dir's episodes, running nothing")
-    args = parser.parse_args()
-    if not args.rescore and not args.worldmodel:
-        parser.error("--worldmodel is required (or --rescore an earlier run's --output-dir)")
-    torch.set_num_threads(args.threads)
-
-    from embodied.evaluation import EvalConfig, RandomPolicy
-    from worldmodel.evaluate import evaluate_in_imagination
+def score(output_dir: Path, policies, tasks: list[str], episodes_per_task: int | None, steps) -> dict:
+    """Agreement of one world model's imagined outcomes with the simulator's, from `output_dir`'s files."""
     from worldmodel.metrics import bootstrap_agreement, mmrv, pearson
-    from worldmodel.model import WorldModel
 
-    cfg_tasks = args.tasks.split(",")
-    policies = [NoisyExpert(float(s), seed=i) for i, s in enumerate(args.noise.split(","))]
-    if args.random:
-        policies.append(RandomPolicy(0))
-    started = time.time()
-    steps = args.steps
-    if not args.rescore:
-        world = WorldModel.from_pretrained(args.worldmodel)
-        cfg = EvalConfig(backend=args.backend, episodes_per_task=args.episodes_per_task, tasks=cfg_tasks,
-                         num_envs=2, image_size=world.image_size, videos_per_task=1)
-        for policy in policies:
-            out = Path(args.output_dir) / policy.name
-            imagined = evaluate_in_imagination(policy, cfg, out, world, steps=args.steps, show_progress=False)
-            steps = imagined["imagination"]["steps"]
     rows, outcomes = [], []
     for policy in policies:
-        out = Path(args.output_dir) / policy.name
+        out = output_dir / policy.name
         if not (out / "episodes.jsonl").is_file():
             raise FileNotFoundError(f"{out / 'episodes.jsonl'} is missing: --rescore reads a finished run's output")
         sim = json.loads((out / "sim" / "results.json").read_text())
@@ -108,11 +76,8 @@ def main() -> None:
     result = {"rows": rows, "pearson": r_value, "mmrv": mmrv(imagined_rates, sim_rates),
               **bootstrap_agreement(outcomes, seed=0),
               "imagined_span": max(imagined_rates) - min(imagined_rates), "sim_span": max(sim_rates) - min(sim_rates),
-              "episode_agreement": agreement, "tasks": cfg_tasks,
-              "episodes_per_task": rows[0]["episodes"] // len(cfg_tasks) if args.rescore else args.episodes_per_task,
-              "maskgit_steps": steps}
-    if not args.rescore:
-        result["seconds"] = round(time.time() - started, 1)
+              "episode_agreement": agreement, "tasks": tasks,
+              "episodes_per_task": episodes_per_task or rows[0]["episodes"] // len(tasks), "maskgit_steps": steps}
     print("| policy | sim success | imagined success | episodes agreeing |")
     print("|---|---|---|---|")
     for r in rows:
@@ -122,8 +87,71 @@ def main() -> None:
           f"MMRV = {result['mmrv']:.3f} ({m_low:.2f} to {m_high:.2f}), {len(rows)} policies; imagined rates span "
           f"{result['imagined_span']:.2f} (simulated {result['sim_span']:.2f}); episodes judged as in the "
           f"simulator: {agreement:.2f}")
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(args.output_dir) / "summary.json").write_text(json.dumps(result, indent=2))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "summary.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worldmodel", nargs="+",
+                        help="the world model(s) to evaluate; several (e.g. training seeds) judge the same simulated "
+                             "episodes, each into OUTPUT_DIR/worldmodel_<i>/ (not needed with --rescore)")
+    parser.add_argument("--tasks", default="ReachTarget,PressButton,PickCube")
+    parser.add_argument("--backend", default="pybullet")
+    parser.add_argument("--episodes-per-task", type=int, default=8)
+    parser.add_argument("--noise", default="0,0.5,1,2", help="expert noise scales (fractions of the action bound)")
+    parser.add_argument("--random", action="store_true", default=True)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="MaskGIT steps (default: as the success detector was trained)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--output-dir", default="outputs/worldmodel_evaluator")
+    parser.add_argument("--rescore", action="store_true",
+                        help="recompute the summary from --output-dir's episodes, running nothing")
+    args = parser.parse_args()
+    if not args.rescore and not args.worldmodel:
+        parser.error("--worldmodel is required (or --rescore an earlier run's --output-dir)")
+    torch.set_num_threads(args.threads)
+
+    from embodied.evaluation import EvalConfig, RandomPolicy
+    from worldmodel.evaluate import evaluate_in_imaginations
+    from worldmodel.model import WorldModel
+
+    tasks = args.tasks.split(",")
+    policies = [NoisyExpert(float(s), seed=i) for i, s in enumerate(args.noise.split(","))]
+    if args.random:
+        policies.append(RandomPolicy(0))
+    output_dir = Path(args.output_dir)
+    started = time.time()
+    steps = args.steps
+    if args.rescore:
+        dirs = sorted(output_dir.glob("worldmodel_*")) or [output_dir]
+    else:
+        worlds = [WorldModel.from_pretrained(path) for path in args.worldmodel]
+        dirs = [output_dir / f"worldmodel_{i}" for i in range(len(worlds))] if len(worlds) > 1 else [output_dir]
+        cfg = EvalConfig(backend=args.backend, episodes_per_task=args.episodes_per_task, tasks=tasks,
+                         num_envs=2, image_size=worlds[0].image_size, videos_per_task=1)
+        for policy in policies:
+            imagined = evaluate_in_imaginations(policy, cfg, [d / policy.name for d in dirs], worlds, steps=args.steps,
+                                                show_progress=False)
+            steps = imagined[0]["imagination"]["steps"]
+    results = []
+    for i, directory in enumerate(dirs):
+        if len(dirs) > 1:
+            source = args.worldmodel[i] if args.worldmodel else directory.name
+            print(f"\n## world model {i}: {source}")
+        results.append(score(directory, policies, tasks, None if args.rescore else args.episodes_per_task, steps))
+    if len(dirs) > 1:  # the same simulated episodes judged by each: the spread is the world models' own
+        r_values = np.array([r["pearson"] for r in results])
+        mmrvs = np.array([r["mmrv"] for r in results])
+        summary = {"worldmodels": [str(d) for d in dirs], "pearson": r_values.tolist(), "mmrv": mmrvs.tolist(),
+                   "pearson_mean": float(np.nanmean(r_values)), "mmrv_mean": float(mmrvs.mean())}
+        print(f"\nover {len(dirs)} world models: Pearson r {', '.join(f'{r:.3f}' for r in r_values)} "
+              f"(mean {summary['pearson_mean']:.3f}); MMRV {', '.join(f'{m:.3f}' for m in mmrvs)} "
+              f"(mean {summary['mmrv_mean']:.3f})")
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if not args.rescore:
+        print(f"{time.time() - started:.0f} s")
 
 
 if __name__ == "__main__":

@@ -249,6 +249,30 @@ def test_eval_in_imagination_writes_the_results_schema_and_side_by_side_videos(t
     assert set(json.loads((tmp_path / "agreement.json").read_text())["tasks"]) == {"ReachTarget"}
 
 
+def test_several_world_models_judge_one_simulated_run(tmp_path):
+    # e.g. training seeds: the simulator runs once, and each world model writes its own verdicts
+    import copy
+    import json
+
+    from embodied.evaluation import EvalConfig, ScriptedPolicy
+    from worldmodel.evaluate import evaluate_in_imaginations
+
+    torch.manual_seed(0)
+    cfg = EvalConfig(backend="pybullet", episodes_per_task=2, tasks=["ReachTarget"], num_envs=1, image_size=SIZE,
+                     randomization="none", videos_per_task=0)
+    eager = _world()
+    eager.detector.config.threshold = 1e-6  # fires on the first imagined frame
+    strict = copy.deepcopy(eager)
+    strict.detector.config.threshold = 1.0  # never fires
+    results = evaluate_in_imaginations(ScriptedPolicy(), cfg, [tmp_path / "a", tmp_path / "b"], [eager, strict],
+                                       steps=2, show_progress=False)
+    assert [r["overall"]["success_rate"] for r in results] == [1.0, 0.0]
+    sims = [(tmp_path / d / "sim" / "episodes.jsonl").read_text() for d in "ab"]
+    assert sims[0] == sims[1] and all(json.loads(x)["success"] for x in sims[0].splitlines())
+    with pytest.raises(ValueError, match="2 world models but 1 output dirs"):
+        evaluate_in_imaginations(ScriptedPolicy(), cfg, [tmp_path / "c"], [eager, strict], show_progress=False)
+
+
 def test_detector_threshold_is_chosen_per_episode(tmp_path):
     from worldmodel.success import calibrate_episode_threshold, episode_metrics
 

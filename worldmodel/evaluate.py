@@ -90,22 +90,43 @@ def imagine_replays(world: WorldModel, records: list[dict], method: str | None =
 def evaluate_in_imagination(policy, cfg, output_dir: str | os.PathLike, world_model: str | os.PathLike | WorldModel,
                             method: str | None = None, steps: int | None = None, policy_name: str | None = None,
                             show_progress: bool = True) -> dict:
+    """Run `policy` in the simulator and judge the same episodes in imagination; the imagined results."""
+    return evaluate_in_imaginations(policy, cfg, [output_dir], [world_model], method, steps, policy_name,
+                                    show_progress)[0]
+
+
+def evaluate_in_imaginations(policy, cfg, output_dirs: list, world_models: list, method: str | None = None,
+                             steps: int | None = None, policy_name: str | None = None,
+                             show_progress: bool = True) -> list[dict]:
+    """One simulated run of `policy`, judged by each world model in turn (e.g. several training seeds), each
+    into its own output dir; the imagined results, in order."""
     from dataclasses import replace
 
-    from embodied.evaluation import build_results, run_suite, write_outputs, write_video
+    from embodied.evaluation import run_suite
 
-    world = world_model if isinstance(world_model, WorldModel) else WorldModel.from_pretrained(world_model)
-    if world.detector is None:
-        raise ValueError(f"world model {world_model} has no success detector; imagine=true needs one")
-    method, steps = rollout_decoding(world, method, steps)
-    output_dir = Path(output_dir)
+    if len(output_dirs) != len(world_models):
+        raise ValueError(f"{len(world_models)} world models but {len(output_dirs)} output dirs")
+    worlds = [w if isinstance(w, WorldModel) else WorldModel.from_pretrained(w) for w in world_models]
+    for world, source in zip(worlds, world_models):
+        if world.detector is None:
+            raise ValueError(f"world model {source} has no success detector; imagine=true needs one")
     sim_cfg = replace(cfg, record_actions=True)
     tasks, records = run_suite(policy, sim_cfg, show_progress)
-    name = policy_name or policy.name
+    return [judge_in_imagination(records, tasks, sim_cfg, world, source, Path(out), method, steps,
+                                 policy_name or policy.name, show_progress)
+            for world, source, out in zip(worlds, world_models, output_dirs)]
+
+
+def judge_in_imagination(records: list[dict], tasks, sim_cfg, world: WorldModel, source, output_dir: Path,
+                         method: str | None, steps: int | None, name: str, show_progress: bool) -> dict:
+    """The simulated episodes `records` replayed and judged in `world`; writes the output dir's files."""
+    from embodied.evaluation import build_results, write_outputs, write_video
+
+    method, steps = rollout_decoding(world, method, steps)
     imagined = []
     videos = []
-    for r, out in zip(records, imagine_replays(world, records, method, steps, seed=cfg.seed,
-                                                             show_progress=show_progress)):
+    for r, out in zip(records, imagine_replays(world, records, method, steps, seed=sim_cfg.seed,
+                                               show_progress=show_progress)):
         imagined.append({**{k: v for k, v in r.items() if k not in ("frames", "initial_frame", "initial_state",
                                                                     "actions")},
                          "success": out["success"], "length": out["length"], "sim_success": r["success"],
@@ -114,7 +135,7 @@ def evaluate_in_imagination(policy, cfg, output_dir: str | os.PathLike, world_mo
             videos.append((r, out["frames"]))
     write_outputs(build_results(records, tasks, sim_cfg, name), records, output_dir / "sim")
     results = build_results(imagined, tasks, sim_cfg, f"{name} (imagined)")
-    results["imagination"] = {"worldmodel": str(world_model) if not isinstance(world_model, WorldModel) else None,
+    results["imagination"] = {"worldmodel": str(source) if not isinstance(source, WorldModel) else None,
                               "method": method, "steps": steps, "mode": "open-loop replay of the simulated actions"}
     write_outputs(results, imagined, output_dir)
     for r, frames in videos:
