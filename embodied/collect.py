@@ -174,7 +174,7 @@ def collect_task(task: str, cfg: CollectConfig, writer, progress=None, envs=None
         while any(s is not None for s in slots):
             actions = np.clip(np.stack(envs.call("expert_action")).astype(np.float32), ACTION_LOW, ACTION_HIGH)
             executed = actions
-            if cfg.action_noise > 0 or cfg.rotation_noise > 0:  # the expert labels its correction of the perturbed state
+            if cfg.action_noise > 0 or cfg.rotation_noise > 0:  # the expert labels its answer to the perturbed state
                 executed = actions.copy()
                 executed[:, :3] += noise_rng.normal(0.0, cfg.action_noise, (num_envs, 3)).astype(np.float32)
                 if cfg.rotation_noise > 0:  # drawn only when asked: translation-only datasets keep their noise stream

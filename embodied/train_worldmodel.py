@@ -180,9 +180,9 @@ def detector_data(dynamics, episodes, det_cfg, scfg, seed: int, show_progress: b
 
     A `calibration_fraction` of the successful episodes and a `failure_calibration_fraction` (default: the
     same) of the failed ones are held out of the detector's training to choose its episode-level threshold
-    (each outcome apart, so that the few failures are there too); `random_action_negatives` adds that share of replays of the training episodes under uniform random
-    (normalized) actions as failures. (Such replays in the calibration set too made the default world model
-    rank worse, benchmarks/RESULTS.md.)"""
+    (each outcome apart, so that the few failures are there too); `random_action_negatives` adds that share
+    of replays of the training episodes under uniform random (normalized) actions as failures. (Such replays
+    in the calibration set too made the default world model rank worse, benchmarks/RESULTS.md.)"""
     from worldmodel.rollouts import imagine_episodes
     from worldmodel.success import frame_references
 
