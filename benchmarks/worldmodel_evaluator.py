@@ -8,8 +8,8 @@ translation and rotation commands (`--noise`), plus uniform random actions. Each
 simulator on the suite's evaluation seeds (never used for training data), and every episode is
 replayed open-loop in the world model from the same initial frame (`worldmodel.evaluate`).
 Reported: each policy's success rate both ways, and SimplerEnv's Pearson r and MMRV between them, with
-95% intervals from resampling each policy's episodes (`--rescore --output-dir DIR` recomputes them for an
-earlier run). Several world models (training seeds, recipes) judge the same simulated episodes, so their
+95% intervals from resampling each policy's episodes, and both within each task (`--rescore --output-dir
+DIR` recomputes them for an earlier run). Several world models (training seeds, recipes) judge the same simulated episodes, so their
 spread is their own, not the episodes' draw.
 """
 from __future__ import annotations
@@ -43,9 +43,9 @@ class NoisyExpert:
 
 def score(output_dir: Path, policies, tasks: list[str], episodes_per_task: int | None, steps) -> dict:
     """Agreement of one world model's imagined outcomes with the simulator's, from `output_dir`'s files."""
-    from worldmodel.metrics import bootstrap_agreement, mmrv, pearson
+    from worldmodel.metrics import bootstrap_agreement, mmrv, pearson, task_agreement
 
-    rows, outcomes = [], []
+    rows, outcomes, policy_episodes = [], [], []
     for policy in policies:
         out = output_dir / policy.name
         if not (out / "episodes.jsonl").is_file():
@@ -55,6 +55,7 @@ def score(output_dir: Path, policies, tasks: list[str], episodes_per_task: int |
         agreement = json.loads((out / "agreement.json").read_text())
         episodes = [json.loads(line) for line in (out / "episodes.jsonl").read_text().splitlines() if line.strip()]
         outcomes.append(([e["success"] for e in episodes], [e["sim_success"] for e in episodes]))
+        policy_episodes.append(episodes)
         rows.append({"policy": policy.name, "sim": sim["overall"]["success_rate"],
                      "imagined": imagined["overall"]["success_rate"],
                      "episodes_agreeing": agreement["episodes_agreeing"], "episodes": sim["overall"]["episodes"]})
@@ -76,7 +77,7 @@ def score(output_dir: Path, policies, tasks: list[str], episodes_per_task: int |
     result = {"rows": rows, "pearson": r_value, "mmrv": mmrv(imagined_rates, sim_rates),
               **bootstrap_agreement(outcomes, seed=0),
               "imagined_span": max(imagined_rates) - min(imagined_rates), "sim_span": max(sim_rates) - min(sim_rates),
-              "episode_agreement": agreement, "tasks": tasks,
+              "episode_agreement": agreement, "per_task": task_agreement(policy_episodes), "tasks": tasks,
               "episodes_per_task": episodes_per_task or rows[0]["episodes"] // len(tasks), "maskgit_steps": steps}
     print("| policy | sim success | imagined success | episodes agreeing |")
     print("|---|---|---|---|")
@@ -87,6 +88,16 @@ def score(output_dir: Path, policies, tasks: list[str], episodes_per_task: int |
           f"MMRV = {result['mmrv']:.3f} ({m_low:.2f} to {m_high:.2f}), {len(rows)} policies; imagined rates span "
           f"{result['imagined_span']:.2f} (simulated {result['sim_span']:.2f}); episodes judged as in the "
           f"simulator: {agreement:.2f}")
+    # per task: a ranking pooled over tasks can hide a task that imagination gets wrong
+    per_task = result["per_task"]
+    print("| policy | " + " | ".join(f"{t}: imagined / sim" for t in per_task["tasks"]) + " |")
+    print("|---|" + "---|" * len(per_task["tasks"]))
+    for i, r in enumerate(rows):
+        cells = [f"{t['imagined'][i]:.2f} / {t['sim'][i]:.2f}" for t in per_task["tasks"].values()]
+        print(f"| {r['policy']} | " + " | ".join(cells) + " |")
+    print("per task: " + ", ".join(f"{name} r {t['pearson']:.2f} MMRV {t['mmrv']:.2f}"
+                                   for name, t in per_task["tasks"].items())
+          + f"; mean r {per_task['mean_pearson']:.3f}, mean MMRV {per_task['mean_mmrv']:.3f}")
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "summary.json").write_text(json.dumps(result, indent=2))
     return result

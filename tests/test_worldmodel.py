@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from worldmodel.dynamics import DynamicsModel, Rollout
-from worldmodel.metrics import bootstrap_agreement, mmrv, pearson, psnr, ssim
+from worldmodel.metrics import bootstrap_agreement, mmrv, pearson, psnr, ssim, task_agreement
 from worldmodel.model import WorldModel
 from worldmodel.success import SuccessDetector, SuccessDetectorConfig
 from worldmodel.tokenizer import FSQ, FrameTokenizer, TokenizerConfig
@@ -215,6 +215,30 @@ def test_bootstrap_intervals_of_r_and_mmrv():
         bootstrap_agreement([([True], [True]), ([True, False], [True])])
     with pytest.raises(ValueError, match="at least 2 policies"):
         bootstrap_agreement(single[:1])
+
+
+def test_task_agreement_finds_the_task_that_is_ranked_wrong():
+    # two tasks, three policies: A is imagined exactly as simulated, B upside down; pooled over both tasks
+    # the rates would still rank the policies in order (B's errors are smaller than A's spread)
+    def episodes(task, imagined, simulated):
+        return [{"task": task, "success": i, "sim_success": s} for i, s in zip(imagined, simulated)]
+
+    policies = [episodes("A", [1, 1, 1, 1], [1, 1, 1, 1]) + episodes("B", [0, 0], [1, 1]),
+                episodes("A", [1, 1, 0, 0], [1, 1, 0, 0]) + episodes("B", [1, 0], [1, 0]),
+                episodes("A", [0, 0, 0, 0], [0, 0, 0, 0]) + episodes("B", [1, 1], [0, 0])]
+    out = task_agreement(policies)
+    assert out["tasks"]["A"] == {"imagined": [1.0, 0.5, 0.0], "sim": [1.0, 0.5, 0.0], "pearson": pytest.approx(1.0),
+                                 "mmrv": 0.0}
+    assert out["tasks"]["B"]["pearson"] == pytest.approx(-1.0)
+    assert out["tasks"]["B"]["mmrv"] == pytest.approx((1 + 0.5 + 1) / 3)  # every pair is ordered wrongly
+    assert out["mean_pearson"] == pytest.approx(0.0) and out["mean_mmrv"] == pytest.approx(5 / 12)
+    pooled = [np.mean([e["success"] for e in p]) for p in policies], [np.mean([e["sim_success"] for e in p])
+                                                                      for p in policies]
+    assert pearson(*pooled) > 0.9
+    constant = [episodes("A", [1], [1]), episodes("A", [1], [0])]  # imagined rates equal: r undefined
+    assert np.isnan(task_agreement(constant)["tasks"]["A"]["pearson"])
+    with pytest.raises(ValueError, match="policy 0 has no episode of task 'A'"):
+        task_agreement([episodes("B", [1], [1]), episodes("A", [1], [1])])
 
 
 def test_ssim_and_psnr_sanity():

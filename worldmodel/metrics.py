@@ -9,6 +9,7 @@
   ways (here: in the world model vs in the simulator). MMRV = mean over policies i of the largest
   |real_i − real_j| among the policies j whose order relative to i differs between the two.
 * `bootstrap_agreement`: intervals for both, from resampling each policy's episodes.
+* `task_agreement`: both again, within each task (a ranking over all tasks can hide a task that is wrong).
 """
 from __future__ import annotations
 
@@ -148,3 +149,33 @@ def bootstrap_agreement(outcomes: Sequence[tuple[Sequence[bool], Sequence[bool]]
     interval = lambda v: [float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))] if v else [math.nan] * 2
     return {"pearson_interval": interval(r_values), "mmrv_interval": interval(mmrv_values), "level": level,
             "resamples": resamples, "pearson_undefined": undefined}
+
+
+def task_agreement(episodes: Sequence[Sequence[dict]]) -> dict[str, Any]:
+    """Per task, each policy's imagined and simulated success rate, and Pearson r and MMRV between them.
+
+    `episodes`: per policy, its episodes as dicts with "task", "success" (imagined) and "sim_success". A task
+    whose rates are equal across policies (either way) has r undefined (NaN); `mean_pearson` averages the
+    defined ones, `mean_mmrv` all tasks."""
+    if len(episodes) < 2:
+        raise ValueError(f"task_agreement needs at least 2 policies; got {len(episodes)}")
+    tasks = sorted({e["task"] for policy in episodes for e in policy})
+    out: dict[str, Any] = {"tasks": {}}
+    for task in tasks:
+        imagined, simulated = [], []
+        for i, policy in enumerate(episodes):
+            mine = [e for e in policy if e["task"] == task]
+            if not mine:
+                raise ValueError(f"policy {i} has no episode of task {task!r}")
+            imagined.append(float(np.mean([bool(e["success"]) for e in mine])))
+            simulated.append(float(np.mean([bool(e["sim_success"]) for e in mine])))
+        try:
+            r = pearson(imagined, simulated)
+        except ValueError:  # a constant column
+            r = math.nan
+        out["tasks"][task] = {"imagined": imagined, "sim": simulated, "pearson": r,
+                              "mmrv": mmrv(imagined, simulated)}
+    defined = [t["pearson"] for t in out["tasks"].values() if not math.isnan(t["pearson"])]
+    out["mean_pearson"] = float(np.mean(defined)) if defined else math.nan
+    out["mean_mmrv"] = float(np.mean([t["mmrv"] for t in out["tasks"].values()]))
+    return out
