@@ -9,8 +9,8 @@ simulator on the suite's evaluation seeds (never used for training data), and ev
 replayed open-loop in the world model from the same initial frame (`worldmodel.evaluate`).
 Reported: each policy's success rate both ways, and SimplerEnv's Pearson r and MMRV between them, with
 95% intervals from resampling each policy's episodes, and both within each task (`--rescore --output-dir
-DIR` recomputes them for an earlier run). Several world models (training seeds, recipes) judge the same simulated episodes, so their
-spread is their own, not the episodes' draw.
+DIR` recomputes them for an earlier run). Several world models (training seeds, recipes) judge the same
+simulated episodes, so their spread is their own, not the episodes' draw.
 """
 from __future__ import annotations
 

@@ -85,11 +85,12 @@ class SuccessDetector(PretrainedMixin, nn.Module):
             if states is None or states.shape[-1] != self.config.state_dim:
                 raise ValueError(f"this success detector reads the robot state (state_dim={self.config.state_dim}); "
                                  f"got {None if states is None else tuple(states.shape)}")
-            state = self.state_proj(states.float())
+            states = states.float()
+            state = self.state_proj(states)
         if self.config.spatial_state:
             axis = torch.linspace(-1, 1, g, device=x.device)
             xy = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), -1)  # each cell's coordinates, in [-1, 1]
-            products = (xy[None, :, :, :, None] * states.float()[:, None, None, None, :]).flatten(3)
+            products = (xy[None, :, :, :, None] * states[:, None, None, None, :]).flatten(3)
             x = torch.cat([x, xy.expand(len(x), g, g, 2), products, state[:, None, None, :].expand(-1, g, g, -1)], -1)
         maps = self.conv(x.permute(0, 3, 1, 2))
         features = maps.mean((2, 3))
