@@ -71,6 +71,7 @@ class VLAConfig:
     binarize_gripper: bool = False  # snap predicted gripper commands (the last dim, 1 = open) to 0 or 1 at gripper_threshold
     classify_gripper: bool = False  # with action_head="l1": the gripper is an open/close logit (cross-entropy), the rest regressed
     # open above it, close at or below: the classifier's p(open) with classify_gripper, the command with binarize_gripper
+    # (with parallel tokens, the mean of the gripper's bin distribution)
     gripper_threshold: float = 0.5
     # set: the gripper keeps its current command and switches only when the other state's score (p(closed) or
     # p(open); the command with binarize_gripper) exceeds it, at most once per chunk; below 0.5 it switches more
@@ -793,6 +794,18 @@ class OpenVLAPolicy(nn.Module):
                 return tok.logits_to_bins(self._slot_logits(inputs)).argmax(-1) + tok.first_id
             return self._generate(inputs, (num_actions or inputs["chunk"]) * self.config.action_dim)
 
+    @torch.inference_mode()
+    def _parallel_tokens_and_gripper_mean(self, inputs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Parallel decoding's (B, K*7) argmax token ids, and each action's (B, K) normalized gripper command
+        as the mean of its bin centres under the predicted distribution rather than the argmax bin."""
+        tok = self.processor.action_tokenizer
+        with self._autocast():
+            bin_logits = tok.logits_to_bins(self._slot_logits(inputs)).float()
+        ids = bin_logits.argmax(-1) + tok.first_id
+        gripper_logits = bin_logits.reshape(len(ids), -1, self.config.action_dim, tok.n_bins)[:, :, -1]
+        centers = tok.decode(torch.arange(tok.first_id, tok.vocab_size, device=gripper_logits.device)).float()
+        return ids, (gripper_logits.softmax(-1) * centers).sum(-1)
+
     def _generate(self, inputs: Mapping[str, Any], n_tokens: int) -> torch.Tensor:
         """Greedy autoregressive decoding with a KV cache, one action token per LLM step."""
         from transformers import DynamicCache
@@ -839,11 +852,18 @@ class OpenVLAPolicy(nn.Module):
                     open_score = torch.sigmoid(output[..., -1]).cpu().numpy()
                 normalized = self._head_actions(output).clamp(-1, 1).cpu().numpy()
             actions = self.processor.unnormalize_actions(normalized, unnorm_key).astype(np.float32)
+        elif decoding == "parallel" and self.config.binarize_gripper:
+            ids, gripper = self._parallel_tokens_and_gripper_mean(inputs)
+            normalized = self.processor.action_tokenizer.decode(ids.cpu().numpy()).reshape(len(ids), -1,
+                                                                                       self.config.action_dim)
+            normalized[..., -1] = gripper.cpu().numpy()
+            actions = self.processor.unnormalize_actions(normalized, unnorm_key).astype(np.float32)
         else:
             actions = self.processor.decode_actions(self.predict_action_tokens(inputs, num_actions), unnorm_key)
         if self.config.binarize_gripper:
             # demonstrations open or close the gripper fully; a regressed command in between half-closes
-            # it (OpenVLA-OFT's LIBERO evaluation binarizes for the same reason)
+            # it (OpenVLA-OFT's LIBERO evaluation binarizes for the same reason). With parallel tokens the
+            # gripper command is the mean of its bin distribution: for 0/1 demonstrations, about p(open).
             open_score = np.clip(actions[..., -1], 0.0, 1.0)
             actions[..., -1] = (actions[..., -1] > self.config.gripper_threshold).astype(np.float32)
         if switch is not None:

@@ -152,6 +152,28 @@ def test_parallel_chunk_decoding_overfits_with_masked_steps():
     np.testing.assert_allclose(np.stack(first), actions[1], atol=1e-6)
 
 
+def test_parallel_tokens_binarize_the_gripper_from_its_bin_distribution():
+    # the argmax bin says open or closed; the distribution's mean says how sure: binarizing at a threshold
+    # (and switching with hysteresis) needs the second, as a classifier's p(open)
+    policy = tiny(OpenVLAPolicy, decoding="parallel", action_chunk=2)
+    data = batch(chunk=2, seed=5)
+    obs = observations(data)
+    plain = policy.predict_actions(obs)
+    inputs = policy.processor.from_observations(obs)
+    tok = policy.processor.action_tokenizer
+    with torch.no_grad():
+        probs = tok.logits_to_bins(policy._slot_logits(inputs)).float().softmax(-1).reshape(4, 2, 7, -1)
+    centres = tok.decode(torch.arange(tok.first_id, tok.vocab_size))
+    gripper_mean = (probs[..., -1, :] * centres).sum(-1).numpy()
+    expected_mean = policy.processor.unnormalize_actions(np.repeat(gripper_mean[..., None], 7, -1))[..., -1]
+    assert np.abs(expected_mean - plain[..., -1]).max() > 1e-3  # an untrained policy: the mean is not the argmax
+    for threshold in (0.3, 0.6):
+        policy.config.binarize_gripper, policy.config.gripper_threshold = True, threshold
+        snapped = policy.predict_actions(obs)
+        np.testing.assert_array_equal(snapped[..., :6], plain[..., :6])  # the arm keeps its argmax bins
+        np.testing.assert_array_equal(snapped[..., 6], (np.clip(expected_mean, 0, 1) > threshold).astype(np.float32))
+
+
 def test_l1_head_regresses_continuous_actions_and_round_trips(tmp_path):
     policy = tiny(OpenVLAPolicy, decoding="parallel", action_chunk=3, action_head="l1")
     data = batch(chunk=3, seed=2)
