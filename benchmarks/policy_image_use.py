@@ -7,7 +7,8 @@ step). The policy's first predicted action is compared with the recorded one (Pe
 translation axis); then the same frames are run again with their images permuted among the task's
 frames, state and instruction kept. A policy that uses what it sees loses accuracy when the images
 are shuffled; one whose r does not move reads only its state and instruction: it is blind, and no
-amount of closed-loop execution will find an object whose position varies per episode.
+amount of closed-loop execution will find an object whose position varies per episode. A policy
+that reads the wrist camera gets each frame's wrist image too, shuffled with its front image.
 
 For a policy with a keyframe head (`policy.keyframe_loss_weight > 0`) it also reports the head's
 error on the next keyframe's position (median, cm), with true and shuffled images, against the
@@ -56,19 +57,23 @@ def measure(policy, frames: list[dict], seed: int = 0, batch: int = 64) -> dict:
     labels = np.stack([f["action"] for f in frames])
     instructions = [f["instruction"] for f in frames]
 
+    def observation(views, frame):
+        return {**views, "state": frame["state"]}
+
     def predict(images):
-        obs = [{"image": image, "state": f["state"]} for image, f in zip(images, frames)]
+        obs = [observation(views, f) for views, f in zip(images, frames)]
         return np.concatenate([np.asarray(policy.predict_actions(obs[i:i + batch], instructions[i:i + batch]))
                                .reshape(len(obs[i:i + batch]), -1, labels.shape[-1])[:, 0]
                                for i in range(0, len(obs), batch)])
 
     def keyframe_errors_cm(images):
-        obs = [{"image": image, "state": f["state"]} for image, f in zip(images, frames)]
+        obs = [observation(views, f) for views, f in zip(images, frames)]
         predicted = np.concatenate([policy.predict_keyframe_states(obs[i:i + batch], instructions[i:i + batch])
                                     for i in range(0, len(obs), batch)])
         return np.linalg.norm(predicted[:, :3] - np.stack([f["keyframe"] for f in frames]), axis=1) * 100
 
-    images = [f["image"] for f in frames]
+    # a frame's camera views (front, and wrist when recorded) are shuffled together
+    images = [{key: f[key] for key in ("image", "wrist_image") if key in f} for f in frames]
     real = predict(images)
     order = np.random.default_rng(seed).permutation(len(frames))
     shuffled_images = [images[j] for j in order]
@@ -107,10 +112,12 @@ def main(argv=None) -> dict:
     policy = policies.load_pretrained(args.policy)
     patterns = template_patterns()
     by_task: dict[str, list[list[dict]]] = {}
-    for episode in RLDSSource(args.data, args.data_dir, split="train[:100%]").episodes():
+    wrist = bool(getattr(policy.config, "wrist_image", False))
+    for episode in RLDSSource(args.data, args.data_dir, split="train[:100%]", wrist_image=wrist).episodes():
         keyframes = np.asarray(next_keyframe_states(episode["state"], episode["action"]))[:, :3]
         frames = [{"image": episode["image"][t], "state": episode["state"][t], "action": episode["action"][t],
-                   "instruction": episode["instruction"][t], "keyframe": keyframes[t]}
+                   "instruction": episode["instruction"][t], "keyframe": keyframes[t],
+                   **({"wrist_image": episode["wrist_image"][t]} if wrist else {})}
                   for t in range(0, len(episode["action"]), args.stride)]
         by_task.setdefault(task_of(episode["instruction"][0], patterns), []).append(frames)
     report = {"policy": args.policy, "data": args.data, "tasks": {}}
