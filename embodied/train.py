@@ -177,6 +177,22 @@ def build_policy(cfg: DictConfig, statistics: dict, device: torch.device):
     return policy.to(device)
 
 
+def pretrained_vision_source(cfg: DictConfig, policy) -> str | None:
+    """The finished vision pretraining this run loads: `vision_pretraining.checkpoint`, where `auto` is the
+    shipped one made for a policy with object tokens (unless `vision_pretraining.layouts` asks for a new one)."""
+    from embodied.vision_pretraining import VisionPretrainingConfig, shipped_checkpoint
+
+    if "vision_pretraining" not in cfg:
+        return None
+    pretraining = VisionPretrainingConfig.from_dict(OmegaConf.to_container(cfg.vision_pretraining, resolve=True))
+    if pretraining.checkpoint != "auto":
+        return pretraining.checkpoint
+    if pretraining.layouts > 0:
+        return None
+    found = shipped_checkpoint(policy)
+    return None if found is None else str(found)
+
+
 def base_policy(model):
     """The policy inside DDP/FSDP and peft wrappers."""
     model = getattr(model, "module", model)
@@ -426,6 +442,10 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, dist: Distribut
     if resume_from is not None:
         check_same_architecture(resume_from, inner)
         load_checkpoint_weights(policy, resume_from)
+    elif not cfg.init_from and (shipped := pretrained_vision_source(cfg, inner)) is not None:
+        from embodied.vision_pretraining import load_pretrained_vision
+
+        load_pretrained_vision(inner, shipped, run_dir if dist.main else None)
     elif int(cfg.get("vision_pretraining", {}).get("layouts", 0)) > 0 and not cfg.init_from:
         from embodied.vision_pretraining import VisionPretrainingConfig, pretrain_vision
 
@@ -435,7 +455,8 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, dist: Distribut
         dist.barrier()
     elif getattr(inner, "object_readout", None) is not None and not cfg.init_from:
         raise ValueError("policy.object_slots reads objects located by a readout that only vision pretraining "
-                         "trains: set vision_pretraining.layouts > 0 (e.g. 20000) or init_from a checkpoint that has one")
+                         "trains: set vision_pretraining.layouts > 0 (e.g. 20000), vision_pretraining.checkpoint to its result, "
+                         "or init_from a checkpoint that has one")
     precision = resolve_precision(cfg, device)
     if precision == "bf16" and hasattr(inner.config, "autocast"):
         inner.config.autocast = "bfloat16"

@@ -14,6 +14,11 @@ from the readout's, so the patches the LLM reads start from features that locate
 mean position, and the same model fed shuffled images (the robot state kept). A policy with
 `wrist_image` is pretrained on layouts rendered with the wrist camera too; its readout also reads the
 wrist image's patches, placed with the gripper's pose.
+
+The stage's result (towers, projector, readout, grounding) is saved to `vision_pretrained.safetensors`
+next to the report, and `vision_pretraining.checkpoint=<that directory>` starts another run from it
+instead of rendering and training again, as OpenVLA starts from pretrained DINOv2 and SigLIP.
+Directories under `policies/pretrained/` can be named by their folder name alone.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Mapping
 
 import numpy as np
@@ -35,6 +41,10 @@ from policies.openvla import POSITION_CENTRE, POSITION_SCALE
 # Positions are regressed relative to the workspace centre, in units of 10 cm.
 CENTRE, SCALE = np.array(POSITION_CENTRE, dtype=np.float32), POSITION_SCALE
 SEED_SALT = 7_340_033  # layout seeds never coincide with the suite's evaluation (0) or collection (1) seeds
+WEIGHTS_FILE = "vision_pretrained.safetensors"
+REPORT_FILE = "vision_pretraining.json"
+PRETRAINED_PARTS = ("vision", "projector", "object_readout", "grounding")  # what this stage trains
+ASSETS_DIR = Path(__file__).resolve().parents[1] / "policies" / "pretrained"
 
 
 @dataclass
@@ -49,6 +59,7 @@ class VisionPretrainingConfig:
     heldout_fraction: float = 0.05
     num_workers: int = 2           # rendering processes
     threads: int | None = None     # torch threads while training (null: every core; 1 on a machine shared with other jobs)
+    checkpoint: str | None = None  # load a finished pretraining instead: a directory, a name under policies/pretrained/, or auto
     suite: str = "tabletop10"
     backend: str = "mujoco"
     randomization: Any = "default"
@@ -66,7 +77,107 @@ class VisionPretrainingConfig:
             raise ValueError(f"vision_pretraining.threads must be >= 1 or null, got {config.threads}")
         if not 0 < config.heldout_fraction < 1:
             raise ValueError(f"vision_pretraining.heldout_fraction must be in (0, 1), got {config.heldout_fraction}")
+        if config.checkpoint and config.checkpoint != "auto" and config.layouts > 0:
+            raise ValueError(f"vision_pretraining.checkpoint={config.checkpoint!r} loads a finished pretraining, and "
+                             f"vision_pretraining.layouts={config.layouts} would run one: set only one of them")
         return config
+
+
+def resolve_checkpoint(spec: str | os.PathLike) -> Path:
+    """A directory holding `vision_pretrained.safetensors`: a path, or the name of one under policies/pretrained/."""
+    path = Path(spec).expanduser()
+    for candidate in (path, ASSETS_DIR / str(spec)):
+        if (candidate / WEIGHTS_FILE).is_file():
+            return candidate
+    shipped = sorted(p.parent.name for p in ASSETS_DIR.glob(f"*/{WEIGHTS_FILE}"))
+    raise FileNotFoundError(f"vision_pretraining.checkpoint={str(spec)!r}: no {WEIGHTS_FILE} in {path} "
+                            f"(shipped: {', '.join(shipped) or 'none'}; a run with vision_pretraining.layouts > 0 "
+                            f"writes one to its run directory)")
+
+
+def pretrained_parts(policy) -> dict[str, torch.nn.Module]:
+    return {name: getattr(policy, name) for name in PRETRAINED_PARTS if getattr(policy, name, None) is not None}
+
+
+def save_pretrained_vision(policy, directory: str | os.PathLike, report: Mapping[str, Any] | None = None) -> Path:
+    """Write the stage's parts of `policy` (and its report) to `directory`; returns the weights file."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {f"{name}.{key}": value.detach().cpu().contiguous()
+             for name, part in pretrained_parts(policy).items() for key, value in part.state_dict().items()}
+    save_file(state, directory / WEIGHTS_FILE, metadata={"format": "pt", "parts": ",".join(pretrained_parts(policy)),
+                                                         "observation_image_size": str(policy.config.observation_image_size),
+                                                         "wrist_image": str(bool(policy.config.wrist_image))})
+    if report is not None:
+        (directory / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    return directory / WEIGHTS_FILE
+
+
+def _read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
+    from safetensors import safe_open
+
+    with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as f:
+        metadata = f.metadata() or {}
+        saved = {key: f.get_tensor(key) for key in f.keys()}
+    made_with = (f"made for observation_image_size={metadata.get('observation_image_size')}, "
+                 f"wrist_image={metadata.get('wrist_image')}, parts {metadata.get('parts')}")
+    return saved, made_with
+
+
+def _mismatch(policy, saved: Mapping[str, torch.Tensor]) -> str | None:
+    """Why `saved` cannot fill the policy's pretrained parts (the first key at fault), or None."""
+    for name, part in pretrained_parts(policy).items():
+        ours = part.state_dict()
+        theirs = {key[len(name) + 1:]: value for key, value in saved.items() if key.startswith(name + ".")}
+        if not theirs:
+            return f"has no {name!r} weights, which this policy needs"
+        for key, value in ours.items():
+            if key not in theirs:
+                return f"lacks {name}.{key}, which this policy has"
+            if tuple(theirs[key].shape) != tuple(value.shape):
+                return f"{name}.{key} has shape {tuple(theirs[key].shape)}, this policy's {tuple(value.shape)}"
+        extra = sorted(set(theirs) - set(ours))
+        if extra:
+            return f"has {name}.{extra[0]}, which this policy lacks"
+    return None
+
+
+def shipped_checkpoint(policy) -> Path | None:
+    """For `checkpoint=auto`: the pretraining under policies/pretrained/ that fits a policy reading located
+    objects (`object_slots`), or None (no such policy, or no asset with its shapes)."""
+    if getattr(policy, "object_readout", None) is None:
+        return None
+    for weights in sorted(ASSETS_DIR.glob(f"*/{WEIGHTS_FILE}")):
+        if _mismatch(policy, _read_weights(weights.parent)[0]) is None:
+            return weights.parent
+    return None
+
+
+def load_pretrained_vision(policy, spec: str | os.PathLike, run_dir: Path | None = None) -> dict[str, Any]:
+    """Load a finished vision pretraining into `policy`'s towers, projector, readout and grounding.
+
+    Every such part the policy has must be in the file with the same shapes (a readout or grounding the
+    policy lacks is skipped, as pretraining discards it); the error names the first key at fault and the
+    settings the file was made with. Returns the file's report (copied to `run_dir` with its source)."""
+    directory = resolve_checkpoint(spec)
+    saved, made_with = _read_weights(directory)
+    problem = _mismatch(policy, saved)
+    if problem is not None:
+        raise ValueError(f"{directory / WEIGHTS_FILE}: {problem} ({made_with})")
+    with torch.no_grad():
+        for name, part in pretrained_parts(policy).items():
+            for key, value in part.state_dict().items():
+                value.copy_(saved[f"{name}.{key}"].to(value.dtype))
+    report_path = directory / REPORT_FILE
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    if run_dir is not None:
+        (Path(run_dir) / REPORT_FILE).write_text(json.dumps({**report, "loaded_from": str(directory)}, indent=2))
+    summary = report.get("overall_cm", {}).get("heldout_error_cm")
+    print(f"[train] vision pretraining loaded from {directory}"
+          + (f" (held-out localization error {summary:.1f} cm)" if summary is not None else ""), flush=True)
+    return report
 
 
 def _render_chunk(args) -> dict[str, np.ndarray]:
@@ -231,5 +342,8 @@ def pretrain_vision(policy, config: VisionPretrainingConfig, run_dir: Path | Non
           + (f"; named objects right in {100 * report['named_objects_heldout_accuracy']:.1f}% of held-out instructions"
              if grounding is not None else ""), flush=True)
     if run_dir is not None:
-        (Path(run_dir) / "vision_pretraining.json").write_text(json.dumps(report, indent=2))
+        # the readout is saved even when this policy discards it: the stage can then serve policies that keep one
+        parts = SimpleNamespace(vision=policy.vision, projector=policy.projector, object_readout=readout,
+                                grounding=policy.grounding, config=policy.config)
+        save_pretrained_vision(parts, run_dir, report)
     return report

@@ -147,6 +147,20 @@ def test_torchrun_ddp_two_processes(data_dir, tmp_path):
     assert sorted(losses(out)) == [1, 2, 3, 4]
     assert (out / "final" / "model.safetensors").exists()
 
+    # a later run starts from that pretraining instead of rendering and training again
+    import torch
+    from safetensors.torch import load_file
+
+    from embodied.train import train
+
+    again = tmp_path / "again"
+    train(compose(data_dir, again, max_steps=1, **{"vision_pretraining.checkpoint": str(out),
+                                                   "policy.train_vision": "false"}), again)
+    assert json.loads((again / "vision_pretraining.json").read_text())["loaded_from"] == str(out)
+    pretrained, final = load_file(out / "vision_pretrained.safetensors"), load_file(again / "final" / "model.safetensors")
+    towers = [key for key in pretrained if key.startswith("vision.")]
+    assert towers and all(torch.equal(final[key], pretrained[key]) for key in towers)
+
 
 def test_lora_finetune_saves_an_adapter_plain_peft_loads(data_dir, uninterrupted, tmp_path):
     import peft

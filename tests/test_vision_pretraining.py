@@ -200,6 +200,47 @@ def test_named_object_tokens_follow_the_instruction(tmp_path):
         assert torch.equal(loaded._slot_logits(inputs), logits)
 
 
+def test_a_saved_pretraining_starts_another_policy_and_refuses_another_architecture(tmp_path):
+    from embodied.vision_pretraining import (PRETRAINED_PARTS, WEIGHTS_FILE, VisionPretrainingConfig,
+                                             load_pretrained_vision, pretrain_vision)
+    from policies.openvla import OpenVLAPolicy
+    from policy_helpers import tiny
+
+    settings = dict(object_slots=len(SLOTS), named_objects=MAX_NAMED, use_proprio=True, train_vision=False)
+    policy = tiny(OpenVLAPolicy, **settings)
+    pretrain_vision(policy, VisionPretrainingConfig(layouts=20, steps=5, batch_size=4, num_workers=1, arm_steps=0),
+                    tmp_path)
+    assert (tmp_path / WEIGHTS_FILE).is_file()
+    fresh = tiny(OpenVLAPolicy, seed=1, **settings)
+    assert not torch.equal(fresh.projector[0].weight, policy.projector[0].weight)
+    (tmp_path / "run").mkdir()
+    load_pretrained_vision(fresh, tmp_path, run_dir=tmp_path / "run")
+    for name in PRETRAINED_PARTS:
+        for key, value in getattr(policy, name).state_dict().items():
+            assert torch.equal(getattr(fresh, name).state_dict()[key], value), f"{name}.{key}"
+    # only the stage's parts: the LLM keeps its own weights
+    assert not torch.equal(fresh.llm.get_input_embeddings().weight, policy.llm.get_input_embeddings().weight)
+    report = json.loads((tmp_path / "run" / "vision_pretraining.json").read_text())
+    assert report["loaded_from"] == str(tmp_path) and report["layouts"] == 20
+
+    # a policy without object tokens takes the towers and the projector; the readout is not its to keep
+    plain = tiny(OpenVLAPolicy, seed=2)
+    load_pretrained_vision(plain, tmp_path)
+    assert torch.equal(plain.projector[0].weight, policy.projector[0].weight)
+    # a wrist-camera readout has heatmaps this file does not
+    wrist = tiny(OpenVLAPolicy, wrist_image=True, **settings)
+    with pytest.raises(ValueError, match=r"lacks object_readout\.wrist_scores\.weight.*wrist_image=False"):
+        load_pretrained_vision(wrist, tmp_path)
+    # towers at another image size have other position embeddings
+    other = OpenVLAPolicy.from_size("tiny", observation_image_size=112, **settings)
+    with pytest.raises(ValueError, match=r"vision\..*position.*has shape .* this policy's"):
+        load_pretrained_vision(other, tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"no {WEIGHTS_FILE} in .*nowhere.*shipped: "):
+        load_pretrained_vision(plain, tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="set only one of them"):
+        VisionPretrainingConfig.from_dict({"layouts": 10, "checkpoint": str(tmp_path)})
+
+
 def test_named_object_features_are_the_chosen_positions_from_the_gripper():
     from policies.openvla import named_object_features
 
