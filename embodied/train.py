@@ -454,9 +454,11 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, dist: Distribut
             pretrain_vision(inner, pretraining, run_dir)
         dist.barrier()
     elif getattr(inner, "object_readout", None) is not None and not cfg.init_from:
-        raise ValueError("policy.object_slots reads objects located by a readout that only vision pretraining "
-                         "trains: set vision_pretraining.layouts > 0 (e.g. 20000), vision_pretraining.checkpoint to its result, "
-                         "or init_from a checkpoint that has one")
+        shipped = ("none of the shipped pretrainings under policies/pretrained/ fits this policy (size, image size, "
+                   "cameras); " if cfg.vision_pretraining.get("checkpoint") == "auto" else "")
+        raise ValueError(f"policy.object_slots reads objects located by a readout that only vision pretraining trains: "
+                         f"{shipped}set vision_pretraining.layouts > 0 (e.g. 20000), vision_pretraining.checkpoint to "
+                         f"its result, or init_from a checkpoint that has one (recipe=none: the policy without them)")
     precision = resolve_precision(cfg, device)
     if precision == "bf16" and hasattr(inner.config, "autocast"):
         inner.config.autocast = "bfloat16"

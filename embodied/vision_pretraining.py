@@ -115,19 +115,27 @@ def save_pretrained_vision(policy, directory: str | os.PathLike, report: Mapping
     return directory / WEIGHTS_FILE
 
 
-def _read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
+def _read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import safe_open
 
     with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as f:
         metadata = f.metadata() or {}
         saved = {key: f.get_tensor(key) for key in f.keys()}
-    made_with = (f"made for observation_image_size={metadata.get('observation_image_size')}, "
-                 f"wrist_image={metadata.get('wrist_image')}, parts {metadata.get('parts')}")
-    return saved, made_with
+    return saved, metadata
 
 
-def _mismatch(policy, saved: Mapping[str, torch.Tensor]) -> str | None:
+def _made_with(metadata: Mapping[str, str]) -> str:
+    return (f"made for observation_image_size={metadata.get('observation_image_size')}, "
+            f"wrist_image={metadata.get('wrist_image')}, parts {metadata.get('parts')}")
+
+
+def _mismatch(policy, saved: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str | None:
     """Why `saved` cannot fill the policy's pretrained parts (the first key at fault), or None."""
+    size = metadata.get("observation_image_size")
+    if size is not None and int(size) != int(policy.config.observation_image_size):
+        # the readout is calibrated on images of that size: another size would locate objects elsewhere
+        return (f"was trained on {size} px images, this policy reads {policy.config.observation_image_size} px "
+                f"(policy.observation_image_size)")
     for name, part in pretrained_parts(policy).items():
         ours = part.state_dict()
         theirs = {key[len(name) + 1:]: value for key, value in saved.items() if key.startswith(name + ".")}
@@ -150,7 +158,7 @@ def shipped_checkpoint(policy) -> Path | None:
     if getattr(policy, "object_readout", None) is None:
         return None
     for weights in sorted(ASSETS_DIR.glob(f"*/{WEIGHTS_FILE}")):
-        if _mismatch(policy, _read_weights(weights.parent)[0]) is None:
+        if _mismatch(policy, *_read_weights(weights.parent)) is None:
             return weights.parent
     return None
 
@@ -162,10 +170,10 @@ def load_pretrained_vision(policy, spec: str | os.PathLike, run_dir: Path | None
     policy lacks is skipped, as pretraining discards it); the error names the first key at fault and the
     settings the file was made with. Returns the file's report (copied to `run_dir` with its source)."""
     directory = resolve_checkpoint(spec)
-    saved, made_with = _read_weights(directory)
-    problem = _mismatch(policy, saved)
+    saved, metadata = _read_weights(directory)
+    problem = _mismatch(policy, saved, metadata)
     if problem is not None:
-        raise ValueError(f"{directory / WEIGHTS_FILE}: {problem} ({made_with})")
+        raise ValueError(f"{directory / WEIGHTS_FILE}: {problem} ({_made_with(metadata)})")
     with torch.no_grad():
         for name, part in pretrained_parts(policy).items():
             for key, value in part.state_dict().items():

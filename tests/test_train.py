@@ -24,11 +24,16 @@ def data_dir(tmp_path_factory):
     return root
 
 
+# The trainer's tests run OpenVLA's own architecture (no recipe: one camera, towers trained from random weights)
+# on small synthetic episodes; the default's recipe is tested on its own (test_the_default_starts_from_...).
+PLAIN_POLICY = {"recipe": "none"}
+
+
 def overrides(data_dir, out, **extra):
     values = {"data.datasets": "embodied_synthetic", "data.data_dir": str(data_dir), "data.batch_size": 4,
               "data.shuffle_buffer": 64, "policy.observation_image_size": 32, "wandb.mode": "disabled",
               "eval.final": "false", "collect.enabled": "false", "log_every": 1, "schedule.warmup_steps": 2,
-              "output_dir": str(out), "num_threads": 1}
+              "output_dir": str(out), "num_threads": 1, **PLAIN_POLICY}
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
 
@@ -96,6 +101,42 @@ def compose(data_dir, out, **extra):
 
     with initialize_config_dir(str(ROOT / "embodied" / "conf"), version_base="1.3"):
         return hydra_compose("train", overrides=overrides(data_dir, out, **extra))
+
+
+def test_the_default_starts_from_the_shipped_pretraining(tmp_path):
+    import torch
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from embodied.train import build_policy, pretrained_vision_source
+
+    def default(*extra):
+        with initialize_config_dir(str(ROOT / "embodied" / "conf"), version_base="1.3"):
+            return hydra_compose("train", overrides=[f"output_dir={tmp_path}", *extra])
+
+    cfg = default()
+    assert cfg.policy.wrist_image and cfg.policy.object_slots == 10 and not cfg.policy.train_vision
+    assert cfg.collect.wrist_camera and cfg.data.wrist_image  # demonstrations and evaluation carry the wrist camera
+    policy = build_policy(cfg, None, torch.device("cpu"))
+    assert Path(pretrained_vision_source(cfg, policy)).name == "tabletop10-tiny-wrist"
+    # a run that asks for its own pretraining renders and trains one
+    assert pretrained_vision_source(default("vision_pretraining.layouts=100"), policy) is None
+    # without located objects nothing is loaded (the plain policy's towers train from their own start)
+    plain = default("recipe=none")
+    assert not plain.policy.wrist_image and plain.policy.object_slots == 0 and plain.policy.train_vision
+    assert pretrained_vision_source(plain, build_policy(plain, None, torch.device("cpu"))) is None
+    # the recipe is openvla's: another policy keeps its own settings
+    rt2 = default("policy=rt2")
+    assert rt2.policy.name == "rt2" and rt2.policy.object_slots == 0 and rt2.vision_pretraining.checkpoint is None
+
+
+def test_located_objects_without_a_pretraining_that_fits_are_refused(data_dir, tmp_path):
+    from embodied.train import train
+
+    # the recipe at another image size: the shipped pretraining was made for 112 px
+    cfg = compose(data_dir, tmp_path, max_steps=1, **{"recipe": "openvla", "data.wrist_image": "false"})
+    with pytest.raises(ValueError, match=r"none of the shipped pretrainings .* fits this policy.*recipe=none"):
+        train(cfg, tmp_path)
 
 
 def test_resume_with_another_architecture_is_refused(data_dir, uninterrupted, tmp_path):

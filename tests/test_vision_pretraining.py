@@ -232,13 +232,47 @@ def test_a_saved_pretraining_starts_another_policy_and_refuses_another_architect
     with pytest.raises(ValueError, match=r"lacks object_readout\.wrist_scores\.weight.*wrist_image=False"):
         load_pretrained_vision(wrist, tmp_path)
     # towers at another image size have other position embeddings
-    other = OpenVLAPolicy.from_size("tiny", observation_image_size=112, **settings)
+    other = tiny(OpenVLAPolicy, **settings)
+    other.vision = OpenVLAPolicy.from_size("tiny", observation_image_size=other.config.observation_image_size,
+                                           **settings).vision
     with pytest.raises(ValueError, match=r"vision\..*position.*has shape .* this policy's"):
+        load_pretrained_vision(other, tmp_path)
+    # the readout places objects for the image size it was trained on
+    other = OpenVLAPolicy.from_size("tiny", observation_image_size=112, tower_image_size=next(iter(policy.vision.towers.values())).config.image_size,
+                                    **settings)
+    with pytest.raises(ValueError, match="was trained on .* px images, this policy reads 112 px"):
         load_pretrained_vision(other, tmp_path)
     with pytest.raises(FileNotFoundError, match=f"no {WEIGHTS_FILE} in .*nowhere.*shipped: "):
         load_pretrained_vision(plain, tmp_path / "nowhere")
     with pytest.raises(ValueError, match="set only one of them"):
         VisionPretrainingConfig.from_dict({"layouts": 10, "checkpoint": str(tmp_path)})
+
+
+def test_the_shipped_pretraining_locates_objects_on_the_suites_evaluation_layouts():
+    from embodied.vision_pretraining import CENTRE, SCALE, load_pretrained_vision, shipped_checkpoint
+    from envs.suites import get_suite
+    from policies.openvla import OpenVLAPolicy
+
+    torch.manual_seed(0)
+    settings = dict(object_slots=len(SLOTS), named_objects=MAX_NAMED, use_proprio=True, train_vision=False)
+    policy = OpenVLAPolicy.from_size("tiny", observation_image_size=112, wrist_image=True, **settings)
+    found = shipped_checkpoint(policy)
+    assert found is not None and found.name == "tabletop10-tiny-wrist"
+    load_pretrained_vision(policy, found)
+    seeds = get_suite("tabletop10").episode_seeds("PlaceInTray", 8, seed=0)  # layouts the readout never saw
+    layouts = render_layouts("PlaceInTray", seeds, image_size=112, arm_steps=0, wrist_camera=True)
+    with torch.no_grad():
+        located = policy.locate_objects(layouts["images"], layouts["states"], layouts["wrist_images"]).float().numpy()
+    present = layouts["present"] > 0
+    error = np.linalg.norm(located * SCALE + CENTRE - layouts["positions"], axis=-1)[present]
+    mean = np.stack([layouts["positions"][present[:, k], k].mean(0) if present[:, k].any() else np.zeros(3)
+                     for k in range(len(SLOTS))])
+    spread = np.linalg.norm(layouts["positions"] - mean, axis=-1)[present]  # guessing each object's mean position
+    assert np.median(error) < 0.04 and np.median(error) < 0.5 * np.median(spread), (error, spread)
+    # only a policy that reads located objects starts from it, and only at the size it was made for
+    assert shipped_checkpoint(OpenVLAPolicy.from_size("tiny", observation_image_size=112)) is None
+    assert shipped_checkpoint(OpenVLAPolicy.from_size("tiny", observation_image_size=56, wrist_image=True,
+                                                      **settings)) is None
 
 
 def test_named_object_features_are_the_chosen_positions_from_the_gripper():
