@@ -238,8 +238,8 @@ def test_a_saved_pretraining_starts_another_policy_and_refuses_another_architect
     with pytest.raises(ValueError, match=r"vision\..*position.*has shape .* this policy's"):
         load_pretrained_vision(other, tmp_path)
     # the readout places objects for the image size it was trained on
-    other = OpenVLAPolicy.from_size("tiny", observation_image_size=112, tower_image_size=next(iter(policy.vision.towers.values())).config.image_size,
-                                    **settings)
+    tower_size = next(iter(policy.vision.towers.values())).config.image_size
+    other = OpenVLAPolicy.from_size("tiny", observation_image_size=112, tower_image_size=tower_size, **settings)
     with pytest.raises(ValueError, match="was trained on .* px images, this policy reads 112 px"):
         load_pretrained_vision(other, tmp_path)
     with pytest.raises(FileNotFoundError, match=f"no {WEIGHTS_FILE} in .*nowhere.*shipped: "):
