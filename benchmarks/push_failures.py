@@ -1,0 +1,114 @@
+"""Why PushCube fails: what the cube did, and where the policy's object readout put the cube and the goal.
+
+    python benchmarks/push_failures.py --policy runs/default/final --episodes 30
+
+For a policy with object tokens (`policy.object_slots`), run on the suite's first PushCube initial states
+(the evaluation's seeds). Per episode: how far the cube moved against how far it had to go, the angle
+between its displacement and the cube-to-goal line, its final distance to the goal (success: < 4 cm), the
+readout's error on the cube and on the goal (x-y, cm) at the first frame and over the last 30 steps, and
+the mean commanded translation over the last 30 steps (a stalled arm commands ~0). Printed as a table, with
+the means over successes and failures, and written as JSON with --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TAIL = 30  # steps at the end of an episode that the "last" columns average over
+
+
+def run_episode(policy, env, seed: int) -> dict:
+    import torch
+
+    from embodied.vision_pretraining import CENTRE, SCALE
+    from envs.layouts import object_slots
+
+    obs, _ = env.reset(seed=int(seed))
+    policy.reset()
+    slots = object_slots(env)
+    goal = env.sim.object_pose("goal")[0][:2].copy()
+    start = env.sim.object_pose("cube")[0][:2].copy()
+    cube_err, goal_err, moves, success = [], [], [], False
+    for _ in range(env.max_episode_steps):
+        with torch.no_grad():
+            located = policy.locate_objects(obs["image"][None], obs["state"][None],
+                                            obs["wrist_image"][None] if "wrist_image" in obs else None)
+        located = located[0].numpy() * SCALE + CENTRE
+        cube = env.sim.object_pose("cube")[0][:2]
+        cube_err.append(100 * np.linalg.norm(located[slots["cube"], :2] - cube))
+        goal_err.append(100 * np.linalg.norm(located[slots["goal"], :2] - goal))
+        action = policy.select_action(obs)
+        moves.append(100 * np.linalg.norm(action[:3]))
+        obs, _, success, _, _ = env.step(action)
+        if success:
+            break
+    end = env.sim.object_pose("cube")[0][:2]
+    moved, wanted = end - start, goal - start
+    cosine = moved @ wanted / (np.linalg.norm(moved) * np.linalg.norm(wanted) + 1e-9)
+    return {"seed": int(seed), "success": bool(success), "steps": len(moves),
+            "moved_cm": 100 * float(np.linalg.norm(moved)), "needed_cm": 100 * float(np.linalg.norm(wanted)),
+            "angle_deg": float(np.degrees(np.arccos(np.clip(cosine, -1, 1)))) if np.linalg.norm(moved) > 0.005 else None,
+            "final_cm": 100 * float(np.linalg.norm(end - goal)),
+            "cube_error_first_cm": float(cube_err[0]), "goal_error_first_cm": float(goal_err[0]),
+            "cube_error_last_cm": float(np.mean(cube_err[-TAIL:])), "goal_error_last_cm": float(np.mean(goal_err[-TAIL:])),
+            "command_last_cm": float(np.mean(moves[-TAIL:]))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--policy", required=True, help="a checkpoint directory with object tokens")
+    parser.add_argument("--episodes", type=int, default=30)
+    parser.add_argument("--suite", default="tabletop10")
+    parser.add_argument("--backend", default="mujoco")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", help="write the rows and summary as JSON here")
+    args = parser.parse_args()
+
+    import torch
+
+    from envs.env import TabletopEnv
+    from envs.suites import get_suite
+    from policies import load_pretrained
+
+    torch.set_num_threads(args.threads)
+    policy = load_pretrained(args.policy).eval()
+    if policy.object_readout is None:
+        raise SystemExit(f"{args.policy}: the policy has no object readout (policy.object_slots=0)")
+    env = TabletopEnv("PushCube", backend=args.backend, image_size=policy.config.observation_image_size,
+                      wrist_camera=policy.config.wrist_image)
+    seeds = get_suite(args.suite).episode_seeds("PushCube", args.episodes, seed=0)
+    columns = ["success", "moved_cm", "needed_cm", "angle_deg", "final_cm", "cube_error_first_cm",
+               "goal_error_first_cm", "cube_error_last_cm", "goal_error_last_cm", "command_last_cm"]
+    print("| episode | " + " | ".join(columns) + " |\n|" + "---|" * (len(columns) + 1))
+    rows = []
+    try:
+        for i, seed in enumerate(seeds):
+            row = run_episode(policy, env, seed)
+            rows.append(row)
+            cells = [("yes" if row[c] else "no") if c == "success" else ("-" if row[c] is None else f"{row[c]:.1f}")
+                     for c in columns]
+            print(f"| {i} | " + " | ".join(cells) + " |", flush=True)
+    finally:
+        env.close()
+    summary = {}
+    for outcome, chosen in (("success", [r for r in rows if r["success"]]), ("failure", [r for r in rows if not r["success"]])):
+        summary[outcome] = {"episodes": len(chosen)}
+        for c in columns[1:]:
+            values = [r[c] for r in chosen if r[c] is not None]
+            summary[outcome][c] = float(np.mean(values)) if values else None
+    print("\n| outcome | episodes | " + " | ".join(columns[1:]) + " |\n|" + "---|" * (len(columns) + 1))
+    for outcome, values in summary.items():
+        cells = ["-" if values[c] is None else f"{values[c]:.1f}" for c in columns[1:]]
+        print(f"| {outcome} | {values['episodes']} | " + " | ".join(cells) + " |")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"policy": args.policy, "rows": rows, "summary": summary}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
