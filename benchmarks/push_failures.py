@@ -8,12 +8,17 @@ between its displacement and the cube-to-goal line, its final distance to the go
 readout's error on the cube and on the goal (x-y, cm) at the first frame and over the last 30 steps, and
 the mean commanded translation over the last 30 steps (a stalled arm commands ~0). Printed as a table, with
 the means over successes and failures, and written as JSON with --out.
+
+Two oracles test what the readout's errors cost, without training anything: --first-frame-goal makes the
+policy's readout keep the goal where it located it in the episode's first frame (object memory: the goal
+never moves), --true-positions gives the policy the simulator's positions of the cube and the goal instead.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +28,52 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 TAIL = 30  # steps at the end of an episode that the "last" columns average over
 
 
-def run_episode(policy, env, seed: int) -> dict:
+class FirstFrameMemory:
+    """While entered, a readout returns for one slot what it located on its first call: object memory, as an oracle."""
+
+    def __init__(self, readout, slot: int):
+        self.readout, self.slot, self.first = readout, slot, None
+
+    def __enter__(self):
+        def forward(*args, **kwargs):
+            out = type(self.readout).forward(self.readout, *args, **kwargs)
+            if self.first is None:
+                self.first = out[:, self.slot].clone()
+            out = out.clone()
+            out[:, self.slot] = self.first
+            return out
+
+        self.readout.forward = forward
+
+    def __exit__(self, *exc):
+        del self.readout.forward
+
+
+class TruePositions:
+    """While entered, a readout returns the simulator's positions (readout units) for the objects given."""
+
+    def __init__(self, readout, env, slots: dict[str, int]):
+        self.readout, self.env, self.slots = readout, env, slots
+
+    def __enter__(self):
+        import torch
+
+        from embodied.vision_pretraining import CENTRE, SCALE
+
+        def forward(*args, **kwargs):
+            out = type(self.readout).forward(self.readout, *args, **kwargs).clone()
+            for role, slot in self.slots.items():
+                where = (self.env.sim.object_pose(role)[0] - CENTRE) / SCALE
+                out[:, slot] = torch.as_tensor(where, dtype=out.dtype)
+            return out
+
+        self.readout.forward = forward
+
+    def __exit__(self, *exc):
+        del self.readout.forward
+
+
+def run_episode(policy, env, seed: int, first_frame_goal: bool = False, true_positions: bool = False) -> dict:
     import torch
 
     from embodied.vision_pretraining import CENTRE, SCALE
@@ -32,18 +82,24 @@ def run_episode(policy, env, seed: int) -> dict:
     obs, _ = env.reset(seed=int(seed))
     policy.reset()
     slots = object_slots(env)
+    if first_frame_goal and true_positions:
+        raise ValueError("choose one oracle: first_frame_goal or true_positions")
+    memory = (FirstFrameMemory(policy.object_readout, slots["goal"]) if first_frame_goal else
+              TruePositions(policy.object_readout, env, {r: slots[r] for r in ("cube", "goal")}) if true_positions else
+              nullcontext())
     goal = env.sim.object_pose("goal")[0][:2].copy()
     start = env.sim.object_pose("cube")[0][:2].copy()
     cube_err, goal_err, moves, success = [], [], [], False
     for _ in range(env.max_episode_steps):
-        with torch.no_grad():
+        with torch.no_grad():  # what the readout sees now (the memory applies to the policy only)
             located = policy.locate_objects(obs["image"][None], obs["state"][None],
                                             obs["wrist_image"][None] if "wrist_image" in obs else None)
         located = located[0].numpy() * SCALE + CENTRE
         cube = env.sim.object_pose("cube")[0][:2]
         cube_err.append(100 * np.linalg.norm(located[slots["cube"], :2] - cube))
         goal_err.append(100 * np.linalg.norm(located[slots["goal"], :2] - goal))
-        action = policy.select_action(obs)
+        with memory:
+            action = policy.select_action(obs)
         moves.append(100 * np.linalg.norm(action[:3]))
         obs, _, success, _, _ = env.step(action)
         if success:
@@ -67,6 +123,10 @@ def main() -> None:
     parser.add_argument("--suite", default="tabletop10")
     parser.add_argument("--backend", default="mujoco")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--first-frame-goal", action="store_true",
+                        help="the readout keeps the goal where it located it in the first frame")
+    parser.add_argument("--true-positions", action="store_true",
+                        help="the policy reads the simulator's cube and goal positions instead of the readout's")
     parser.add_argument("--out", help="write the rows and summary as JSON here")
     args = parser.parse_args()
 
@@ -89,7 +149,7 @@ def main() -> None:
     rows = []
     try:
         for i, seed in enumerate(seeds):
-            row = run_episode(policy, env, seed)
+            row = run_episode(policy, env, seed, args.first_frame_goal, args.true_positions)
             rows.append(row)
             cells = [("yes" if row[c] else "no") if c == "success" else ("-" if row[c] is None else f"{row[c]:.1f}")
                      for c in columns]
@@ -107,7 +167,8 @@ def main() -> None:
         cells = ["-" if values[c] is None else f"{values[c]:.1f}" for c in columns[1:]]
         print(f"| {outcome} | {values['episodes']} | " + " | ".join(cells) + " |")
     if args.out:
-        Path(args.out).write_text(json.dumps({"policy": args.policy, "rows": rows, "summary": summary}, indent=2))
+        Path(args.out).write_text(json.dumps({"policy": args.policy, "first_frame_goal": args.first_frame_goal,
+                                                    "true_positions": args.true_positions, "rows": rows, "summary": summary}, indent=2))
 
 
 if __name__ == "__main__":
