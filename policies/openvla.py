@@ -93,6 +93,7 @@ class VLAConfig:
     keyframe_token: bool = False  # the predicted keyframe also becomes a token the LLM reads (needs the loss)
     object_slots: int = 0  # > 0: an object readout locates that many objects (envs.layouts.SLOTS: 10); each is a token
     named_objects: int = 0  # > 0: which located objects the instruction names, in its order (envs.layouts.MAX_NAMED: 4); each is a token
+    named_relations: bool = False  # each named object's token also says where it is from the first named one (push: the goal from the cube)
     wrist_image: bool = False  # OpenVLA-OFT's second camera: the wrist image's patches follow the primary image's
 
     def to_dict(self) -> dict[str, Any]:
@@ -152,6 +153,8 @@ class VLAConfig:
         if self.named_objects and not (self.object_slots and self.use_proprio):
             raise ValueError("named_objects needs object_slots > 0 (it picks among the located objects) and "
                              "use_proprio=true (its tokens say where each named object is from the gripper)")
+        if self.named_relations and not self.named_objects:
+            raise ValueError("named_relations places named objects from the first one: it needs named_objects > 0")
         if self.wrist_image and self.object_slots and not self.use_proprio:
             raise ValueError("object_slots with wrist_image needs use_proprio=true: the readout places what the "
                              "wrist camera sees with the gripper's pose")
@@ -400,13 +403,18 @@ def gripper_commands(open_score: np.ndarray, current: np.ndarray | None, switch_
     return commands
 
 
-def named_object_features(logits: torch.Tensor, located: torch.Tensor, tcp: torch.Tensor) -> torch.Tensor:
+def named_object_features(logits: torch.Tensor, located: torch.Tensor, tcp: torch.Tensor,
+                          relations: bool = False) -> torch.Tensor:
     """(B, named, 7): each named object's position (expected over the grounding's slot probabilities), the
-    same from the tool centre point, and the probability that none is named; readout units."""
+    same from the tool centre point, and the probability that none is named; readout units. `relations`:
+    (B, named, 10), the position from the first named object (the instruction's subject) appended."""
     probs = logits.float().softmax(-1)
     position = probs[..., :-1] @ located.float()
     relative = position - readout_units(tcp)[:, None]
-    return torch.cat([position, relative, probs[..., -1:]], dim=-1)
+    parts = [position, relative, probs[..., -1:]]
+    if relations:
+        parts.append(position - position[:, :1])
+    return torch.cat(parts, dim=-1)
 
 
 # -- the policy ----------------------------------------------------------------------------------------
@@ -458,7 +466,8 @@ class OpenVLAPolicy(nn.Module):
         if config.named_objects:
             self.grounding = InstructionGrounding(self.llm.get_input_embeddings().num_embeddings, config.object_slots,
                                                   config.named_objects).requires_grad_(False)
-            self.named_projector = nn.Sequential(nn.Linear(7, width), nn.GELU(), nn.Linear(width, width))
+            self.named_projector = nn.Sequential(nn.Linear(10 if config.named_relations else 7, width), nn.GELU(),
+                                                 nn.Linear(width, width))
             self.named_embeddings = nn.Embedding(config.named_objects, width)
             nn.init.normal_(self.named_embeddings.weight, std=0.02)
         self.tokenizer = tokenizer
@@ -636,7 +645,7 @@ class OpenVLAPolicy(nn.Module):
                 prompt = slice(0, inputs["input_ids"].shape[1] - n)
                 with torch.no_grad():
                     logits = self.grounding(inputs["input_ids"][:, prompt], inputs["attention_mask"][:, prompt])
-                features = named_object_features(logits, located, inputs["state"][:, :3])
+                features = named_object_features(logits, located, inputs["state"][:, :3], self.config.named_relations)
                 named = self.named_projector(features.to(self.projector_dtype)) + self.named_embeddings.weight
                 extra.extend(named.to(text.dtype).unbind(1))
         if wrist is not None:  # as OpenVLA-OFT: the wrist image's patches after the primary's

@@ -284,6 +284,32 @@ def test_named_object_features_are_the_chosen_positions_from_the_gripper():
     features = named_object_features(logits, located, tcp)
     torch.testing.assert_close(features[0, 0], torch.tensor([1.0, 2.0, 3.0, 0.0, 1.0, 2.0, 0.0]))
     torch.testing.assert_close(features[0, 1, -1], torch.tensor(1.0))
+    with_relations = named_object_features(logits, located, tcp, relations=True)
+    torch.testing.assert_close(with_relations[..., :7], features)
+    torch.testing.assert_close(with_relations[0, 0, 7:], torch.zeros(3))  # the first named object from itself
+    logits = torch.tensor([[[50.0, 0.0, 0.0], [0.0, 50.0, 0.0]]])  # slot 0, then slot 1 (push: cube, then goal)
+    torch.testing.assert_close(named_object_features(logits, located, tcp, relations=True)[0, 1, 7:],
+                               torch.tensor([-2.0, -2.0, -2.5]))
+
+
+def test_named_relations_tokens_train_and_round_trip(tmp_path):
+    import policies
+    from policies.openvla import OpenVLAPolicy
+    from policy_helpers import batch, observations, tiny
+
+    policy = tiny(OpenVLAPolicy, object_slots=len(SLOTS), named_objects=MAX_NAMED, named_relations=True,
+                  use_proprio=True, train_vision=False, decoding="parallel", action_chunk=2)
+    assert policy.named_projector[0].in_features == 10
+    data = batch(size=4, chunk=2, seed=3)
+    data["state"] = torch.tensor([[0.45, 0.0, 0.3, 1, 0, 0, 0, 1]] * 4)
+    loss, _ = policy(data)
+    loss.backward()
+    assert policy.named_projector[0].weight.grad[:, 7:].abs().sum() > 0  # the relation inputs are read
+    obs = [dict(o, state=s.numpy()) for o, s in zip(observations(data), data["state"])]
+    policy.save_pretrained(tmp_path / "policy")
+    loaded = policies.load_pretrained(tmp_path / "policy")
+    assert loaded.config.named_relations
+    assert np.array_equal(loaded.predict_actions(obs), policy.predict_actions(obs))
 
 
 def test_named_objects_errors():
@@ -292,6 +318,8 @@ def test_named_objects_errors():
     from policies.openvla import OpenVLAPolicy
     from policy_helpers import tiny
 
+    with pytest.raises(ValueError, match="named_relations places named objects from the first one"):
+        OpenVLAPolicy.default_config("tiny", named_relations=True).validate()
     with pytest.raises(ValueError, match="named_objects needs object_slots > 0"):
         OpenVLAPolicy.default_config("tiny", named_objects=4, use_proprio=True).validate()
     with pytest.raises(ValueError, match="use_proprio=true"):
