@@ -28,49 +28,45 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 TAIL = 30  # steps at the end of an episode that the "last" columns average over
 
 
-class FirstFrameMemory:
-    """While entered, a readout returns for one slot what it located on its first call: object memory, as an oracle."""
+class ReadoutOverride:
+    """While entered, a readout's output (B, slots, 3) passes through `edit` before the policy reads it."""
 
-    def __init__(self, readout, slot: int):
-        self.readout, self.slot, self.first = readout, slot, None
+    def __init__(self, readout, edit):
+        self.readout, self.edit = readout, edit
 
     def __enter__(self):
-        def forward(*args, **kwargs):
-            out = type(self.readout).forward(self.readout, *args, **kwargs)
-            if self.first is None:
-                self.first = out[:, self.slot].clone()
-            out = out.clone()
-            out[:, self.slot] = self.first
-            return out
-
-        self.readout.forward = forward
+        self.readout.forward = lambda *args, **kwargs: self.edit(
+            type(self.readout).forward(self.readout, *args, **kwargs).clone())
 
     def __exit__(self, *exc):
         del self.readout.forward
 
 
-class TruePositions:
-    """While entered, a readout returns the simulator's positions (readout units) for the objects given."""
+def first_frame_memory(readout, slot: int) -> ReadoutOverride:
+    """The oracle for object memory: `slot` stays where the readout located it on its first call."""
+    first = []
 
-    def __init__(self, readout, env, slots: dict[str, int]):
-        self.readout, self.env, self.slots = readout, env, slots
+    def edit(out):
+        if not first:
+            first.append(out[:, slot].clone())
+        out[:, slot] = first[0]
+        return out
 
-    def __enter__(self):
-        import torch
+    return ReadoutOverride(readout, edit)
 
-        from embodied.vision_pretraining import CENTRE, SCALE
 
-        def forward(*args, **kwargs):
-            out = type(self.readout).forward(self.readout, *args, **kwargs).clone()
-            for role, slot in self.slots.items():
-                where = (self.env.sim.object_pose(role)[0] - CENTRE) / SCALE
-                out[:, slot] = torch.as_tensor(where, dtype=out.dtype)
-            return out
+def simulator_positions(readout, env, slots: dict[str, int]) -> ReadoutOverride:
+    """The oracle for localization: the simulator's positions (readout units) of the objects given."""
+    import torch
 
-        self.readout.forward = forward
+    from embodied.vision_pretraining import CENTRE, SCALE
 
-    def __exit__(self, *exc):
-        del self.readout.forward
+    def edit(out):
+        for role, slot in slots.items():
+            out[:, slot] = torch.as_tensor((env.sim.object_pose(role)[0] - CENTRE) / SCALE, dtype=out.dtype)
+        return out
+
+    return ReadoutOverride(readout, edit)
 
 
 def run_episode(policy, env, seed: int, first_frame_goal: bool = False, true_positions: bool = False) -> dict:
@@ -84,9 +80,9 @@ def run_episode(policy, env, seed: int, first_frame_goal: bool = False, true_pos
     slots = object_slots(env)
     if first_frame_goal and true_positions:
         raise ValueError("choose one oracle: first_frame_goal or true_positions")
-    memory = (FirstFrameMemory(policy.object_readout, slots["goal"]) if first_frame_goal else
-              TruePositions(policy.object_readout, env, {r: slots[r] for r in ("cube", "goal")}) if true_positions else
-              nullcontext())
+    memory = (first_frame_memory(policy.object_readout, slots["goal"]) if first_frame_goal else
+              simulator_positions(policy.object_readout, env, {r: slots[r] for r in ("cube", "goal")}) if true_positions
+              else nullcontext())
     goal = env.sim.object_pose("goal")[0][:2].copy()
     start = env.sim.object_pose("cube")[0][:2].copy()
     cube_err, goal_err, moves, success = [], [], [], False
