@@ -16,6 +16,13 @@ number of workers; at most `max_attempts_per_episode * episodes_per_task` seeds 
 e.g. more demonstrations of the contact-rich tasks; with the same seed, the first episodes of each task are
 the ones a smaller collection keeps.
 
+`dagger_policy` turns collection into DAgger (Ross et al., 2011): a trained policy drives the arm (the expert's own
+action is executed instead with probability `expert_mix` per step, DAgger's beta) while every step is labelled
+with the expert's answer to the state the policy reached. Every episode is kept, whatever its outcome: the
+states where the policy goes wrong, labelled with how the expert gets out of them, are the point. Train on
+these together with the demonstrations. The scripts follow phases, each closed-loop on the current state, so a
+label is the answer of the phase the script is in (move behind the cube, say) until the arm gets there.
+
 `min_steps_per_task` evens out the tasks: a task keeps taking episodes (still in seed order)
 until its kept steps reach it, so a short task (an 8-step reach) gets as many frames, and many
 more distinct layouts, than a long one (a 90-step sort) instead of 10x fewer.
@@ -60,6 +67,8 @@ class CollectConfig:
     # the action written with each step: "expert" (its answer to the state: DART's labels, for imitation) or
     # "executed" (what the arm was commanded, noise included: what moved the next frame, e.g. for latent actions)
     action_label: str = "expert"
+    dagger_policy: str | None = None  # DAgger: a checkpoint whose actions are executed; the labels stay the expert's
+    expert_mix: float = 0.0  # with `dagger_policy`: per step, the probability that the expert's action is executed instead
     max_shard_mb: int = 256
     overwrite: bool = False
     env_kwargs: dict = field(default_factory=dict)
@@ -116,9 +125,10 @@ def _num_envs(cfg: CollectConfig, tasks: list[str]) -> int:
     return max(1, min(cfg.num_envs, max(_seed_count(cfg, t) for t in tasks)))
 
 
-def collect_task(task: str, cfg: CollectConfig, writer, progress=None, envs=None) -> dict:
+def collect_task(task: str, cfg: CollectConfig, writer, progress=None, envs=None, driver=None) -> dict:
     """Run the expert on `task` until `cfg.episodes_for(task)` successes and `min_steps_per_task` steps are
-    written (or seeds run out). `envs`: running vector env workers to reuse, switched to `task`."""
+    written (or seeds run out). `envs`: running vector env workers to reuse, switched to `task`. `driver`: a
+    policy (`embodied.evaluation.VectorPolicy`) whose actions are executed instead, labelled by the expert."""
     from embodied.data.rlds_writer import make_episode
     from embodied.evaluation import make_vector_env
     from envs.env import ACTION_HIGH, ACTION_LOW
@@ -126,6 +136,8 @@ def collect_task(task: str, cfg: CollectConfig, writer, progress=None, envs=None
 
     needed, min_steps = cfg.episodes_for(task), cfg.min_steps_per_task
     noise_rng = np.random.default_rng([cfg.seed, zlib.crc32(task.encode())])
+    mix_rng = np.random.default_rng([cfg.seed, zlib.crc32(task.encode()), 1])
+    keep_failures = cfg.keep_failures or driver is not None
     seeds = get_suite(cfg.suite).episode_seeds(task, _seed_count(cfg, task), seed=cfg.seed)
     own = envs is None
     if own:
@@ -142,13 +154,15 @@ def collect_task(task: str, cfg: CollectConfig, writer, progress=None, envs=None
 
     def may_need_more() -> bool:
         # counts every finished and running episode as kept: schedule no more than could be needed
-        keepable = [rec for ok, rec in finished.values() if ok or cfg.keep_failures]
+        keepable = [rec for ok, rec in finished.values() if ok or keep_failures]
         running = [s for s in slots if s is not None]
         return (written + len(keepable) + len(running) < needed
                 or sum(lengths) + sum(len(r.actions) for r in keepable + running) < min_steps)
 
     def start(indices: list[int], obs: dict) -> None:
         metadata = envs.call("episode_metadata")
+        if driver is not None:
+            driver.reset(indices)
         for i in indices:
             slots[i] = _Recording(pending[i][0], pending[i][1], obs, i, cfg.wrist_camera, dict(metadata[i]))
 
@@ -157,7 +171,7 @@ def collect_task(task: str, cfg: CollectConfig, writer, progress=None, envs=None
         while next_index in finished:
             ok, rec = finished.pop(next_index)
             next_index += 1
-            if (ok or cfg.keep_failures) and wants_more():
+            if (ok or keep_failures) and wants_more():
                 meta = {**rec.metadata, "suite": cfg.suite, "episode_id": writer.num_episodes, "seed": rec.seed}
                 writer.write(make_episode(rec.observations(), np.stack(rec.actions), rec.instruction, meta, success=ok))
                 written += 1
@@ -174,8 +188,12 @@ def collect_task(task: str, cfg: CollectConfig, writer, progress=None, envs=None
         while any(s is not None for s in slots):
             actions = np.clip(np.stack(envs.call("expert_action")).astype(np.float32), ACTION_LOW, ACTION_HIGH)
             executed = actions
+            if driver is not None:  # DAgger: the policy acts, except where the expert's turn is drawn
+                driven = np.clip(driver.act(obs, envs), ACTION_LOW, ACTION_HIGH)
+                expert_turn = mix_rng.random(num_envs) < cfg.expert_mix
+                executed = np.where(expert_turn[:, None], actions, driven).astype(np.float32)
             if cfg.action_noise > 0 or cfg.rotation_noise > 0:  # the expert labels its answer to the perturbed state
-                executed = actions.copy()
+                executed = executed.copy()
                 executed[:, :3] += noise_rng.normal(0.0, cfg.action_noise, (num_envs, 3)).astype(np.float32)
                 if cfg.rotation_noise > 0:  # drawn only when asked: translation-only datasets keep their noise stream
                     executed[:, 3:6] += noise_rng.normal(0.0, cfg.rotation_noise, (num_envs, 3)).astype(np.float32)
@@ -195,7 +213,8 @@ def collect_task(task: str, cfg: CollectConfig, writer, progress=None, envs=None
                 finished[rec.index] = (bool(terminated[i]), rec)
                 slots[i] = None
                 if progress is not None:
-                    progress.set_postfix_str(f"{task}: expert {successes}/{attempts}", refresh=False)
+                    progress.set_postfix_str(f"{task}: {'expert' if driver is None else 'policy'} {successes}/{attempts}",
+                                            refresh=False)
                 if queue and may_need_more():
                     pending[i] = queue.pop(0)
                     restart[i] = True
@@ -233,6 +252,10 @@ def collect(cfg: CollectConfig, output_dir: str | os.PathLike, show_progress: bo
             raise ValueError(f"{key} must be >= 0, got {getattr(cfg, key)}")
     if cfg.action_label not in ("expert", "executed"):
         raise ValueError(f"action_label must be 'expert' or 'executed', got {cfg.action_label!r}")
+    if not 0.0 <= cfg.expert_mix <= 1.0:
+        raise ValueError(f"expert_mix must be within [0, 1], got {cfg.expert_mix}")
+    if cfg.expert_mix > 0 and cfg.dagger_policy is None:
+        raise ValueError("expert_mix mixes the expert into a policy's rollouts: set dagger_policy=<checkpoint directory>")
     if cfg.min_steps_per_task < 0:
         raise ValueError(f"min_steps_per_task must be >= 0, got {cfg.min_steps_per_task}")
     for task, n in (cfg.episodes_by_task or {}).items():
@@ -246,8 +269,10 @@ def collect(cfg: CollectConfig, output_dir: str | os.PathLike, show_progress: bo
     config = {**asdict(cfg), "randomization": randomization, "tasks": tasks}
     versions = package_versions()
     features = episode_features(cfg.image_size, wrist_image=cfg.wrist_camera, image_encoding=cfg.image_encoding)
+    driver = _driver(cfg)
     description = (f"Scripted-expert demonstrations of the {cfg.suite} suite on {cfg.backend} "
-                   f"({len(tasks)} tasks, domain randomization {'on' if any(randomization.values()) else 'off'}).")
+                   f"({len(tasks)} tasks, domain randomization {'on' if any(randomization.values()) else 'off'})"
+                   + (f", along rollouts of {cfg.dagger_policy} (DAgger, expert_mix {cfg.expert_mix})." if driver else "."))
     writer = RLDSWriter(output_dir, cfg.name, features, version=cfg.version, description=description,
                         metadata={"collect_config": config, "versions": versions},
                         max_shard_bytes=cfg.max_shard_mb * 2**20, overwrite=cfg.overwrite)
@@ -262,7 +287,7 @@ def collect(cfg: CollectConfig, output_dir: str | os.PathLike, show_progress: bo
             # one set of env workers for every task: starting them costs seconds per task
             envs = make_vector_env(tasks[0], _eval_config(cfg), _num_envs(cfg, tasks))
             for task in tasks:
-                per_task[task] = collect_task(task, cfg, writer, progress=bar, envs=envs)
+                per_task[task] = collect_task(task, cfg, writer, progress=bar, envs=envs, driver=driver)
         except BaseException:
             writer.abort()
             raise
@@ -283,6 +308,23 @@ def collect(cfg: CollectConfig, output_dir: str | os.PathLike, show_progress: bo
     return summary
 
 
+def _driver(cfg: CollectConfig):
+    """The DAgger policy (None without `dagger_policy`), checked against what the collection renders."""
+    if cfg.dagger_policy is None:
+        return None
+    from embodied.evaluation import make_eval_policy
+
+    driver = make_eval_policy(str(cfg.dagger_policy))
+    config = driver.policy.config
+    wanted = {"image_size": (cfg.image_size, config.observation_image_size),
+              "wrist_camera": (cfg.wrist_camera, bool(getattr(config, "wrist_image", False)))}
+    for key, (given, needed) in wanted.items():
+        if given != needed:
+            raise ValueError(f"policy {cfg.dagger_policy!r} was trained with {key}={needed}, but this collection renders "
+                             f"{key}={given}; set {key}={needed}")
+    return driver
+
+
 def config_from_hydra(cfg) -> CollectConfig:
     from omegaconf import OmegaConf
 
@@ -298,11 +340,12 @@ def _main(cfg) -> dict:
     output_dir = HydraConfig.get().runtime.output_dir
     collect_cfg = config_from_hydra(cfg)
     summary = collect(collect_cfg, output_dir)
+    actor = "policy (DAgger)" if collect_cfg.dagger_policy else "expert"
     for task, r in summary["tasks"].items():
         note = f" (short by {r['shortfall']})" if r["shortfall"] else ""
         note += f" (short by {r['step_shortfall']} steps)" if r["step_shortfall"] else ""
         print(f"{task}: {r['episodes']} episodes ({r['steps']} steps) kept, "
-              f"expert {r['successes']}/{r['attempts']} successful{note}")
+              f"{actor} {r['successes']}/{r['attempts']} successful{note}")
     print(f"wrote {summary['episodes']} episodes ({summary['steps']} steps) of {summary['dataset']} "
           f"to {summary['builder_dir']}")
     return summary

@@ -241,3 +241,41 @@ def test_episodes_by_task_keeps_more_of_the_tasks_it_names(tmp_path):
     with pytest.raises(ValueError, match=r"episodes_by_task\['ReachTarget'\] must be an integer >= 1, got 0"):
         collect(CollectConfig(tasks=["ReachTarget"], episodes_by_task={"ReachTarget": 0}), tmp_path / "bad",
                 show_progress=False)
+
+
+def test_dagger_policy_drives_the_arm_and_the_expert_labels_every_state_it_reaches(tmp_path):
+    """DAgger: an (untrained) policy's actions are executed, every frame is labelled with the expert's answer
+    to the state the policy reached, and failed episodes are kept."""
+    from policy_helpers import tiny
+
+    from embodied.collect import CollectConfig, collect
+    from embodied.data import RLDSSource
+    from envs.env import TabletopEnv
+    from policies.openvla import OpenVLAPolicy
+
+    tiny(OpenVLAPolicy).save_pretrained(tmp_path / "policy")
+    config = dict(backend="pybullet", episodes_per_task=2, tasks=["ReachTarget"], image_size=IMAGE, num_envs=1,
+                  vector="sync", dagger_policy=str(tmp_path / "policy"))
+    summary = collect(CollectConfig(**config), tmp_path / "data", show_progress=False)
+    report = summary["tasks"]["ReachTarget"]
+    assert report["episodes"] == 2 and report["successes"] == 0  # kept although the policy failed both
+    episodes = list(RLDSSource(tmp_path / "data" / "embodied_tabletop10_pybullet", split="train[:100%]").episodes())
+    env = TabletopEnv("ReachTarget", backend="pybullet", image_size=16, randomization="default")
+    try:
+        for episode, seed in zip(episodes, report["seeds"]):
+            assert len(episode["action"]) == env.max_episode_steps and not episode["ends_at_goal"]
+            env.reset(seed=seed)
+            target = env.sim.object_pose("target")[0]
+            ee = episode["state"][:, :3]
+            # the reach expert's answer from each reached state: 3 cm at most straight at the target
+            to_target = target - ee
+            distance = np.linalg.norm(to_target, axis=1, keepdims=True)
+            np.testing.assert_allclose(episode["action"][:, :3], to_target * np.minimum(1.0, 0.03 / distance), atol=2e-3)
+            # ... while the arm went where the policy sent it, not where the labels point
+            assert np.linalg.norm(ee[-1] - target) > 0.05
+    finally:
+        env.close()
+    with pytest.raises(ValueError, match="trained with image_size=32, but this collection renders image_size=48"):
+        collect(CollectConfig(**{**config, "image_size": 48}), tmp_path / "other", show_progress=False)
+    with pytest.raises(ValueError, match="set dagger_policy=<checkpoint directory>"):
+        collect(CollectConfig(tasks=["ReachTarget"], expert_mix=0.5), tmp_path / "other", show_progress=False)

@@ -163,7 +163,7 @@ def test_action_chunks_pad_past_the_episode_end_with_a_mask(dataset, cache):
     assert last["action_mask"].tolist() == [True, False, False, False]
 
 
-def test_hold_padding_trains_the_chunk_to_stand_still_past_the_end(dataset, cache):
+def test_hold_padding_trains_the_chunk_to_stand_still_past_the_end(dataset, cache, tmp_path):
     _, path, raw = dataset
     data = RLDSDataset(_config(path, cache, action_chunk=4, chunk_padding="hold"))
     stats = data.statistics[NAME]
@@ -176,6 +176,18 @@ def test_hold_padding_trains_the_chunk_to_stand_still_past_the_end(dataset, cach
         assert frame["action_mask"].all()
     with pytest.raises(ValueError, match="chunk_padding 'zeros'"):
         RLDSDataset(_config(path, cache, action_chunk=4, chunk_padding="zeros"))
+
+    # An episode that failed (or was driven by a policy and cut off) stops anywhere: standing still there is
+    # nothing to learn, so its chunks past the end are masked out instead, as with "repeat".
+    mixed, raw = write_platform_dataset(tmp_path, name=NAME + "_failures", num_episodes=4, length=6, image_size=IMAGE,
+                                        seed=4, failed_episodes=(1, 3))
+    checked = 0
+    for frame in _frames(RLDSDataset(_config(mixed, cache, action_chunk=4, chunk_padding="hold"))):
+        episode, t = _episode(frame["instruction"]), int(frame["timestep"])
+        inside = np.arange(t, t + 4) < 6
+        assert frame["action_mask"].tolist() == (inside.tolist() if episode in (1, 3) else [True] * 4)
+        checked += episode in (1, 3) and not inside.all()
+    assert checked == 6  # the last three frames of each failed episode
 
 
 def test_keyframe_states_are_the_state_at_the_next_gripper_change_or_the_end(dataset, cache):

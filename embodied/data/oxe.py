@@ -196,7 +196,9 @@ def _platform(steps):
     tf = _tf()
     return {"action": tf.cast(steps["action"], tf.float32),
             "state": tf.cast(steps["observation"]["state"], tf.float32),
-            "instruction": steps["language_instruction"]}
+            "instruction": steps["language_instruction"],
+            # whether the episode stopped at its goal (a failed or policy-driven one stops anywhere)
+            "ends_at_goal": tf.cast(steps["is_terminal"][-1], tf.bool)}
 
 
 # -- the registry -----------------------------------------------------------------------------------
@@ -277,7 +279,7 @@ for _spec in (
 # The platform's own layout (`python -m embodied.collect`, recorded robot data). Any dataset
 # named `embodied_*` uses it; these are the names `collect` gives by default.
 PLATFORM_SPEC = DatasetSpec("embodied", "image", "wrist_image",
-                            (("observation", "state"), ("action",), ("language_instruction",)),
+                            (("observation", "state"), ("action",), ("language_instruction",), ("is_terminal",)),
                             _platform, "POS_QUAT", robot="Franka Panda (sim)", control_hz=10.0)
 register_dataset(PLATFORM_SPEC)
 for _suite in ("tabletop10", "tabletop_pick_place"):

@@ -247,11 +247,11 @@ def write_platform_dataset(data_dir: str | os.PathLike, name: str = "embodied_sy
                            length: int | tuple[int, int] = 10, image_size: int = 16, seed: int = 0,
                            episodes_per_shard: int = 1, wrist_image: bool = False, image_encoding: str = "png",
                            action_fn: Callable[[int, int], np.ndarray] | None = None,
-                           version: str = "1.0.0") -> tuple[Path, list[dict]]:
+                           version: str = "1.0.0", failed_episodes: tuple[int, ...] = ()) -> tuple[Path, list[dict]]:
     """A dataset in the platform's own layout; returns the directory and the raw episodes written.
 
     `length` is a fixed length or a (low, high) range; `action_fn(episode, t)` overrides the
-    random actions.
+    random actions; the episodes numbered in `failed_episodes` are written as failures.
     """
     rng = np.random.default_rng(seed)
     features = episode_features(image_size, wrist_image=wrist_image, image_encoding=image_encoding)
@@ -269,7 +269,7 @@ def write_platform_dataset(data_dir: str | os.PathLike, name: str = "embodied_sy
         meta = {"episode_id": e, "task": "ReachTarget", "suite": "synthetic", "backend": "none", "seed": e,
                 "randomization": {}, "control_hz": 10.0}
         raw.append({"observations": obs, "actions": actions, "instruction": f"reach target {e}"})
-        raw[-1]["episode"] = make_episode(obs, actions, raw[-1]["instruction"], meta)
+        raw[-1]["episode"] = make_episode(obs, actions, raw[-1]["instruction"], meta, success=e not in failed_episodes)
     path = _write(name, data_dir, features, [r.pop("episode") for r in raw], version, episodes_per_shard)
     return path, raw
 

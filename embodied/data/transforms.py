@@ -45,13 +45,15 @@ def normalize_tf(x, entry: Mapping[str, Any], mode: NormalizationMode):
 CHUNK_PADDINGS = ("hold", "repeat")
 
 
-def chunk_actions(action, horizon: int, padding: str = "repeat"):
+def chunk_actions(action, horizon: int, padding: str = "repeat", ends_at_goal=True):
     """(T, D) actions → (T, K, D) windows of the K actions from t on, and a (T, K) mask of positions to train on.
 
     Past the episode's end, `padding` fills the window:
     - "repeat": the last action again, masked out of the loss (the policy never learns what follows the end);
     - "hold": standing still in the common delta convention (zero motion, the last gripper command),
       trained on, so that a chunk reaching the goal stops there instead of running on with untrained actions.
+      Only where the episode ended at its goal (`ends_at_goal`, a boolean scalar): a failed or truncated
+      episode stops anywhere, and standing still there is no answer to learn, so it is padded as "repeat".
     """
     tf = _tf()
     if padding not in CHUNK_PADDINGS:
@@ -64,7 +66,8 @@ def chunk_actions(action, horizon: int, padding: str = "repeat"):
         return windows, inside
     motion = tf.concat([tf.ones_like(windows[..., :-1]), tf.zeros_like(windows[..., -1:])], axis=-1)
     hold = windows * (1.0 - motion)  # motion dims zeroed, gripper kept
-    return tf.where(inside[..., None], windows, hold), tf.ones_like(inside)
+    held = tf.logical_and(tf.logical_not(inside), tf.cast(ends_at_goal, tf.bool))
+    return tf.where(held[..., None], hold, windows), tf.logical_or(inside, held)
 
 
 def next_keyframe_states(state, action, gripper_change: float = 0.5):
