@@ -86,7 +86,9 @@ class VLAProcessor:
                                "(or load a checkpoint that carries dataset_statistics.json)")
         key = unnorm_key or self.config.unnorm_key
         if key is None:
-            if len(self.statistics) > 1:
+            first = next(iter(self.statistics.values()))[part]
+            # datasets normalized alike (data.shared_statistics) leave nothing to choose
+            if any(not _same_statistics(s[part], first) for s in self.statistics.values()):
                 raise ValueError(f"the policy was trained on several datasets ({', '.join(self.statistics)}); "
                                  "pass unnorm_key= to pick the one whose action statistics to use")
             key = next(iter(self.statistics))
@@ -295,3 +297,7 @@ class VLAProcessor:
             images.append(self._check_images(torch.from_numpy(np.ascontiguousarray(image))[None],
                                              f"observation[{key!r}]")[0])
         return torch.stack(images)
+
+
+def _same_statistics(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)

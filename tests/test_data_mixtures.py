@@ -39,6 +39,46 @@ def test_sampled_proportions_match_the_weights(two_datasets, tmp_path, balance, 
     assert abs(fraction - expected) < 4 * sigma, (fraction, expected, n)
 
 
+def test_shared_statistics_normalize_every_dataset_with_the_first_ones(two_datasets, tmp_path):
+    # e.g. DAgger data beside its demonstrations: one robot, one action scale; each keeps its own frame count
+    from policy_helpers import tiny
+
+    from embodied.data import normalize
+    from policies.openvla import OpenVLAPolicy
+
+    root, a, b = two_datasets
+    config = dict(datasets=[a, b], split="train[:100%]", image_size=4, batch_size=80, shuffle=False, repeat=False,
+                  balance_weights=True, statistics_cache_dir=str(tmp_path), show_progress=False)
+    own, shared = RLDSDataset(**config), RLDSDataset(**config, shared_statistics=True)
+    stats_a, stats_b = own.statistics["embodied_mix_a"], own.statistics["embodied_mix_b"]
+    assert not np.allclose(stats_a["action"]["q99"], stats_b["action"]["q99"])
+    assert shared.statistics["embodied_mix_b"]["action"] == stats_a["action"]
+    assert shared.statistics["embodied_mix_b"]["num_transitions"] == stats_b["num_transitions"] == 60
+    np.testing.assert_allclose(shared.weights, own.weights)  # balanced by each one's own frames: 20 : 60
+    raw_b = {tuple(f["state"].round(5)): f for f in _raw_frames(b)}
+    batch = next(iter(shared))
+    rows = [i for i, name in enumerate(batch["dataset_name"]) if name == "embodied_mix_b"]
+    for i in rows:
+        expected = normalize(raw_b[tuple(batch["state"][i].numpy().round(5))]["action"], stats_a["action"])
+        np.testing.assert_allclose(batch["action"][i].numpy(), expected, atol=1e-5)
+    assert rows
+    # a policy with such statistics needs no unnorm_key; with differing ones it must be told which
+    processor = tiny(OpenVLAPolicy).processor
+    processor.set_statistics(shared.statistics)
+    assert processor.action_statistics() == stats_a["action"]
+    processor.set_statistics(own.statistics)
+    with pytest.raises(ValueError, match="pass unnorm_key= to pick"):
+        processor.action_statistics()
+
+
+def _raw_frames(path):
+    from embodied.data import RLDSSource
+
+    for episode in RLDSSource(path, split="train[:100%]").episodes():
+        for t in range(len(episode["action"])):
+            yield {"state": episode["state"][t], "action": episode["action"][t]}
+
+
 def test_openvla_mixture_weights_are_published_facts():
     weights = dict(get_mixture("oxe_magic_soup_subset"))
     assert weights == {"fractal20220817_data": 0.54087122203, "kuka": 0.8341046294, "bridge_dataset": 1.0,

@@ -384,6 +384,7 @@ class DataConfig:
     normalize_state: bool = False
     keyframe_states: bool = False  # also yield each frame's next-keyframe state (raw), an auxiliary target
     balance_weights: bool = False  # multiply mixture weights by frame counts
+    shared_statistics: bool = False  # normalize every dataset with the first one's statistics (one robot, one scale)
     statistics: Any = None  # precomputed {name: stats}, or a dataset_statistics.json path
     statistics_cache_dir: str | None = None
     num_parallel_reads: int | None = None  # None: tf.data AUTOTUNE
@@ -465,6 +466,10 @@ class RLDSDataset(_IterableDataset):
         for source in self.sources:
             stats[source.name] = given.get(source.name) or source.statistics(self.config.statistics_cache_dir,
                                                                               self.config.show_progress)
+        if self.config.shared_statistics:  # each keeps its own counts, which the mixture weights may use
+            first = stats[self.names[0]]
+            counts = ("num_transitions", "num_trajectories")
+            stats = {name: {**first, **{k: own[k] for k in counts if k in own}} for name, own in stats.items()}
         return stats
 
     def save_statistics(self, directory: str | os.PathLike) -> Path:
