@@ -466,10 +466,10 @@ class RLDSDataset(_IterableDataset):
         for source in self.sources:
             stats[source.name] = given.get(source.name) or source.statistics(self.config.statistics_cache_dir,
                                                                               self.config.show_progress)
-        if self.config.shared_statistics:  # each keeps its own counts, which the mixture weights may use
+        if self.config.shared_statistics:  # each keeps its own counts (the mixture weights may use them) and identity
             first = stats[self.names[0]]
-            counts = ("num_transitions", "num_trajectories")
-            stats = {name: {**first, **{k: own[k] for k in counts if k in own}} for name, own in stats.items()}
+            own_keys = ("num_transitions", "num_trajectories", "fingerprint")
+            stats = {name: {**first, **{k: own[k] for k in own_keys if k in own}} for name, own in stats.items()}
         return stats
 
     def save_statistics(self, directory: str | os.PathLike) -> Path:
