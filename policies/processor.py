@@ -86,9 +86,8 @@ class VLAProcessor:
                                "(or load a checkpoint that carries dataset_statistics.json)")
         key = unnorm_key or self.config.unnorm_key
         if key is None:
-            first = next(iter(self.statistics.values()))[part]
             # datasets normalized alike (data.shared_statistics) leave nothing to choose
-            if any(not _same_statistics(s[part], first) for s in self.statistics.values()):
+            if len(self.statistics) > 1 and not _all_same(s[part] for s in self.statistics.values()):
                 raise ValueError(f"the policy was trained on several datasets ({', '.join(self.statistics)}); "
                                  "pass unnorm_key= to pick the one whose action statistics to use")
             key = next(iter(self.statistics))
@@ -299,5 +298,7 @@ class VLAProcessor:
         return torch.stack(images)
 
 
-def _same_statistics(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    return a.keys() == b.keys() and all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
+def _all_same(entries) -> bool:
+    first, *others = list(entries)
+    return all(other.keys() == first.keys() and all(np.array_equal(np.asarray(other[k]), np.asarray(first[k]))
+                                                    for k in first) for other in others)
