@@ -60,6 +60,11 @@ class Motion:
         for _ in range(steps):
             yield self.action(pos, yaw, gripper)[0]
 
+    def lift(self, height: float) -> Iterator[Action]:
+        """Straight up (or down) to `height` from where the tool is now."""
+        x, y, _ = self.sim.ee_pose()[0]
+        yield from self.goto(np.array([x, y, height]), tol=0.02)
+
     def hold(self) -> Iterator[Action]:
         pos, yaw = self.sim.ee_pose()[0].copy(), self.yaw()
         while True:
@@ -105,8 +110,7 @@ def place_at(sim: PhysicsBackend, m: Motion, name: str, xy: Callable[[], np.ndar
     offset = lambda: m.sim.ee_pose()[0][2] - _pos(sim, name)[2]  # noqa: E731
     yield from m.goto(lambda: np.array([*xy(), release_z + offset()]), tol=0.006, max_step=0.02)
     yield from m.grip(OPEN, steps=4)
-    pos = sim.ee_pose()[0]
-    yield from m.goto(np.array([pos[0], pos[1], height]), tol=0.02)
+    yield from m.lift(height)
 
 
 def press(sim: PhysicsBackend, m: Motion, name: str, latched: set) -> Iterator[Action]:
@@ -152,10 +156,8 @@ def push_cube(sim, m, task) -> Iterator[Action]:
             yield m.action(np.array([*target, 0.025]), yaw, CLOSED, max_step=0.015)[0]
         if np.linalg.norm(_pos(sim, "cube")[:2] - goal) < 0.02:
             break
-        ee = sim.ee_pose()[0]
-        yield from m.goto(np.array([ee[0], ee[1], 0.1]), tol=0.02)
-    ee = sim.ee_pose()[0]
-    yield from m.goto(np.array([ee[0], ee[1], 0.1]), tol=0.02)
+        yield from m.lift(0.1)
+    yield from m.lift(0.1)
 
 
 def pick_cube(sim, m, task) -> Iterator[Action]:
