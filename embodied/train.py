@@ -113,9 +113,10 @@ def _note_reused_collection(dataset_dir: Path, collect_cfg: DictConfig) -> None:
     if not found:
         return
     # datasets from before these options lack them
-    recorded = {"action_noise": 0.0, "min_steps_per_task": 0, "wrist_camera": False, "episodes_by_task": None,
+    recorded = {"action_noise": 0.0, "rotation_noise": 0.0, "min_steps_per_task": 0, "wrist_camera": False, "episodes_by_task": None,
                 **json.loads(found[-1].read_text()).get("collect_config", {})}
-    keys = ("episodes_per_task", "episodes_by_task", "min_steps_per_task", "image_size", "action_noise", "wrist_camera")
+    keys = ("episodes_per_task", "episodes_by_task", "min_steps_per_task", "image_size", "action_noise",
+            "rotation_noise", "wrist_camera")
     differ = {k: (recorded.get(k), collect_cfg.get(k)) for k in keys
               if collect_cfg.get(k) is not None and recorded.get(k) != collect_cfg.get(k)}
     if differ:
@@ -158,7 +159,8 @@ def ensure_sim_data(cfg: DictConfig) -> None:
                               min_steps_per_task=min_steps, episodes_by_task=by_task,
                               image_size=int(cfg.collect.image_size), num_envs=int(cfg.collect.num_envs),
                               wrist_camera=bool(cfg.collect.get("wrist_camera", False)),
-                              action_noise=float(cfg.collect.get("action_noise", 0.0))),
+                              action_noise=float(cfg.collect.get("action_noise", 0.0)),
+                              rotation_noise=float(cfg.collect.get("rotation_noise", 0.0))),
                 data_dir)
 
 

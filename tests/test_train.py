@@ -238,10 +238,11 @@ def test_reusing_demonstrations_collected_with_other_settings_is_said(tmp_path, 
     version = tmp_path / "embodied_tabletop10_mujoco" / "1.0.0"
     version.mkdir(parents=True)
     (version / "metadata.json").write_text(json.dumps({"collect_config": {"episodes_per_task": 10, "image_size": 112}}))
-    asked = OmegaConf.create({"episodes_per_task": 30, "image_size": 112, "action_noise": 0.01})
+    asked = OmegaConf.create({"episodes_per_task": 30, "image_size": 112, "action_noise": 0.01, "rotation_noise": 0.05})
     _note_reused_collection(version.parent, asked)
     out = capsys.readouterr().out
     assert "episodes_per_task=10 (the config asks 30)" in out and "action_noise=0.0 (the config asks 0.01)" in out
+    assert "rotation_noise=0.0 (the config asks 0.05)" in out
     assert "image_size" not in out
     _note_reused_collection(version.parent, OmegaConf.create({"episodes_per_task": 10, "image_size": 112}))
     assert capsys.readouterr().out == ""
