@@ -21,7 +21,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -112,9 +112,10 @@ def _note_reused_collection(dataset_dir: Path, collect_cfg: DictConfig) -> None:
     found = sorted(dataset_dir.glob("*/metadata.json"))
     if not found:
         return
-    # datasets from before these options lack them
-    recorded = {"action_noise": 0.0, "rotation_noise": 0.0, "min_steps_per_task": 0, "wrist_camera": False,
-                "episodes_by_task": None, **json.loads(found[-1].read_text()).get("collect_config", {})}
+    from embodied.collect import CollectConfig
+
+    # datasets from before an option existed lack it: they were collected with its default
+    recorded = {**asdict(CollectConfig()), **json.loads(found[-1].read_text()).get("collect_config", {})}
     keys = ("episodes_per_task", "episodes_by_task", "min_steps_per_task", "image_size", "action_noise",
             "rotation_noise", "wrist_camera")
     differ = {k: (recorded.get(k), collect_cfg.get(k)) for k in keys
