@@ -244,6 +244,7 @@ def collect(cfg: CollectConfig, output_dir: str | os.PathLike, show_progress: bo
     from embodied.data.errors import EmptyDatasetError
     from embodied.data.rlds_writer import RLDSWriter, episode_features
     from embodied.evaluation import make_vector_env, package_versions, resolve_tasks
+    from envs.experts import expert_revision
     from envs.randomization import RandomizationConfig
 
     tasks = resolve_tasks(cfg)
@@ -274,7 +275,8 @@ def collect(cfg: CollectConfig, output_dir: str | os.PathLike, show_progress: bo
                    f"({len(tasks)} tasks, domain randomization {'on' if any(randomization.values()) else 'off'})"
                    + (f", along rollouts of {cfg.dagger_policy} (DAgger, expert_mix {cfg.expert_mix})." if driver else "."))
     writer = RLDSWriter(output_dir, cfg.name, features, version=cfg.version, description=description,
-                        metadata={"collect_config": config, "versions": versions},
+                        metadata={"collect_config": config, "versions": versions,
+                                  "expert_revision": expert_revision()},
                         max_shard_bytes=cfg.max_shard_mb * 2**20, overwrite=cfg.overwrite)
     started = time.time()
     per_task = {}

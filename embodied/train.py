@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from embodied.checkpointing import (TRAINER_STATE, latest_checkpoint, load_training_state, read_counters,
                                     save_checkpoint, save_training_state)
+from embodied.config_keys import from_mapping
 
 CHECKPOINT_DIR, FINAL_DIR, ADAPTER_DIR, METRICS_FILE = "checkpoints", "final", "adapter", "metrics.jsonl"
 SIM_DATASET_PREFIX = "embodied_"
@@ -114,15 +115,22 @@ def _note_reused_collection(dataset_dir: Path, collect_cfg: DictConfig) -> None:
         return
     from embodied.collect import CollectConfig
 
+    from envs.experts import expert_revision
+
+    metadata = json.loads(found[-1].read_text())
     # datasets from before an option existed lack it: they were collected with its default
-    recorded = {**asdict(CollectConfig()), **json.loads(found[-1].read_text()).get("collect_config", {})}
-    keys = ("episodes_per_task", "episodes_by_task", "min_steps_per_task", "image_size", "action_noise",
-            "rotation_noise", "wrist_camera")
+    recorded = {**asdict(CollectConfig()), **metadata.get("collect_config", {})}
+    keys = [k for k in collect_cfg if k not in ("enabled", "suite", "backend", "num_envs")]  # what changes the data
     differ = {k: (recorded.get(k), collect_cfg.get(k)) for k in keys
               if collect_cfg.get(k) is not None and recorded.get(k) != collect_cfg.get(k)}
-    if differ:
-        details = ", ".join(f"{k}={old} (the config asks {new})" for k, (old, new) in differ.items())
-        print(f"[train] reusing {found[-1].parent}, collected with {details}; delete it to collect anew", flush=True)
+    details = [f"{k}={old} (the config asks {new})" for k, (old, new) in differ.items()]
+    revision = metadata.get("expert_revision")
+    if revision != expert_revision():
+        details.append(f"expert scripts {revision or 'of a revision it does not record'} (this checkout's: "
+                       f"{expert_revision()})")
+    if details:
+        print(f"[train] reusing {found[-1].parent}, collected with {', '.join(details)}; delete it to collect anew",
+              flush=True)
 
 
 def ensure_sim_data(cfg: DictConfig) -> None:
@@ -146,23 +154,19 @@ def ensure_sim_data(cfg: DictConfig) -> None:
                                 + ("" if cfg.collect.enabled else " (collect.enabled=false)"))
     from embodied.collect import CollectConfig, collect
 
+    options = OmegaConf.to_container(cfg.collect, resolve=True)
     for name in ours:
         backend = name.rsplit("_", 1)[-1]
         suite = name[len(SIM_DATASET_PREFIX):].rsplit("_", 1)[0]
-        min_steps = int(cfg.collect.get("min_steps_per_task", 0))
-        by_task = OmegaConf.to_container(cfg.collect.episodes_by_task, resolve=True) if cfg.collect.get(
-            "episodes_by_task") else {}
-        print(f"[train] {name} is missing from {data_dir}: collecting {cfg.collect.episodes_per_task} scripted "
+        # the dataset's name decides the suite and engine; every other collect.* key is a CollectConfig field
+        config = from_mapping(CollectConfig, {**options, "suite": suite, "backend": backend, "episodes_by_task":
+                                              options.get("episodes_by_task") or {}}, "collect key", ignore=("enabled",))
+        by_task, min_steps = config.episodes_by_task, config.min_steps_per_task
+        print(f"[train] {name} is missing from {data_dir}: collecting {config.episodes_per_task} scripted "
               f"episodes per task of {suite} on {backend}"
               + "".join(f", {n} of {task}" for task, n in by_task.items())
               + (f", more until each task has {min_steps} steps" if min_steps else ""), flush=True)
-        collect(CollectConfig(suite=suite, backend=backend, episodes_per_task=int(cfg.collect.episodes_per_task),
-                              min_steps_per_task=min_steps, episodes_by_task=by_task,
-                              image_size=int(cfg.collect.image_size), num_envs=int(cfg.collect.num_envs),
-                              wrist_camera=bool(cfg.collect.get("wrist_camera", False)),
-                              action_noise=float(cfg.collect.get("action_noise", 0.0)),
-                              rotation_noise=float(cfg.collect.get("rotation_noise", 0.0))),
-                data_dir)
+        collect(config, data_dir)
 
 
 # -- model --------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ the state every control step, and failed grasps are retried.
 """
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -236,6 +238,15 @@ SCRIPTS = {
     "StackCube": stack_cube, "OpenDrawer": open_drawer, "CloseDrawer": close_drawer, "PressButton": press_button,
     "SortByColor": sort_by_color, "ButtonThenTray": button_then_tray,
 }
+
+
+def expert_revision() -> str:
+    """A short hash of the scripts and the task definitions they act on (this file and envs/tasks.py):
+    collections record it, so that demonstrations cached from other scripts are named when reused."""
+    digest = hashlib.sha256()
+    for name in ("experts.py", "tasks.py"):
+        digest.update((Path(__file__).parent / name).read_bytes())
+    return digest.hexdigest()[:12]
 
 
 class ScriptedExpert:

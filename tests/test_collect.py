@@ -118,6 +118,9 @@ def test_collect_writes_rlds_that_plain_tfds_reads(collected, backend):
     summary = json.loads((builder_dir / "collect_summary.json").read_text())
     assert summary["episodes"] == len(episodes) == len(TASKS)
     assert summary["steps"] == sum(e["length"] for e in episodes)
+    from envs.experts import expert_revision
+
+    assert json.loads((builder_dir / "metadata.json").read_text())["expert_revision"] == expert_revision()
 
 
 def test_the_project_loader_reads_what_tfds_reads(collected):

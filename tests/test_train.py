@@ -244,7 +244,19 @@ def test_reusing_demonstrations_collected_with_other_settings_is_said(tmp_path, 
     assert "episodes_per_task=10 (the config asks 30)" in out and "action_noise=0.0 (the config asks 0.01)" in out
     assert "rotation_noise=0.0 (the config asks 0.05)" in out
     assert "image_size" not in out
-    _note_reused_collection(version.parent, OmegaConf.create({"episodes_per_task": 10, "image_size": 112}))
+    assert "expert scripts of a revision it does not record" in out
+    from envs.experts import expert_revision
+
+    (version / "metadata.json").write_text(json.dumps({"collect_config": {"episodes_per_task": 10, "image_size": 112},
+                                                       "expert_revision": "0123456789ab"}))
+    same = OmegaConf.create({"enabled": True, "suite": "tabletop10", "num_envs": 4, "episodes_per_task": 10,
+                             "image_size": 112})
+    _note_reused_collection(version.parent, same)
+    out = capsys.readouterr().out
+    assert f"expert scripts 0123456789ab (this checkout's: {expert_revision()})" in out and "episodes" not in out
+    (version / "metadata.json").write_text(json.dumps({"collect_config": {"episodes_per_task": 10, "image_size": 112},
+                                                       "expert_revision": expert_revision()}))
+    _note_reused_collection(version.parent, same)
     assert capsys.readouterr().out == ""
 
 
