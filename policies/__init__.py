@@ -65,7 +65,8 @@ def load_pretrained(path_or_id: str | os.PathLike, **kwargs):
 
 # settings a config may change on a loaded checkpoint (they do not change its weights' shapes)
 CHECKPOINT_OVERRIDES = ("decoding", "unnorm_key", "autocast", "n_action_steps", "label_sigma_bins", "binarize_gripper",
-                        "gripper_threshold", "gripper_switch_threshold", "temporal_ensemble_coeff")
+                        "gripper_threshold", "gripper_switch_threshold", "temporal_ensemble_coeff",
+                        "action_loss_weights", "regression_losses")
 
 
 def make_policy(cfg: Mapping[str, Any], statistics: Mapping[str, Any] | None = None, device=None):
@@ -84,10 +85,10 @@ def make_policy(cfg: Mapping[str, Any], statistics: Mapping[str, Any] | None = N
     pretrained = cfg.pop("pretrained", None)
     size = cfg.pop("size", "tiny")
     components = bool(cfg.pop("pretrained_components", False))
-    # decoding and action_chunk are decided by the data, the gripper settings and label_sigma_bins by the user,
+    # decoding and action_chunk are decided by the data, the gripper settings and the loss's settings by the user,
     # when given; null: the checkpoint's own (the dataclass default for a new policy)
     for key in ("decoding", "action_chunk", "binarize_gripper", "gripper_threshold", "gripper_switch_threshold",
-                "label_sigma_bins"):
+                "label_sigma_bins", "action_loss_weights", "regression_losses"):
         if cfg.get(key) is None:
             cfg.pop(key, None)
     if pretrained:

@@ -89,6 +89,13 @@ class VLAConfig:
     use_proprio: bool = False  # OpenVLA-OFT's proprio token: the robot state, projected, after the image patches
     proprio_dim: int = 8  # the common state: end-effector position 3, quaternion xyzw 4, gripper 1
     label_sigma_bins: float = 0.0  # 0: one-hot cross-entropy (OpenVLA); > 0: Gaussian soft labels, std in bins
+    # per action dimension, the weight of its loss (null: all 1); rare labels such as the wrist's turn (yaw moves
+    # in ~7% of frames) otherwise lose to the dimensions that move every frame
+    action_loss_weights: list[float] | None = None
+    # with action_head="l1", per action dimension: "l1" (OFT; the conditional median) or "mse" (the mean). A rare
+    # label the policy is unsure of has a median of 0, so an L1-regressed dimension never moves; the mean moves
+    # by the policy's confidence and, re-planned every few steps, gets there (null: "l1" everywhere)
+    regression_losses: list[str] | None = None
     keyframe_loss_weight: float = 0.0  # > 0: auxiliary loss on the next keyframe's state (batches need keyframe_state)
     keyframe_token: bool = False  # the predicted keyframe also becomes a token the LLM reads (needs the loss)
     object_slots: int = 0  # > 0: an object readout locates that many objects (envs.layouts.SLOTS: 10); each is a token
@@ -124,6 +131,19 @@ class VLAConfig:
                                  "binarize_gripper")
         if self.action_chunk < 1:
             raise ValueError(f"action_chunk must be >= 1, got {self.action_chunk}")
+        if self.regression_losses is not None:
+            if self.action_head != "l1":
+                raise ValueError(f"regression_losses choose the L1 head's loss per dimension: it needs "
+                                 f"action_head='l1', got {self.action_head!r}")
+            kinds = list(self.regression_losses)
+            if len(kinds) != self.action_dim or not set(kinds) <= set(REGRESSION_LOSSES):
+                raise ValueError(f"regression_losses must be {self.action_dim} of {', '.join(REGRESSION_LOSSES)} (one "
+                                 f"per action dimension), got {self.regression_losses}")
+        if self.action_loss_weights is not None:
+            weights = list(self.action_loss_weights)
+            if len(weights) != self.action_dim or not all(w >= 0 for w in weights) or not any(w > 0 for w in weights):
+                raise ValueError(f"action_loss_weights must be {self.action_dim} weights >= 0 (one per action "
+                                 f"dimension), not all 0; got {self.action_loss_weights}")
         if self.n_action_steps is not None and not 1 <= self.n_action_steps <= self.action_chunk:
             raise ValueError(f"n_action_steps must be in [1, action_chunk={self.action_chunk}], got {self.n_action_steps}")
         if self.temporal_ensemble_coeff is not None:
@@ -215,6 +235,7 @@ def fused_gelu_mlp(in_dim: int, out_dim: int) -> nn.Module:
 
 PROJECTORS = {"fused_gelu_mlp": fused_gelu_mlp, "linear": nn.Linear}
 ACTION_HEADS = ("tokens", "l1")
+REGRESSION_LOSSES = ("l1", "mse")
 
 
 def action_token_loss(logits: torch.Tensor, targets: torch.Tensor, tokenizer, sigma_bins: float = 0.0) -> torch.Tensor:
@@ -759,9 +780,15 @@ class OpenVLAPolicy(nn.Module):
         tok = self.processor.action_tokenizer
         targets, weights = inputs["target_ids"], inputs["target_weights"]
         n_act = inputs["chunk"] * self.config.action_dim  # the stop token (autoregressive) is not an action
+        if self.config.action_loss_weights is not None:  # per dimension, tiled over the chunk; the stop token keeps 1
+            per_dim = torch.tensor(self.config.action_loss_weights, dtype=weights.dtype, device=weights.device)
+            scaled = weights.clone()
+            scaled[:, :n_act] = weights[:, :n_act] * per_dim.repeat(inputs["chunk"])
+        else:
+            scaled = weights
         if self.action_head is None:
             losses = action_token_loss(logits.float(), targets, tok, self.config.label_sigma_bins)
-            loss = (losses * weights).sum() / weights.sum().clamp(min=1)
+            loss = (losses * scaled).sum() / weights.sum().clamp(min=1)
             with torch.no_grad():
                 predicted = tok.logits_to_bins(logits[:, :n_act]).argmax(-1) + tok.first_id
                 errors = (tok.decode(predicted) - tok.decode(targets[:, :n_act])).abs()
@@ -769,12 +796,15 @@ class OpenVLAPolicy(nn.Module):
             actions = self._head_actions(regressed)
             errors = (actions - inputs["actions"]).abs()
             losses = (regressed - inputs["actions"]).abs()
+            if self.config.regression_losses is not None:
+                squared = torch.tensor([k == "mse" for k in self.config.regression_losses], device=losses.device)
+                losses = torch.where(squared, (regressed - inputs["actions"]).square(), losses)
             if self.config.classify_gripper:
                 gripper = F.binary_cross_entropy_with_logits(regressed[..., -1], (inputs["actions"][..., -1] > 0.5).float(),
                                                              reduction="none")
                 losses = torch.cat([losses[..., :-1], gripper[..., None]], dim=-1)
             errors, losses = errors.flatten(1), losses.flatten(1)
-            loss = (losses * weights).sum() / weights.sum().clamp(min=1)
+            loss = (losses * scaled).sum() / weights.sum().clamp(min=1)
             with torch.no_grad():
                 predicted = tok.encode(actions.detach()).reshape(len(actions), -1).to(targets.device)
         extra = {}

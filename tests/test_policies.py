@@ -246,6 +246,48 @@ def test_l1_head_can_classify_the_gripper(tmp_path):
         loaded.processor.set_statistics({"scaled": normalized_gripper})
 
 
+def test_per_dimension_loss_weights_and_regression_losses():
+    data = batch(size=8, chunk=2, seed=5)
+    plain = tiny(OpenVLAPolicy, decoding="parallel", action_chunk=2, action_head="l1")
+    loss, _ = plain(data)
+    # weights scale each dimension's share of the loss; the stop token and the mask are untouched
+    weighted = tiny(OpenVLAPolicy, decoding="parallel", action_chunk=2, action_head="l1",
+                    action_loss_weights=[2.0] * 7)
+    torch.testing.assert_close(weighted(data)[0], 2 * loss)
+    only_yaw = tiny(OpenVLAPolicy, decoding="parallel", action_chunk=2, action_head="l1",
+                    action_loss_weights=[0, 0, 0, 0, 0, 1, 0])
+    with torch.no_grad():
+        regressed = only_yaw._regress_actions(only_yaw.processor(data["image"], data["instruction"],
+                                                                 actions=data["action"], decoding="parallel"))
+    torch.testing.assert_close(only_yaw(data)[0], (regressed[..., 5] - data["action"][..., 5]).abs().sum() / (8 * 2 * 7))
+    squared = tiny(OpenVLAPolicy, decoding="parallel", action_chunk=2, action_head="l1",
+                   action_loss_weights=[0, 0, 0, 0, 0, 1, 0], regression_losses=["l1"] * 5 + ["mse", "l1"])
+    torch.testing.assert_close(squared(data)[0], (regressed[..., 5] - data["action"][..., 5]).square().sum() / (8 * 2 * 7))
+    # a label set on a quarter of the frames, that the input does not predict: L1 learns its median (0), the
+    # squared loss its mean (0.25)
+    rare = batch(size=8, chunk=2, seed=6)
+    rare["image"][:] = rare["image"][:1]
+    rare["instruction"] = [rare["instruction"][0]] * 8
+    rare["action"][..., 5] = torch.tensor([1.0, 0, 0, 0, 1.0, 0, 0, 0])[:, None]
+    predicted = {}
+    for kind in ("l1", "mse"):
+        policy = tiny(OpenVLAPolicy, decoding="parallel", action_chunk=2, action_head="l1",
+                      regression_losses=["l1"] * 5 + [kind, "l1"])
+        train_steps(policy, rare, steps=150, lr=3e-3)
+        with torch.no_grad():
+            inputs = policy.processor(rare["image"][:1], rare["instruction"][:1], decoding="parallel")
+            predicted[kind] = float(policy._regress_actions(inputs)[0, :, 5].mean())
+    assert abs(predicted["l1"]) < 0.05 and abs(predicted["mse"] - 0.25) < 0.05, predicted
+    with pytest.raises(ValueError, match=r"action_loss_weights must be 7 weights >= 0 .* got \[1, 1\]"):
+        tiny(OpenVLAPolicy, action_loss_weights=[1, 1])
+    with pytest.raises(ValueError, match="not all 0"):
+        tiny(OpenVLAPolicy, action_loss_weights=[0] * 7)
+    with pytest.raises(ValueError, match="regression_losses must be 7 of l1, mse"):
+        tiny(OpenVLAPolicy, decoding="parallel", action_head="l1", regression_losses=["l1"] * 6 + ["huber"])
+    with pytest.raises(ValueError, match="regression_losses choose the L1 head's loss per dimension: it needs"):
+        tiny(OpenVLAPolicy, regression_losses=["mse"] * 7)
+
+
 def test_gripper_switch_threshold_switches_from_the_current_command(tmp_path):
     # hand-computed, threshold 0.1: an open gripper closes once p(open) < 0.9, a closed one opens once
     # p(open) > 0.1, at most once per chunk
