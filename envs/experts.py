@@ -6,6 +6,7 @@ the state every control step, and failed grasps are retried.
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 from pathlib import Path
 from typing import Callable, Iterator
@@ -137,9 +138,9 @@ def push_cube(sim, m, task) -> Iterator[Action]:
         cube = _pos(sim, "cube")[:2]
         direction = (goal - cube) / (np.linalg.norm(goal - cube) + 1e-9)
         behind = cube - direction * (CUBE_HALF + 0.045)
-        # The closed fingers push at yaw 0, as the arm starts, whatever the push's direction: turning them
-        # across the push made no difference to the expert (50 of 50 pushes against 48) but halved how well
-        # it clones (benchmarks/RESULTS.md, "A push expert that does not turn the wrist").
+        # The closed fingers push at yaw 0, as the arm starts, whatever the push's direction. Turning them
+        # across the push barely helped the expert (50 of 50 pushes against 48) and halved how well it
+        # clones (benchmarks/RESULTS.md, "The wrist's turn").
         yaw = 0.0
         yield from m.goto(np.array([*behind, 0.1]), yaw, tol=0.01)
         yield from m.goto(np.array([*behind, 0.025]), yaw, tol=0.008, max_step=0.02)
@@ -243,11 +244,12 @@ SCRIPTS = {
 
 
 def expert_revision() -> str:
-    """A short hash of the scripts and the task definitions they act on (this file and envs/tasks.py):
-    collections record it, so that demonstrations cached from other scripts are named when reused."""
+    """A short hash of the scripts and the task definitions they act on (this file and envs/tasks.py), parsed
+    so that comments and layout do not count: collections record it, so that demonstrations cached from
+    other scripts are named when reused."""
     digest = hashlib.sha256()
     for name in ("experts.py", "tasks.py"):
-        digest.update((Path(__file__).parent / name).read_bytes())
+        digest.update(ast.dump(ast.parse((Path(__file__).parent / name).read_text())).encode())
     return digest.hexdigest()[:12]
 
 
