@@ -14,29 +14,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from policy_image_use import pearson, task_of, template_patterns  # noqa: E402
 
 
 def yaw_frames(source, tasks: list[str], episodes: int, min_turn: float, image_size: int):
     """Per task: observations and labelled yaw of the turning frames of its first `episodes` episodes."""
-    from envs.tasks import TASKS
-
-    # trajectories carry the instruction, not the task: match it against each task's template
-    patterns = {}
-    for task in tasks:
-        if task not in TASKS:
-            raise SystemExit(f"unknown task {task!r}; known: {', '.join(TASKS)}")
-        patterns[task] = re.compile(re.sub(r"\\\{\w+\\\}", r"\\w+", re.escape(TASKS[task].template)) + "$")
+    # trajectories carry the instruction, not the task: it is matched against each task's template
+    patterns = template_patterns()
+    unknown = [task for task in tasks if task not in patterns]
+    if unknown:
+        raise SystemExit(f"unknown task(s) {unknown}; known: {', '.join(patterns)}")
     found = {task: {"observations": [], "yaw": [], "episodes": 0, "frames": 0} for task in tasks}
     for episode in source.episodes(image_size):
-        task = next((t for t, p in patterns.items() if p.match(episode["instruction"][0])), None)
-        entry = found.get(task)
+        entry = found.get(task_of(episode["instruction"][0], patterns))
         if entry is None or entry["episodes"] >= episodes:
             if all(e["episodes"] >= episodes for e in found.values()):
                 break
@@ -87,7 +83,7 @@ def main(argv=None) -> int:
         row = {"episodes": entry["episodes"], "frames": entry["frames"], "turning_frames": len(label),
                "label_abs": float(np.abs(label).mean()), "predicted_abs": float(np.abs(pred).mean()),
                "right_sign": float(np.mean(np.sign(pred) == np.sign(label))),
-               "correlation": float(np.corrcoef(pred, label)[0, 1]) if pred.std() > 0 else 0.0}
+               "correlation": pearson(pred, label)}
         report[task] = row
         print(f"| {task} | {row['episodes']} | {row['turning_frames']} of {row['frames']} | {row['label_abs']:.3f} | "
               f"{row['predicted_abs']:.3f} | {row['right_sign']:.0%} | {row['correlation']:.2f} |")

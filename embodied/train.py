@@ -124,10 +124,10 @@ def _note_reused_collection(dataset_dir: Path, collect_cfg: DictConfig) -> None:
     differ = {k: (recorded.get(k), collect_cfg.get(k)) for k in keys
               if collect_cfg.get(k) is not None and recorded.get(k) != collect_cfg.get(k)}
     details = [f"{k}={old} (the config asks {new})" for k, (old, new) in differ.items()]
-    revision = metadata.get("expert_revision")
-    if revision != expert_revision():
+    revision, current = metadata.get("expert_revision"), expert_revision()
+    if revision != current:
         details.append(f"expert scripts {revision or 'of a revision it does not record'} (this checkout's: "
-                       f"{expert_revision()})")
+                       f"{current})")
     if details:
         print(f"[train] reusing {found[-1].parent}, collected with {', '.join(details)}; delete it to collect anew",
               flush=True)
