@@ -218,9 +218,9 @@ class _Episode:
         self.initial_state = obs["state"][row].copy() if cfg.record_actions else None
         self.actions: list[np.ndarray] | None = [] if cfg.record_actions else None
 
-    def record(self, task: str, success: bool) -> dict:
+    def record(self, task: str, success: bool, stages: dict[str, bool]) -> dict:
         record = {"task": task, "episode": self.episode, "seed": int(self.seed), "success": success,
-                  "length": self.length, "instruction": self.instruction, "frames": self.frames}
+                  "length": self.length, "instruction": self.instruction, "stages": stages, "frames": self.frames}
         if self.actions is not None:
             record["initial_frame"], record["actions"] = self.initial_frame, np.stack(self.actions)
             record["initial_state"] = self.initial_state
@@ -261,7 +261,7 @@ def run_task(task: str, policy: VectorPolicy, cfg: EvalConfig, seeds: list[int],
         obs = start(None)
         while any(slot is not None for slot in slots):
             actions = policy.act(obs, envs)
-            obs, _, terminated, truncated, _ = envs.step(actions)
+            obs, _, terminated, truncated, infos = envs.step(actions)
             finished = terminated | truncated
             for i, slot in enumerate(slots):
                 if slot is None:
@@ -272,7 +272,9 @@ def run_task(task: str, policy: VectorPolicy, cfg: EvalConfig, seeds: list[int],
                 if slot.frames is not None:
                     slot.frames.append(obs["image"][i].copy())
                 if finished[i]:
-                    records.append(slot.record(task, bool(terminated[i])))
+                    stages = {name: bool(flags[i]) for name, flags in infos.get("stages", {}).items()
+                              if not name.startswith("_")}
+                    records.append(slot.record(task, bool(terminated[i]), stages))
                     if progress is not None:
                         progress.update(1)
             if finished.any():
@@ -291,6 +293,9 @@ def summarize(records: list[dict], tasks: list[str]) -> dict:
         wins = sum(r["success"] for r in rs)
         out[task] = {"success_rate": wins / len(rs) if rs else 0.0, "ci95": list(wilson_interval(wins, len(rs))),
                      "episodes": len(rs), "mean_length": float(np.mean([r["length"] for r in rs])) if rs else 0.0}
+        stage_names = list(rs[0].get("stages", {})) if rs else []
+        if stage_names:  # the fraction of episodes that reached each named stage
+            out[task]["stages"] = {name: float(np.mean([r["stages"][name] for r in rs])) for name in stage_names}
     wins, n = sum(r["success"] for r in records), len(records)
     return {"tasks": out, "overall": {"success_rate": wins / n if n else 0.0, "ci95": list(wilson_interval(wins, n)),
                                       "episodes": n}}
@@ -330,12 +335,13 @@ def write_plot(path: Path, results: dict) -> None:
 
 def results_markdown(results: dict) -> str:
     lines = [f"# {results['policy']} on {results['suite']} ({results['backend']}, seed {results['seed']})", "",
-             "| task | success | 95% CI | episodes | mean length |", "|---|---|---|---|---|"]
+             "| task | success | 95% CI | episodes | mean length | stages reached |", "|---|---|---|---|---|---|"]
     rows = list(results["tasks"].items()) + [("**overall**", results["overall"])]
     for task, r in rows:
         lo, hi = r["ci95"]
         length = f"{r['mean_length']:.1f}" if "mean_length" in r else ""
-        lines.append(f"| {task} | {r['success_rate']:.1%} | [{lo:.2f}, {hi:.2f}] | {r['episodes']} | {length} |")
+        stages = ", ".join(f"{name} {rate:.0%}" for name, rate in r.get("stages", {}).items())
+        lines.append(f"| {task} | {r['success_rate']:.1%} | [{lo:.2f}, {hi:.2f}] | {r['episodes']} | {length} | {stages} |")
     return "\n".join(lines) + "\n"
 
 

@@ -166,7 +166,11 @@ class TabletopEnv(gym.Env):
 
     def _info(self, success: bool) -> dict:
         return {"success": success, "is_success": success, "task": self.task.name, "instruction": self.instruction,
-                "steps": self._steps}
+                "steps": self._steps, "stages": self.stages_reached()}
+
+    def stages_reached(self) -> dict[str, bool]:
+        """For each of the task's named stages, whether this episode has reached it so far."""
+        return {name: name in self.task.reached for name in self.task.stage_names}
 
     def episode_metadata(self) -> dict:
         """What identifies this episode exactly: for RLDS metadata and result files."""

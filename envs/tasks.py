@@ -81,10 +81,14 @@ class Task:
     template: str = ""
     # The objects the instruction names, in the order it names them (what it asks to act on and where to).
     named_objects: tuple[str, ...] = ()
+    # Named steps towards the goal that `stages` checks, in order; an episode records which it reached,
+    # so that a failure says how far it got (a grasp that never happened, a first cube sorted).
+    stage_names: tuple[str, ...] = ()
 
     def __init__(self):
         self.scene = SceneSpec(self.objects)
         self.latched: set[str] = set()
+        self.reached: set[str] = set()
 
     # -- episode ------------------------------------------------------------------------
     def sample_layout(self, rng: np.random.Generator) -> Layout:
@@ -95,14 +99,21 @@ class Task:
 
     def reset(self) -> None:
         self.latched.clear()
+        self.reached.clear()
 
     def update(self, sim: PhysicsBackend) -> None:
-        """Called after every step: latches momentary events such as a button press."""
+        """Called after every step: latches momentary events such as a button press, and notes the
+        stages reached."""
         for obj in self.objects:
             if (obj.kind == "button" and obj.name not in self.latched
                     and sim.joint_position(obj.name) <= -0.6 * BUTTON_TRAVEL):
                 self.latched.add(obj.name)
                 sim.light_button(obj.name)
+        self.reached.update(name for name, holds in self.stages(sim).items() if holds)
+
+    def stages(self, sim: PhysicsBackend) -> dict[str, bool]:
+        """Which of `stage_names` hold now (none by default)."""
+        return {}
 
     def success(self, sim: PhysicsBackend) -> bool:
         raise NotImplementedError
@@ -192,6 +203,11 @@ class PickCube(Task):
         rgba, words = self._colored(rng, roles)
         return Layout({r: _cube_pose(placer.place(0.035), rng) for r in roles}, rgba, words)
 
+    stage_names = ("cube_grasped",)
+
+    def stages(self, sim):
+        return {"cube_grasped": sim.grasped("cube")}
+
     def success(self, sim):
         return bool(sim.object_pose("cube")[0][2] > 0.1)
 
@@ -211,6 +227,11 @@ class PlaceInTray(Task):
         poses.update({r: _cube_pose(placer.place(0.035), rng) for r in ("cube", "distractor")})
         return Layout(poses, rgba, words)
 
+    stage_names = ("cube_grasped", "cube_in_tray")
+
+    def stages(self, sim):
+        return {"cube_grasped": sim.grasped("cube"), "cube_in_tray": in_tray(sim, "cube", "tray")}
+
     def success(self, sim):
         return in_tray(sim, "cube", "tray") and not sim.grasped("cube")
 
@@ -227,6 +248,11 @@ class StackCube(Task):
         roles = ["cube", "base", "distractor"]
         rgba, words = self._colored(rng, roles)
         return Layout({r: _cube_pose(placer.place(0.035), rng) for r in roles}, rgba, words)
+
+    stage_names = ("cube_grasped",)
+
+    def stages(self, sim):
+        return {"cube_grasped": sim.grasped("cube")}
 
     def success(self, sim):
         top, base = sim.object_pose("cube")[0], sim.object_pose("base")[0]
@@ -278,6 +304,11 @@ class PressButton(Task):
         return Layout({r: ((*map(float, placer.place(0.04, clearance=0.06)), 0.0), 0.0) for r in ("button", "distractor")},
                       rgba, words)
 
+    stage_names = ("button_pressed",)
+
+    def stages(self, sim):
+        return {"button_pressed": "button" in self.latched}
+
     def success(self, sim):
         return "button" in self.latched and "distractor" not in self.latched
 
@@ -303,6 +334,12 @@ class SortByColor(Task):
             poses[cube] = _cube_pose(placer.place(0.035, x=(0.34, 0.44), y=(-0.2, 0.2)), rng)
         return Layout(poses, rgba, words)
 
+    stage_names = ("cube_a_grasped", "cube_a_in_tray", "cube_b_grasped", "cube_b_in_tray")
+
+    def stages(self, sim):
+        return {"cube_a_grasped": sim.grasped("cube_a"), "cube_a_in_tray": in_tray(sim, "cube_a", "tray_a"),
+                "cube_b_grasped": sim.grasped("cube_b"), "cube_b_in_tray": in_tray(sim, "cube_b", "tray_b")}
+
     def success(self, sim):
         return (in_tray(sim, "cube_a", "tray_a") and in_tray(sim, "cube_b", "tray_b")
                 and not sim.grasped("cube_a") and not sim.grasped("cube_b"))
@@ -326,6 +363,12 @@ class ButtonThenTray(Task):
                  "button": ((*map(float, placer.place(0.04, clearance=0.04)), 0.0), 0.0)}
         poses.update({r: _cube_pose(placer.place(0.035), rng) for r in ("cube", "distractor")})
         return Layout(poses, rgba, words)
+
+    stage_names = ("button_pressed", "cube_grasped", "cube_in_tray")
+
+    def stages(self, sim):
+        return {"button_pressed": "button" in self.latched, "cube_grasped": sim.grasped("cube"),
+                "cube_in_tray": in_tray(sim, "cube", "tray")}
 
     def success(self, sim):
         return "button" in self.latched and in_tray(sim, "cube", "tray") and not sim.grasped("cube")

@@ -18,6 +18,8 @@ def run_expert(env, seed):
         assert action[6] in (0.0, 1.0), f"{env.task.name}: expert gripper command {action[6]}"
         _, reward, terminated, truncated, info = env.step(action)
         if terminated or truncated:
+            # an episode that succeeds has passed through every named stage on its way
+            assert not info["success"] or all(info["stages"].values()), f"{env.task.name}: {info['stages']}"
             return info["success"]
     return False
 
@@ -59,9 +61,10 @@ def test_random_actions_rarely_succeed(backend):
         env = TabletopEnv(task, backend=backend, image_size=16, randomization="none")
         try:
             env.action_space.seed(0)
-            env.reset(seed=int(rng.integers(1 << 30)))
+            _, info = env.reset(seed=int(rng.integers(1 << 30)))
             # A predicate that is true at reset would end the episode at once.
             assert not env.task.success(env.sim), f"{task} is successful before any action"
+            assert not any(info["stages"].values()), f"{task} has reached stages before any action: {info['stages']}"
             for _ in range(40):
                 _, _, terminated, truncated, _ = env.step(env.action_space.sample())
                 if terminated or truncated:
@@ -97,5 +100,28 @@ def test_a_pressed_button_lights_its_ring_until_reset(backend):
         np.testing.assert_array_equal(reset_view, env.sim.render("wrist"))  # reset darkened it
         with pytest.raises(ValueError, match="'cube' is a box, not a button"):
             env.sim.light_button("cube")
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize("task, stop_at, expected", [
+    ("ButtonThenTray", "button_pressed", {"button_pressed": True, "cube_grasped": False, "cube_in_tray": False}),
+    ("SortByColor", "cube_a_in_tray", {"cube_a_grasped": True, "cube_a_in_tray": True, "cube_b_grasped": False,
+                                       "cube_b_in_tray": False}),
+])
+def test_stages_say_how_far_an_unfinished_episode_got(task, stop_at, expected):
+    env = TabletopEnv(task, backend="mujoco", image_size=SMALL, randomization="default")
+    try:
+        _, info = env.reset(seed=get_suite("tabletop10").episode_seeds(task, 1)[0])
+        while not info["stages"][stop_at]:
+            _, _, terminated, truncated, info = env.step(env.expert_action())
+            assert not (terminated or truncated), info
+        assert info["stages"] == expected and not info["success"]
+        # reached is remembered: lifting the arm away keeps the press and the first grasp counted
+        for _ in range(5):
+            _, _, _, _, info = env.step(np.array([0, 0, 0.03, 0, 0, 0, 1.0], np.float32))
+        assert all(info["stages"][name] for name, reached in expected.items() if reached)
+        env.reset(seed=1)
+        assert not any(env.stages_reached().values())
     finally:
         env.close()

@@ -45,9 +45,10 @@ def test_harness_writes_results_with_vector_envs(tmp_path):
     assert on_disk["overall"]["episodes"] == 6
     for task in ("ReachTarget", "PressButton"):
         r = on_disk["tasks"][task]
-        assert set(r) == {"success_rate", "ci95", "episodes", "mean_length"}
+        assert set(r) == {"success_rate", "ci95", "episodes", "mean_length"} | ({"stages"} if task == "PressButton" else set())
         assert r["episodes"] == 3 and r["success_rate"] == 1.0
         assert r["ci95"][0] < 1.0 and r["mean_length"] > 1
+    assert on_disk["tasks"]["PressButton"]["stages"] == {"button_pressed": 1.0}
     assert {"mujoco", "pybullet", "embodied"} <= set(on_disk["versions"])
     assert (tmp_path / "success_rates.png").stat().st_size > 1000
     assert "| ReachTarget | 100.0% |" in (tmp_path / "results.md").read_text()
@@ -56,6 +57,9 @@ def test_harness_writes_results_with_vector_envs(tmp_path):
     episodes = [json.loads(line) for line in (tmp_path / "episodes.jsonl").read_text().splitlines()]
     assert [e["seed"] for e in episodes if e["task"] == "ReachTarget"] == get_suite("tabletop10").episode_seeds("ReachTarget", 3)
     assert all(e["instruction"].startswith(("reach the ", "press the ")) for e in episodes)
+    assert [e["stages"] for e in episodes] == [{}] * 3 + [{"button_pressed": True}] * 3
+    assert "| PressButton | 100.0% | [0.44, 1.00] | 3 |" in (tmp_path / "results.md").read_text()
+    assert "button_pressed 100% |" in (tmp_path / "results.md").read_text()
     # In-process envs (SyncVectorEnv refuses to step a finished env): one env idles through the last
     # episode, and the episodes are the same as the worker processes'. Both runs switch their envs from
     # ReachTarget to PressButton (`set_task`) rather than starting new ones.
@@ -132,3 +136,34 @@ def test_cli_turns_on_the_wrist_camera_for_a_checkpoint_that_reads_it(tmp_path):
                            "wrist_camera=false", f"output_dir={tmp_path / 'refused'}"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "no 'wrist_image' key" in proc.stderr
+
+
+def test_compare_groups_seeds_and_refuses_other_initial_states(tmp_path, capsys):
+    from embodied.compare import main as compare
+    from embodied.evaluation import RandomPolicy
+
+    def run(name, **kw):
+        cfg = EvalConfig(**{"suite": "tabletop10", "backend": "mujoco", "episodes_per_task": 2,
+                            "tasks": ["ReachTarget", "PressButton"], "num_envs": 1, "image_size": 16,
+                            "videos_per_task": 0, **kw})
+        policy = ScriptedPolicy() if name.startswith("expert") else RandomPolicy(seed=len(name))
+        evaluate(policy, cfg, tmp_path / name, show_progress=False)
+
+    for name in ("expert", "random_a", "random_b"):
+        run(name)
+    table = compare([str(tmp_path / "expert"), f"random={tmp_path}/random_*", "--plot", str(tmp_path / "c.png"),
+                     "--output", str(tmp_path / "c.md")])
+    rows = table.splitlines()
+    assert rows[0] == "| run | ReachTarget | PressButton | overall (95% CI) |"
+    assert rows[2].startswith(f"| {tmp_path / 'expert'} | 100% | 100% | 100.0% (")
+    assert rows[3].startswith(f"| {tmp_path / 'random_a'} | 0% | 0% | 0% |")
+    assert rows[5].startswith("| **random: mean of 2** | 0% | 0% | 0.0% (0%-")
+    assert (tmp_path / "c.png").stat().st_size > 1000 and table in (tmp_path / "c.md").read_text()
+    # a difference of initial states is not a difference of policies: refused, naming the evaluation
+    run("expert_more", episodes_per_task=3)
+    with pytest.raises(ValueError, match=r"expert_more: ReachTarget ran other initial states"):
+        compare([str(tmp_path / "expert"), str(tmp_path / "expert_more")])
+    with pytest.raises(FileNotFoundError, match="matches nothing"):
+        compare([f"x={tmp_path}/nothing_*"])
+    with pytest.raises(FileNotFoundError, match="no results.json there"):
+        compare([str(tmp_path)])

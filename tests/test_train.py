@@ -174,6 +174,22 @@ def test_missing_dataset_and_unknown_group_errors(tmp_path):
     assert "openvla" in str(error.value) and "rt2" in str(error.value)
 
 
+def test_a_seed_sweep_with_hydra_multirun_compares_as_one_group(data_dir, tmp_path):
+    out = tmp_path / "sweep"
+    proc = run_train(["-m", "seed=0,1", *overrides(data_dir, out, max_steps=3, **{
+        "eval.final": "true", "eval.tasks": "[ReachTarget]", "eval.episodes_per_task": 1, "eval.num_envs": 1,
+        "eval.videos_per_task": 0})])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # one run directory per job, each with its own seed
+    assert losses(out / "0") != losses(out / "1")
+    for job, seed in (("0", 0), ("1", 1)):
+        assert f"seed: {seed}" in (out / job / "config.yaml").read_text().splitlines()
+    compare = subprocess.run([sys.executable, "-m", "embodied.compare", f"sweep={out}/*/eval/mujoco"],
+                             capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert compare.returncode == 0, compare.stderr[-3000:]
+    assert "| **sweep: mean of 2** |" in compare.stdout
+
+
 def test_torchrun_ddp_two_processes(data_dir, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
