@@ -69,9 +69,10 @@ def collect(env, seeds, noise: float, rng, overrun: int = 0) -> list[dict]:
 
 
 def chunk_dataset(episodes, chunk: int, padding: str = "hold"):
-    """(state, next `chunk` labels) pairs. Past a successful episode's end: `hold` trains the arm to stand
-    still (the default's padding), `drop` keeps only chunks that end inside the episode."""
-    xs, ys = [], []
+    """(state, next `chunk` labels, label mask) triples. Past a successful episode's end: `hold` trains the
+    arm to stand still (the default's padding), `mask` leaves those labels out of the loss (the trainer's
+    `repeat`), `drop` keeps only chunks that end inside the episode."""
+    xs, ys, masks = [], [], []
     for ep in episodes:
         if not ep["success"]:
             continue
@@ -82,10 +83,12 @@ def chunk_dataset(episodes, chunk: int, padding: str = "hold"):
         for t in range(len(a) - (chunk - 1 if padding == "drop" else 0)):
             xs.append(ep["obs"][t])
             ys.append(padded[t:t + chunk])
-    return np.stack(xs), np.stack(ys)
+            inside = np.arange(t, t + chunk) < len(a)
+            masks.append(inside if padding == "mask" else np.ones(chunk, bool))
+    return np.stack(xs), np.stack(ys), np.stack(masks)
 
 
-def train(x, y, steps: int, width: int, seed: int):
+def train(x, y, mask, steps: int, width: int, seed: int):
     import torch
     from torch import nn
 
@@ -95,6 +98,7 @@ def train(x, y, steps: int, width: int, seed: int):
     y_hi = np.where(y_hi - y_lo < 1e-6, y_lo + 1.0, y_hi)
     xn = torch.tensor((x - x_mean) / x_std)
     yn = torch.tensor(np.clip(2 * (y - y_lo) / (y_hi - y_lo) - 1, -1, 1), dtype=torch.float32).flatten(1)
+    weight = torch.tensor(np.repeat(mask, 7, axis=1), dtype=torch.float32)
     net = nn.Sequential(nn.Linear(x.shape[1], width), nn.GELU(), nn.Linear(width, width), nn.GELU(),
                         nn.Linear(width, width), nn.GELU(), nn.Linear(width, yn.shape[1]))
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
@@ -102,7 +106,7 @@ def train(x, y, steps: int, width: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     for step in range(steps):
         idx = torch.randint(0, len(xn), (256,), generator=g)
-        loss = (net(xn[idx]) - yn[idx]).abs().mean()
+        loss = ((net(xn[idx]) - yn[idx]).abs() * weight[idx]).sum() / weight[idx].sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -144,7 +148,7 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=8)
     p.add_argument("--execute", type=int, default=4, help="actions executed per predicted chunk")
     p.add_argument("--overrun", type=int, default=0, help="expert steps recorded after the first success")
-    p.add_argument("--padding", choices=["hold", "drop"], default="hold")
+    p.add_argument("--padding", choices=["hold", "mask", "drop"], default="hold")
     p.add_argument("--steps", type=int, default=6000)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--seeds", type=int, default=1, help="training seeds (each a fresh MLP on the same data)")
@@ -172,12 +176,12 @@ def main() -> None:
     episodes = collect(env, suite.episode_seeds(TASK, args.episodes, seed=1), args.noise, np.random.default_rng(1),
                        args.overrun)
     kept = sum(e["success"] for e in episodes)
-    x, y = chunk_dataset(episodes, args.chunk, args.padding)
+    x, y, mask = chunk_dataset(episodes, args.chunk, args.padding)
     print(f"collected {len(episodes)} episodes ({kept} successful, {len(x)} steps kept) in {time.time() - t0:.0f} s")
     rows = []
     for s in range(args.seeds):
         t0 = time.time()
-        act, loss = train(x, y, args.steps, args.width, seed=s)
+        act, loss = train(x, y, mask, args.steps, args.width, seed=s)
         train_s = time.time() - t0
         results = evaluate(env, act, suite.episode_seeds(TASK, args.eval, seed=0), args.execute)
         rate = float(np.mean(results))

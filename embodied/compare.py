@@ -53,9 +53,13 @@ def parse_groups(arguments: list[str]) -> list[Group]:
             group = groups.setdefault(label or str(path), Group(label or str(path)))
             file = results_file(path)
             try:
-                group.results.append(json.loads(file.read_text()))
+                results = json.loads(file.read_text())
             except json.JSONDecodeError as err:
                 raise ValueError(f"{file}: not valid JSON ({err})") from None
+            missing = sorted({"suite", "backend", "tasks", "episode_seeds"} - set(results))
+            if missing:
+                raise ValueError(f"{file}: not an evaluation's results (no {', '.join(missing)})")
+            group.results.append(results)
             group.paths.append(path)
     return list(groups.values())
 

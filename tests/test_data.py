@@ -190,6 +190,28 @@ def test_hold_padding_trains_the_chunk_to_stand_still_past_the_end(dataset, cach
     assert checked == 6  # the last three frames of each failed episode
 
 
+def test_continue_padding_trains_the_last_action_past_a_goal(dataset, cache, tmp_path):
+    _, path, raw = dataset
+    data = RLDSDataset(_config(path, cache, action_chunk=4, chunk_padding="continue"))
+    stats = data.statistics[NAME]
+    padded = 0
+    for frame in _frames(data):
+        actions = raw[_episode(frame["instruction"])]["actions"]
+        t, length = int(frame["timestep"]), len(actions)
+        expected = actions[np.minimum(np.arange(t, t + 4), length - 1)]  # the last action, motion and all
+        np.testing.assert_allclose(frame["action"], normalize(expected, stats["action"]), atol=1e-6)
+        assert frame["action_mask"].all()
+        padded += t + 4 > length
+    assert padded == 3 * len(raw)
+    # failed episodes: masked past the end, as with "hold"
+    mixed, _ = write_platform_dataset(tmp_path, name=NAME + "_failures", num_episodes=4, length=6, image_size=IMAGE,
+                                      seed=4, failed_episodes=(1, 3))
+    for frame in _frames(RLDSDataset(_config(mixed, cache, action_chunk=4, chunk_padding="continue"))):
+        episode, t = _episode(frame["instruction"]), int(frame["timestep"])
+        inside = np.arange(t, t + 4) < 6
+        assert frame["action_mask"].tolist() == (inside.tolist() if episode in (1, 3) else [True] * 4)
+
+
 def test_keyframe_states_are_the_state_at_the_next_gripper_change_or_the_end(dataset, cache):
     _, path, raw = dataset
     frames = _frames(RLDSDataset(_config(path, cache, keyframe_states=True)))

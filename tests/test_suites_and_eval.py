@@ -167,3 +167,6 @@ def test_compare_groups_seeds_and_refuses_other_initial_states(tmp_path, capsys)
         compare([f"x={tmp_path}/nothing_*"])
     with pytest.raises(FileNotFoundError, match="no results.json there"):
         compare([str(tmp_path)])
+    (tmp_path / "other.json").write_text('{"suite": "tabletop10"}')
+    with pytest.raises(ValueError, match=r"other.json: not an evaluation's results \(no backend, episode_seeds"):
+        compare([str(tmp_path / "other.json")])

@@ -379,7 +379,7 @@ class DataConfig:
     augment: bool = False  # OpenVLA's augmentation
     center_crop: bool = False  # evaluation crop for policies trained with augmentation
     action_chunk: int = 1  # K future actions per frame (1: a single action, no mask)
-    chunk_padding: str = "repeat"  # past an episode's end: repeat (masked out) | hold (zero motion, trained on)
+    chunk_padding: str = "repeat"  # past an episode's end: repeat (masked out) | hold (zero motion) | continue (the last action)
     normalization: str = "bounds_q99"  # bounds_q99 | bounds | normal
     normalize_state: bool = False
     keyframe_states: bool = False  # also yield each frame's next-keyframe state (raw), an auxiliary target

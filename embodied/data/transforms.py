@@ -42,7 +42,7 @@ def normalize_tf(x, entry: Mapping[str, Any], mode: NormalizationMode):
     return tf.where(tf.equal(f["min"], f["max"]), tf.zeros_like(out), out)
 
 
-CHUNK_PADDINGS = ("hold", "repeat")
+CHUNK_PADDINGS = ("hold", "repeat", "continue")
 
 
 def chunk_actions(action, horizon: int, padding: str = "repeat", ends_at_goal=True):
@@ -54,6 +54,11 @@ def chunk_actions(action, horizon: int, padding: str = "repeat", ends_at_goal=Tr
       trained on, so that a chunk reaching the goal stops there instead of running on with untrained actions.
       Only where the episode ended at its goal (`ends_at_goal`, a boolean scalar): a failed or truncated
       episode stops anywhere, and standing still there is no answer to learn, so it is padded as "repeat".
+    - "continue": the last action again, trained on, where the episode ended at its goal (else as "repeat").
+      An episode that ends the moment a threshold is crossed (a cube 10 cm up, 4 cm from its goal) then
+      teaches "keep doing what crossed it" rather than "stop about here", which a policy that sees the
+      threshold imprecisely obeys short of it. Past a goal that ends the episode, nothing else is asked;
+      a robot that should stand still after the goal wants "hold".
     """
     tf = _tf()
     if padding not in CHUNK_PADDINGS:
@@ -64,9 +69,11 @@ def chunk_actions(action, horizon: int, padding: str = "repeat", ends_at_goal=Tr
     windows = tf.gather(action, tf.minimum(index, length - 1))
     if padding == "repeat":
         return windows, inside
+    held = tf.logical_and(tf.logical_not(inside), tf.cast(ends_at_goal, tf.bool))
+    if padding == "continue":
+        return windows, tf.logical_or(inside, held)
     motion = tf.concat([tf.ones_like(windows[..., :-1]), tf.zeros_like(windows[..., -1:])], axis=-1)
     hold = windows * (1.0 - motion)  # motion dims zeroed, gripper kept
-    held = tf.logical_and(tf.logical_not(inside), tf.cast(ends_at_goal, tf.bool))
     return tf.where(held[..., None], hold, windows), tf.logical_or(inside, held)
 
 
