@@ -196,14 +196,13 @@ class PickCube(Task):
     max_steps = 100
     template = "pick up the {cube} cube"
     named_objects = ("cube",)
+    stage_names = ("cube_grasped",)
 
     def sample_layout(self, rng):
         placer = Placer(rng, self.name)
         roles = ["cube", "distractor_0", "distractor_1"]
         rgba, words = self._colored(rng, roles)
         return Layout({r: _cube_pose(placer.place(0.035), rng) for r in roles}, rgba, words)
-
-    stage_names = ("cube_grasped",)
 
     def stages(self, sim):
         return {"cube_grasped": sim.grasped("cube")}
@@ -218,6 +217,7 @@ class PlaceInTray(Task):
     max_steps = 160
     template = "put the {cube} cube in the {tray} tray"
     named_objects = ("cube", "tray")
+    stage_names = ("cube_grasped", "cube_in_tray")
 
     def sample_layout(self, rng):
         placer = Placer(rng, self.name)
@@ -226,8 +226,6 @@ class PlaceInTray(Task):
         poses = {"tray": ((float(tray[0]), float(tray[1]), 0.0), 0.0)}
         poses.update({r: _cube_pose(placer.place(0.035), rng) for r in ("cube", "distractor")})
         return Layout(poses, rgba, words)
-
-    stage_names = ("cube_grasped", "cube_in_tray")
 
     def stages(self, sim):
         return {"cube_grasped": sim.grasped("cube"), "cube_in_tray": in_tray(sim, "cube", "tray")}
@@ -242,14 +240,13 @@ class StackCube(Task):
     max_steps = 160
     template = "stack the {cube} cube on the {base} cube"
     named_objects = ("cube", "base")
+    stage_names = ("cube_grasped",)
 
     def sample_layout(self, rng):
         placer = Placer(rng, self.name)
         roles = ["cube", "base", "distractor"]
         rgba, words = self._colored(rng, roles)
         return Layout({r: _cube_pose(placer.place(0.035), rng) for r in roles}, rgba, words)
-
-    stage_names = ("cube_grasped",)
 
     def stages(self, sim):
         return {"cube_grasped": sim.grasped("cube")}
@@ -297,14 +294,13 @@ class PressButton(Task):
     max_steps = 80
     template = "press the {button} button"
     named_objects = ("button",)
+    stage_names = ("button_pressed",)
 
     def sample_layout(self, rng):
         placer = Placer(rng, self.name)
         rgba, words = self._colored(rng, ["button", "distractor"])
         return Layout({r: ((*map(float, placer.place(0.04, clearance=0.06)), 0.0), 0.0) for r in ("button", "distractor")},
                       rgba, words)
-
-    stage_names = ("button_pressed",)
 
     def stages(self, sim):
         return {"button_pressed": "button" in self.latched}
@@ -319,6 +315,7 @@ class SortByColor(Task):
     max_steps = 320
     template = "put the {a} cube in the {a} tray and the {b} cube in the {b} tray"
     named_objects = ("cube_a", "tray_a", "cube_b", "tray_b")
+    stage_names = ("cube_a_grasped", "cube_a_in_tray", "cube_b_grasped", "cube_b_in_tray")
 
     def sample_layout(self, rng):
         placer = Placer(rng, self.name)
@@ -333,8 +330,6 @@ class SortByColor(Task):
         for cube in ("cube_a", "cube_b"):
             poses[cube] = _cube_pose(placer.place(0.035, x=(0.34, 0.44), y=(-0.2, 0.2)), rng)
         return Layout(poses, rgba, words)
-
-    stage_names = ("cube_a_grasped", "cube_a_in_tray", "cube_b_grasped", "cube_b_in_tray")
 
     def stages(self, sim):
         return {"cube_a_grasped": sim.grasped("cube_a"), "cube_a_in_tray": in_tray(sim, "cube_a", "tray_a"),
@@ -353,6 +348,7 @@ class ButtonThenTray(Task):
     max_steps = 260
     template = "press the {button} button, then put the {cube} cube in the tray"
     named_objects = ("button", "cube", "tray")
+    stage_names = ("button_pressed", "cube_grasped", "cube_in_tray")
 
     def sample_layout(self, rng):
         placer = Placer(rng, self.name)
@@ -363,8 +359,6 @@ class ButtonThenTray(Task):
                  "button": ((*map(float, placer.place(0.04, clearance=0.04)), 0.0), 0.0)}
         poses.update({r: _cube_pose(placer.place(0.035), rng) for r in ("cube", "distractor")})
         return Layout(poses, rgba, words)
-
-    stage_names = ("button_pressed", "cube_grasped", "cube_in_tray")
 
     def stages(self, sim):
         return {"button_pressed": "button" in self.latched, "cube_grasped": sim.grasped("cube"),
