@@ -26,6 +26,10 @@ label is the answer of the phase the script is in (move behind the cube, say) un
 `min_steps_per_task` evens out the tasks: a task keeps taking episodes (still in seed order)
 until its kept steps reach it, so a short task (an 8-step reach) gets as many frames, and many
 more distinct layouts, than a long one (a 90-step sort) instead of 10x fewer.
+
+`steps_after_success` records that many more of the expert's steps after an episode first succeeds (the
+env's own `steps_after_success`; the episode still counts as reaching its goal). The suite ends an
+episode the moment its predicate holds, so without it a pick's lift is cut where the cube passes 10 cm.
 """
 from __future__ import annotations
 
@@ -67,6 +71,9 @@ class CollectConfig:
     # the action written with each step: "expert" (its answer to the state: DART's labels, for imitation) or
     # "executed" (what the arm was commanded, noise included: what moved the next frame, e.g. for latent actions)
     action_label: str = "expert"
+    # the expert's steps recorded past each episode's first success (the episode still counts as reaching
+    # its goal): a demonstration whose motion crosses the success threshold is not cut at it
+    steps_after_success: int = 0
     dagger_policy: str | None = None  # DAgger: a checkpoint whose actions are executed; the labels stay the expert's
     expert_mix: float = 0.0  # with `dagger_policy`: per step, the probability that the expert's action is executed instead
     max_shard_mb: int = 256
@@ -87,7 +94,8 @@ def _eval_config(cfg: CollectConfig):
     return EvalConfig(suite=cfg.suite, backend=cfg.backend, episodes_per_task=cfg.episodes_per_task,
                       tasks=cfg.tasks, num_envs=cfg.num_envs, seed=cfg.seed, randomization=cfg.randomization,
                       image_size=cfg.image_size, wrist_camera=cfg.wrist_camera, videos_per_task=0, vector=cfg.vector,
-                      env_kwargs=dict(cfg.env_kwargs))
+                      env_kwargs={**cfg.env_kwargs, **({"steps_after_success": cfg.steps_after_success}
+                                                       if cfg.steps_after_success else {})})
 
 
 class _Recording:
@@ -257,8 +265,9 @@ def collect(cfg: CollectConfig, output_dir: str | os.PathLike, show_progress: bo
         raise ValueError(f"expert_mix must be within [0, 1], got {cfg.expert_mix}")
     if cfg.expert_mix > 0 and cfg.dagger_policy is None:
         raise ValueError("expert_mix mixes the expert into a policy's rollouts: set dagger_policy=<checkpoint directory>")
-    if cfg.min_steps_per_task < 0:
-        raise ValueError(f"min_steps_per_task must be >= 0, got {cfg.min_steps_per_task}")
+    for key in ("min_steps_per_task", "steps_after_success"):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"{key} must be >= 0, got {getattr(cfg, key)}")
     for task, n in (cfg.episodes_by_task or {}).items():
         if task not in tasks:
             raise ValueError(f"episodes_by_task names {task!r}, which this collection does not cover; "

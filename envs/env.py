@@ -42,7 +42,8 @@ class TabletopEnv(gym.Env):
 
     def __init__(self, task: str, backend: str = "mujoco", randomization: Any = "default",
                  image_size: int | tuple[int, int] = 224, wrist_camera: bool = False, control_hz: float = 10.0,
-                 render_mode: str | None = None, max_episode_steps: int | None = None):
+                 render_mode: str | None = None, max_episode_steps: int | None = None,
+                 steps_after_success: int = 0):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
         if render_mode not in (None, "rgb_array"):
@@ -54,6 +55,12 @@ class TabletopEnv(gym.Env):
         self.control_hz = float(control_hz)
         self.render_mode = render_mode
         self._max_episode_steps_arg = max_episode_steps
+        # Recording demonstrations: the episode runs on this many steps past its first success, so that a
+        # motion that crosses a threshold (a cube lifted past 10 cm) is not cut there. Evaluation keeps 0.
+        if int(steps_after_success) < 0:
+            raise ValueError(f"steps_after_success must be >= 0, got {steps_after_success}")
+        self.steps_after_success = int(steps_after_success)
+        self._succeeded_at: int | None = None
         self.sim = None
         self.set_task(task)
 
@@ -102,15 +109,20 @@ class TabletopEnv(gym.Env):
         self.task.reset()
         self.sim.reset(self.episode)
         self._steps = 0
+        self._succeeded_at = None
         self._expert = ScriptedExpert(self.task, self.sim)
         obs = self.observe()
         return obs, self._info(success=False)
 
     def step(self, action):
-        success = self.step_physics(action)
+        if self.step_physics(action) and self._succeeded_at is None:
+            self._succeeded_at = self._steps
         obs = self.observe()
-        truncated = self._steps >= self.max_episode_steps and not success
-        return obs, float(success), success, truncated, self._info(success)
+        succeeded = self._succeeded_at is not None
+        terminated = succeeded and (self._steps - self._succeeded_at >= self.steps_after_success
+                                    or self._steps >= self.max_episode_steps)
+        truncated = self._steps >= self.max_episode_steps and not succeeded
+        return obs, float(terminated), terminated, truncated, self._info(succeeded)
 
     def step_physics(self, action) -> bool:
         """Apply one action without rendering an observation (tools that image only some steps);

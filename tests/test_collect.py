@@ -246,6 +246,41 @@ def test_episodes_by_task_keeps_more_of_the_tasks_it_names(tmp_path):
                 show_progress=False)
 
 
+def test_steps_after_success_records_the_expert_past_the_threshold(tmp_path):
+    """The pick's lift is not cut where the cube passes 10 cm: the expert's next steps are recorded too, and
+    the episode still counts as reaching its goal. The env alone ends that many steps after the first success."""
+    from embodied.collect import CollectConfig, collect
+    from embodied.data import RLDSSource
+    from envs.env import TabletopEnv
+    from envs.suites import get_suite
+
+    seed = get_suite("tabletop10").episode_seeds("PickCube", 1, seed=1)[0]
+    lengths, lifts = {}, {}
+    for extra in (0, 4):
+        env = TabletopEnv("PickCube", backend="pybullet", image_size=16, steps_after_success=extra)
+        _, info = env.reset(seed=seed)
+        rewards, heights, successes = [], [], []
+        while True:
+            _, reward, terminated, truncated, info = env.step(env.expert_action())
+            rewards.append(reward), heights.append(env.sim.object_pose("cube")[0][2]), successes.append(info["success"])
+            if terminated or truncated:
+                break
+        env.close()
+        first = successes.index(True)
+        assert terminated and len(rewards) == first + 1 + extra and all(successes[first:])
+        assert rewards[-1] == 1.0 and sum(rewards) == 1.0
+        lengths[extra], lifts[extra] = len(rewards), heights[-1]
+    assert lifts[4] > lifts[0] + 0.03  # the expert lifted on, towards its 18 cm
+
+    summary = collect(CollectConfig(backend="pybullet", episodes_per_task=1, tasks=["PickCube"], image_size=IMAGE,
+                                    num_envs=1, vector="sync", steps_after_success=4), tmp_path, show_progress=False)
+    assert summary["tasks"]["PickCube"]["steps"] == lengths[4] and summary["tasks"]["PickCube"]["successes"] == 1
+    actions = np.asarray(next(RLDSSource("embodied_tabletop10_pybullet", tmp_path).episodes())["action"])
+    assert (actions[-4:, 2] > 0.01).sum() >= 2  # recorded past the success: still lifting
+    with pytest.raises(ValueError, match="steps_after_success must be >= 0, got -1"):
+        collect(CollectConfig(tasks=["PickCube"], steps_after_success=-1), tmp_path / "bad", show_progress=False)
+
+
 def test_dagger_policy_drives_the_arm_and_the_expert_labels_every_state_it_reaches(tmp_path):
     """DAgger: an (untrained) policy's actions are executed, every frame is labelled with the expert's answer
     to the state the policy reached, and failed episodes are kept."""
