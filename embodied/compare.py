@@ -117,6 +117,28 @@ def markdown(groups: list[Group], summaries: list[dict], tasks: list[str]) -> st
     return "\n".join(lines) + "\n"
 
 
+def stages_markdown(groups: list[Group], tasks: list[str]) -> str:
+    """How far episodes got: per task stage, each group's mean share of episodes that reached it (over its runs
+    that recorded stages; "-" where none did). Empty when no evaluation recorded any."""
+    rows = []
+    for task in tasks:
+        names = []
+        for group in groups:
+            for results in group.results:
+                names += [n for n in results["tasks"][task].get("stages", {}) if n not in names]
+        for name in names:
+            cells = []
+            for group in groups:
+                shares = [r["tasks"][task]["stages"][name] for r in group.results
+                          if name in r["tasks"][task].get("stages", {})]
+                cells.append(f"{np.mean(shares):.0%}" if shares else "-")
+            rows.append(f"| {task}: {name} | " + " | ".join(cells) + " |")
+    if not rows:
+        return ""
+    labels = [f"{g.label} ({len(g.results)})" if len(g.results) > 1 else g.label for g in groups]
+    return "\n".join(["| stage reached | " + " | ".join(labels) + " |", "|---" * (len(groups) + 1) + "|", *rows]) + "\n"
+
+
 def plot(path: Path, groups: list[Group], summaries: list[dict], tasks: list[str]) -> None:
     import matplotlib
 
@@ -154,6 +176,9 @@ def main(argv: list[str] | None = None) -> str:
     tasks = check_comparable(groups)
     summaries = [group_summary(g, tasks) for g in groups]
     table = markdown(groups, summaries, tasks)
+    stages = stages_markdown(groups, tasks)
+    if stages:
+        table += "\n" + stages
     episodes = groups[0].results[0]["tasks"][tasks[0]]["episodes"]
     header = (f"{groups[0].results[0]['suite']} on {groups[0].results[0]['backend']}, {episodes} episodes per task "
               f"(the same initial states in every run)\n\n")

@@ -159,6 +159,9 @@ def test_compare_groups_seeds_and_refuses_other_initial_states(tmp_path, capsys)
     assert rows[3].startswith(f"| {tmp_path / 'random_a'} | 0% | 0% | 0% |")
     assert rows[5].startswith("| **random: mean of 2** | 0% | 0% | 0.0% (0%-")
     assert (tmp_path / "c.png").stat().st_size > 1000 and table in (tmp_path / "c.md").read_text()
+    # how far the episodes got, per stage: the expert pressed every button, the random arm none
+    assert f"| stage reached | {tmp_path / 'expert'} | random (2) |" in table
+    assert "| PressButton: button_pressed | 100% | 0% |" in table
     # a difference of initial states is not a difference of policies: refused, naming the evaluation
     run("expert_more", episodes_per_task=3)
     with pytest.raises(ValueError, match=r"expert_more: ReachTarget ran other initial states"):
