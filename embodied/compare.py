@@ -43,7 +43,8 @@ def parse_groups(arguments: list[str]) -> list[Group]:
     groups: dict[str, Group] = {}
     for argument in arguments:
         label, sep, pattern = argument.partition("=")
-        if not sep:
+        # a path may hold "=" itself (Hydra's override-named run directories): then it is no label
+        if not sep or "/" in label or Path(argument).exists():
             label, pattern = "", argument
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         if not matches:

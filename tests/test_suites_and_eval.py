@@ -162,6 +162,10 @@ def test_compare_groups_seeds_and_refuses_other_initial_states(tmp_path, capsys)
     # how far the episodes got, per stage: the expert pressed every button, the random arm none
     assert f"| stage reached | {tmp_path / 'expert'} | random (2) |" in table
     assert "| PressButton: button_pressed | 100% | 0% |" in table
+    # a directory whose name holds "=" (Hydra's override-named runs) is a path, not LABEL=PATH
+    (tmp_path / "seed=1").mkdir()
+    (tmp_path / "random_a").rename(tmp_path / "seed=1" / "eval")
+    assert f"| {tmp_path / 'seed=1' / 'eval'} | 0% | 0% |" in compare([str(tmp_path / "seed=1" / "eval")])
     # a difference of initial states is not a difference of policies: refused, naming the evaluation
     run("expert_more", episodes_per_task=3)
     with pytest.raises(ValueError, match=r"expert_more: ReachTarget ran other initial states"):
