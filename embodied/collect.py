@@ -27,6 +27,14 @@ label is the answer of the phase the script is in (move behind the cube, say) un
 until its kept steps reach it, so a short task (an 8-step reach) gets as many frames, and many
 more distinct layouts, than a long one (a 90-step sort) instead of 10x fewer.
 
+`clause_instructions` labels each step of a multi-step task with the clause of its instruction that the step
+serves ("press the red button" until the button is lit, then "put the blue cube in the tray"), in each step's
+`language_instruction`; the episode's metadata keeps the whole instruction. The clauses are the one-step
+tasks' instructions, so their demonstrations train them too. A policy trained on them is prompted one clause
+at a time (`policy.instruction_clauses`). After each clause but the last the expert stands still for
+`clause_pause` steps, still labelled with that clause: the policy learns to stand still once a clause is done
+(the lit button under "press the red button"), which is how it says to move on.
+
 `steps_after_success` records that many more of the expert's steps after an episode first succeeds (the
 env's own `steps_after_success`; the episode still counts as reaching its goal). The suite ends an
 episode the moment its predicate holds, so without it a pick's lift is cut where the cube passes 10 cm.
@@ -74,6 +82,9 @@ class CollectConfig:
     # the expert's steps recorded past each episode's first success (the episode still counts as reaching
     # its goal): a demonstration whose motion crosses the success threshold is not cut at it
     steps_after_success: int = 0
+    # each step's language_instruction: the clause of a multi-step instruction it serves (policies.instructions)
+    clause_instructions: bool = False
+    clause_pause: int = 4  # with clause_instructions: steps the expert stands still after each clause but the last
     dagger_policy: str | None = None  # DAgger: a checkpoint whose actions are executed; the labels stay the expert's
     expert_mix: float = 0.0  # with `dagger_policy`: per step, the probability that the expert's action is executed instead
     max_shard_mb: int = 256
@@ -95,7 +106,8 @@ def _eval_config(cfg: CollectConfig):
                       tasks=cfg.tasks, num_envs=cfg.num_envs, seed=cfg.seed, randomization=cfg.randomization,
                       image_size=cfg.image_size, wrist_camera=cfg.wrist_camera, videos_per_task=0, vector=cfg.vector,
                       env_kwargs={**cfg.env_kwargs, **({"steps_after_success": cfg.steps_after_success}
-                                                       if cfg.steps_after_success else {})})
+                                                       if cfg.steps_after_success else {}),
+                                  **({"clause_pause": cfg.clause_pause} if cfg.clause_instructions else {})})
 
 
 class _Recording:
@@ -107,15 +119,29 @@ class _Recording:
         self.images = [obs["image"][i].copy()]
         self.wrist = [obs["wrist_image"][i].copy()] if wrist else None
         self.states = [obs["state"][i].copy()]
+        self.clauses = [0]  # the clause of the instruction each observation is on (the task's `clause`)
         self.actions: list[np.ndarray] = []
 
-    def add(self, action: np.ndarray, obs: dict | None, i: int) -> None:
+    def add(self, action: np.ndarray, obs: dict | None, i: int, clause: int = 0) -> None:
         self.actions.append(action.copy())
         if obs is not None:  # the next observation (not after the last action)
             self.images.append(obs["image"][i].copy())
             if self.wrist is not None:
                 self.wrist.append(obs["wrist_image"][i].copy())
             self.states.append(obs["state"][i].copy())
+            self.clauses.append(int(clause))
+
+    def instructions(self, by_clause: bool) -> str | list[str]:
+        """The episode's instruction, or each step's clause of it."""
+        if not by_clause:
+            return self.instruction
+        from policies.instructions import split_instruction
+
+        clauses = split_instruction(self.instruction)
+        if max(self.clauses) >= len(clauses):
+            raise ValueError(f"instruction {self.instruction!r} splits into {len(clauses)} clause(s) "
+                             f"({clauses}), but its task reached clause {max(self.clauses) + 1}")
+        return [clauses[c] for c in self.clauses]
 
     def observations(self) -> dict[str, np.ndarray]:
         out = {"image": np.stack(self.images), "state": np.stack(self.states).astype(np.float32)}
@@ -181,7 +207,8 @@ def collect_task(task: str, cfg: CollectConfig, writer, progress=None, envs=None
             next_index += 1
             if (ok or keep_failures) and wants_more():
                 meta = {**rec.metadata, "suite": cfg.suite, "episode_id": writer.num_episodes, "seed": rec.seed}
-                writer.write(make_episode(rec.observations(), np.stack(rec.actions), rec.instruction, meta, success=ok))
+                writer.write(make_episode(rec.observations(), np.stack(rec.actions),
+                                          rec.instructions(cfg.clause_instructions), meta, success=ok))
                 written += 1
                 kept_seeds.append(rec.seed)
                 lengths.append(len(rec.actions))
@@ -206,14 +233,15 @@ def collect_task(task: str, cfg: CollectConfig, writer, progress=None, envs=None
                 if cfg.rotation_noise > 0:  # drawn only when asked: translation-only datasets keep their noise stream
                     executed[:, 3:6] += noise_rng.normal(0.0, cfg.rotation_noise, (num_envs, 3)).astype(np.float32)
                 executed = np.clip(executed, ACTION_LOW, ACTION_HIGH)
-            obs, _, terminated, truncated, _ = envs.step(executed)
+            obs, _, terminated, truncated, infos = envs.step(executed)
+            clause = infos.get("clause", np.zeros(num_envs, dtype=int))
             restart = np.zeros(num_envs, dtype=bool)
             idle_done = (terminated | truncated) & np.array([s is None for s in slots])
             for i, rec in enumerate(slots):
                 if rec is None:
                     continue
                 done = bool(terminated[i] or truncated[i])
-                rec.add((executed if cfg.action_label == "executed" else actions)[i], None if done else obs, i)
+                rec.add((executed if cfg.action_label == "executed" else actions)[i], None if done else obs, i, clause[i])
                 if not done:
                     continue
                 attempts += 1
@@ -265,7 +293,7 @@ def collect(cfg: CollectConfig, output_dir: str | os.PathLike, show_progress: bo
         raise ValueError(f"expert_mix must be within [0, 1], got {cfg.expert_mix}")
     if cfg.expert_mix > 0 and cfg.dagger_policy is None:
         raise ValueError("expert_mix mixes the expert into a policy's rollouts: set dagger_policy=<checkpoint directory>")
-    for key in ("min_steps_per_task", "steps_after_success"):
+    for key in ("min_steps_per_task", "steps_after_success", "clause_pause"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"{key} must be >= 0, got {getattr(cfg, key)}")
     for task, n in (cfg.episodes_by_task or {}).items():

@@ -45,7 +45,9 @@ def main(cfg: DictConfig) -> dict:
                               binarize_gripper=cfg.get("binarize_gripper"),
                               gripper_threshold=cfg.get("gripper_threshold"),
                               gripper_switch_threshold=cfg.get("gripper_switch_threshold"),
-                              temporal_ensemble_coeff=cfg.get("temporal_ensemble_coeff"))
+                              temporal_ensemble_coeff=cfg.get("temporal_ensemble_coeff"),
+                              instruction_clauses=cfg.get("instruction_clauses"),
+                              clause_hold_tolerance=cfg.get("clause_hold_tolerance"))
     trained = getattr(policy, "policy", None)
     trained_config = getattr(trained, "config", None)
     eval_cfg = config_from_hydra(cfg, getattr(trained_config, "observation_image_size", 224),

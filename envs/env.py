@@ -43,7 +43,7 @@ class TabletopEnv(gym.Env):
     def __init__(self, task: str, backend: str = "mujoco", randomization: Any = "default",
                  image_size: int | tuple[int, int] = 224, wrist_camera: bool = False, control_hz: float = 10.0,
                  render_mode: str | None = None, max_episode_steps: int | None = None,
-                 steps_after_success: int = 0):
+                 steps_after_success: int = 0, clause_pause: int = 0):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
         if render_mode not in (None, "rgb_array"):
@@ -60,6 +60,13 @@ class TabletopEnv(gym.Env):
         if int(steps_after_success) < 0:
             raise ValueError(f"steps_after_success must be >= 0, got {steps_after_success}")
         self.steps_after_success = int(steps_after_success)
+        # Recording clause-labelled demonstrations: the expert stands still this many steps after each clause of
+        # a multi-step instruction but the last, and `info["clause"]` moves on after them. A policy prompted
+        # with a clause then sees its done state (a lit button) labelled "stand still", and says it is done.
+        if int(clause_pause) < 0:
+            raise ValueError(f"clause_pause must be >= 0, got {clause_pause}")
+        self.clause_pause = int(clause_pause)
+        self._pause_left, self._clause_shown, self._gripper = 0, 0, 1.0
         self._succeeded_at: int | None = None
         self.sim = None
         self.set_task(task)
@@ -110,6 +117,7 @@ class TabletopEnv(gym.Env):
         self.sim.reset(self.episode)
         self._steps = 0
         self._succeeded_at = None
+        self._pause_left, self._clause_shown, self._gripper = 0, 0, 1.0
         self._expert = ScriptedExpert(self.task, self.sim)
         obs = self.observe()
         return obs, self._info(success=False)
@@ -117,6 +125,15 @@ class TabletopEnv(gym.Env):
     def step(self, action):
         if self.step_physics(action) and self._succeeded_at is None:
             self._succeeded_at = self._steps
+        if self._pause_left > 0:  # this step was one of the pause's
+            self._pause_left -= 1
+            if self._pause_left == 0:
+                self._clause_shown = self.task.clause
+        elif self.task.clause > self._clause_shown:
+            if self.clause_pause:
+                self._pause_left = self.clause_pause
+            else:
+                self._clause_shown = self.task.clause
         obs = self.observe()
         succeeded = self._succeeded_at is not None
         terminated = succeeded and (self._steps - self._succeeded_at >= self.steps_after_success
@@ -132,6 +149,7 @@ class TabletopEnv(gym.Env):
         target_pos = pos + action[:3]
         target_rot = euler_to_matrix(*action[3:6]) @ quat_to_matrix(quat)
         self.sim.apply_action(target_pos, matrix_to_quat(target_rot), float(action[6]))
+        self._gripper = float(action[6])
         self.task.update(self.sim)
         self._steps += 1
         return bool(self.task.success(self.sim))
@@ -169,6 +187,8 @@ class TabletopEnv(gym.Env):
         """The scripted expert's next action from privileged state (call after `reset`)."""
         if self._expert is None:
             raise RuntimeError("call reset() before expert_action()")
+        if self._pause_left > 0:  # standing still after a clause (clause_pause); the script waits
+            return np.array([0, 0, 0, 0, 0, 0, self._gripper], dtype=np.float32)
         return self._expert.act()
 
     def state(self) -> np.ndarray:
@@ -178,7 +198,8 @@ class TabletopEnv(gym.Env):
 
     def _info(self, success: bool) -> dict:
         return {"success": success, "is_success": success, "task": self.task.name, "instruction": self.instruction,
-                "steps": self._steps, "stages": self.stages_reached()}
+                "steps": self._steps, "stages": self.stages_reached(),
+                "clause": self._clause_shown}
 
     def stages_reached(self) -> dict[str, bool]:
         """For each of the task's named stages, whether this episode has reached it so far."""

@@ -84,11 +84,16 @@ class Task:
     # Named steps towards the goal that `stages` checks, in order; an episode records which it reached,
     # so that a failure says how far it got (a grasp that never happened, a first cube sorted).
     stage_names: tuple[str, ...] = ()
+    # Clauses of the instruction, done one after another ("press the red button, then put ..."); a task of
+    # several says when each clause but the last is done (`clause_done`): collection can then label every
+    # step with the clause it serves (policies.instructions.split_instruction gives their words).
+    num_clauses: int = 1
 
     def __init__(self):
         self.scene = SceneSpec(self.objects)
         self.latched: set[str] = set()
         self.reached: set[str] = set()
+        self.clause = 0  # the clause the episode is on
 
     # -- episode ------------------------------------------------------------------------
     def sample_layout(self, rng: np.random.Generator) -> Layout:
@@ -100,6 +105,7 @@ class Task:
     def reset(self) -> None:
         self.latched.clear()
         self.reached.clear()
+        self.clause = 0
 
     def update(self, sim: PhysicsBackend) -> None:
         """Called after every step: latches momentary events such as a button press, and notes the
@@ -110,10 +116,16 @@ class Task:
                 self.latched.add(obj.name)
                 sim.light_button(obj.name)
         self.reached.update(name for name, holds in self.stages(sim).items() if holds)
+        while self.clause < self.num_clauses - 1 and self.clause_done(sim, self.clause):
+            self.clause += 1
 
     def stages(self, sim: PhysicsBackend) -> dict[str, bool]:
         """Which of `stage_names` hold now (none by default)."""
         return {}
+
+    def clause_done(self, sim: PhysicsBackend, clause: int) -> bool:
+        """Whether clause `clause` (< num_clauses - 1) is done now; the last one is done at `success`."""
+        raise NotImplementedError(f"{self.name} has {self.num_clauses} clauses and does not say when they are done")
 
     def success(self, sim: PhysicsBackend) -> bool:
         raise NotImplementedError
@@ -316,6 +328,7 @@ class SortByColor(Task):
     template = "put the {a} cube in the {a} tray and the {b} cube in the {b} tray"
     named_objects = ("cube_a", "tray_a", "cube_b", "tray_b")
     stage_names = ("cube_a_grasped", "cube_a_in_tray", "cube_b_grasped", "cube_b_in_tray")
+    num_clauses = 2
 
     def sample_layout(self, rng):
         placer = Placer(rng, self.name)
@@ -335,6 +348,9 @@ class SortByColor(Task):
         return {"cube_a_grasped": sim.grasped("cube_a"), "cube_a_in_tray": in_tray(sim, "cube_a", "tray_a"),
                 "cube_b_grasped": sim.grasped("cube_b"), "cube_b_in_tray": in_tray(sim, "cube_b", "tray_b")}
 
+    def clause_done(self, sim, clause):
+        return in_tray(sim, "cube_a", "tray_a") and not sim.grasped("cube_a")  # let go in its tray
+
     def success(self, sim):
         return (in_tray(sim, "cube_a", "tray_a") and in_tray(sim, "cube_b", "tray_b")
                 and not sim.grasped("cube_a") and not sim.grasped("cube_b"))
@@ -349,6 +365,7 @@ class ButtonThenTray(Task):
     template = "press the {button} button, then put the {cube} cube in the tray"
     named_objects = ("button", "cube", "tray")
     stage_names = ("button_pressed", "cube_grasped", "cube_in_tray")
+    num_clauses = 2
 
     def sample_layout(self, rng):
         placer = Placer(rng, self.name)
@@ -363,6 +380,9 @@ class ButtonThenTray(Task):
     def stages(self, sim):
         return {"button_pressed": "button" in self.latched, "cube_grasped": sim.grasped("cube"),
                 "cube_in_tray": in_tray(sim, "cube", "tray")}
+
+    def clause_done(self, sim, clause):
+        return "button" in self.latched
 
     def success(self, sim):
         return "button" in self.latched and in_tray(sim, "cube", "tray") and not sim.grasped("cube")

@@ -8,7 +8,8 @@
     policy = policies.load_pretrained("runs/ckpt")                         # OpenVLA or RT-2, from config.json
 
 Modules: openvla.py (OpenVLA), rt2.py (RT-2 style), processor.py (shared preprocessing),
-action_tokenizer.py (256-bin action tokens), action_chunks.py (open-loop chunk execution), lora.py (peft adapters), sizes.py (tiny | base | 7b).
+action_tokenizer.py (256-bin action tokens), action_chunks.py (open-loop chunk execution),
+instructions.py (multi-step instructions as clauses), lora.py (peft adapters), sizes.py (tiny | base | 7b).
 Names are imported on first use, so `import policies` does not load transformers.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ _EXPORTS = {
     "processor": ("VLAProcessor",),
     "action_tokenizer": ("ActionTokenizer",),
     "action_chunks": ("ActionChunkQueue",),
+    "instructions": ("split_instruction",),
     "lora": ("LoraSettings", "apply_lora", "merge_lora", "load_adapter"),
     "tiny_tokenizer": ("build_tiny_tokenizer",),
     "sizes": ("SIZES",),
@@ -66,7 +68,7 @@ def load_pretrained(path_or_id: str | os.PathLike, **kwargs):
 # settings a config may change on a loaded checkpoint (they do not change its weights' shapes)
 CHECKPOINT_OVERRIDES = ("decoding", "unnorm_key", "autocast", "n_action_steps", "label_sigma_bins", "binarize_gripper",
                         "gripper_threshold", "gripper_switch_threshold", "temporal_ensemble_coeff",
-                        "action_loss_weights", "regression_losses")
+                        "action_loss_weights", "regression_losses", "instruction_clauses", "clause_hold_tolerance")
 
 
 def make_policy(cfg: Mapping[str, Any], statistics: Mapping[str, Any] | None = None, device=None):
@@ -88,7 +90,8 @@ def make_policy(cfg: Mapping[str, Any], statistics: Mapping[str, Any] | None = N
     # decoding and action_chunk are decided by the data, the gripper settings and the loss's settings by the user,
     # when given; null: the checkpoint's own (the dataclass default for a new policy)
     for key in ("decoding", "action_chunk", "binarize_gripper", "gripper_threshold", "gripper_switch_threshold",
-                "label_sigma_bins", "action_loss_weights", "regression_losses"):
+                "label_sigma_bins", "action_loss_weights", "regression_losses", "instruction_clauses",
+                "clause_hold_tolerance"):
         if cfg.get(key) is None:
             cfg.pop(key, None)
     if pretrained:

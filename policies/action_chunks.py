@@ -11,12 +11,21 @@ it, weighted exp(-coeff * i) with i = 0 for the oldest: each step's motion is sm
 binary gripper (`binary_gripper`) is snapped back to 0 or 1 at 0.5: a weighted vote of the chunks. Taking
 the newest chunk's command instead lets a gripper that switches from its current state (at most once per
 chunk) flip at every step, and a cube is never let go (PlaceInTray 83% -> 30%, benchmarks/RESULTS.md).
+
+With `instruction_clauses` a stream prompts the policy with one clause of a multi-step instruction at a time
+(`prompt`; policies.instructions.split_instruction) and moves to the next when a chunk for the current one
+stands still: its translations all under `clause_hold_tolerance` metres, the whole chunk (a grasp stands still
+for a few steps and then lifts; a chunk is longer). A policy trained on clause-labelled demonstrations learned
+to stand still where each clause is done (the expert pauses there, and chunks are padded with "hold" at every
+clause's end, as at an episode's goal).
 """
 from __future__ import annotations
 
 from typing import Iterable
 
 import numpy as np
+
+from policies.instructions import split_instruction
 
 GRIPPER_OPEN = 1.0  # every stream starts an episode with the gripper open
 
@@ -25,15 +34,21 @@ class ActionChunkQueue:
     """Per-stream queues of the actions still to run, and each stream's last gripper command."""
 
     def __init__(self, n_action_steps: int | None = None, temporal_ensemble_coeff: float | None = None,
-                 binary_gripper: bool = False):
+                 binary_gripper: bool = False, instruction_clauses: bool = False, clause_hold_tolerance: float = 0.002):
         if n_action_steps is not None and n_action_steps < 1:
             raise ValueError(f"n_action_steps must be >= 1 (or None: the whole chunk), got {n_action_steps}")
         if temporal_ensemble_coeff is not None and n_action_steps != 1:
             raise ValueError("temporal_ensemble_coeff averages a new chunk at every step: it needs n_action_steps=1, "
                              f"got {n_action_steps}")
+        if clause_hold_tolerance <= 0:
+            raise ValueError(f"clause_hold_tolerance must be > 0 (metres), got {clause_hold_tolerance}")
         self.n_action_steps = n_action_steps
         self.temporal_ensemble_coeff = temporal_ensemble_coeff
         self.binary_gripper = binary_gripper
+        self.instruction_clauses = instruction_clauses
+        self.clause_hold_tolerance = clause_hold_tolerance
+        # per stream with instruction_clauses: the instruction, its clauses and the one being done
+        self._clauses: dict[int, tuple[str, list[str], int]] = {}
         self._actions: dict[int, list[np.ndarray]] = {}
         self._gripper: dict[int, float] = {}
         # temporal ensembling: per stream, the running weighted mean of the predictions for each coming step
@@ -46,7 +61,8 @@ class ActionChunkQueue:
         with `classify_gripper` or `binarize_gripper`); defaults for a policy without them."""
         binary = bool(getattr(config, "classify_gripper", False) or getattr(config, "binarize_gripper", False))
         return cls(getattr(config, "n_action_steps", None), getattr(config, "temporal_ensemble_coeff", None),
-                   binary_gripper=binary)
+                   binary_gripper=binary, instruction_clauses=bool(getattr(config, "instruction_clauses", False)),
+                   clause_hold_tolerance=float(getattr(config, "clause_hold_tolerance", 0.002)))
 
     def reset(self, streams: Iterable[int] | None = None) -> None:
         """Forget the queued actions and gripper command of `streams` (all of them when None)."""
@@ -54,11 +70,30 @@ class ActionChunkQueue:
             self._actions.clear()
             self._gripper.clear()
             self._ensembled.clear()
+            self._clauses.clear()
             return
         for stream in streams:
             self._actions.pop(int(stream), None)
             self._gripper.pop(int(stream), None)
             self._ensembled.pop(int(stream), None)
+            self._clauses.pop(int(stream), None)
+
+    def prompt(self, stream: int, instruction: str | None) -> str | None:
+        """What to prompt the policy with for `stream`: the instruction, or with `instruction_clauses` the clause
+        of it the stream is on (a new instruction starts again at its first clause)."""
+        if not self.instruction_clauses or instruction is None:
+            return instruction
+        instruction = str(instruction)
+        current = self._clauses.get(int(stream))
+        if current is None or current[0] != instruction:
+            current = (instruction, split_instruction(instruction), 0)
+            self._clauses[int(stream)] = current
+        return current[1][current[2]]
+
+    def clause(self, stream: int) -> int:
+        """The index of the clause `stream` is on (0 before its first prompt)."""
+        current = self._clauses.get(int(stream))
+        return 0 if current is None else current[2]
 
     def needing(self, streams: Iterable[int]) -> list[int]:
         """The streams among `streams` whose queue is empty: they need a new chunk before `pop`."""
@@ -78,6 +113,11 @@ class ActionChunkQueue:
         if self.n_action_steps is not None and self.n_action_steps > len(chunk):
             raise ValueError(f"n_action_steps={self.n_action_steps} exceeds the predicted chunk of {len(chunk)} "
                              "actions")
+        current = self._clauses.get(int(stream))
+        if current is not None and current[2] < len(current[1]) - 1:
+            # the whole chunk, not only its executed part: a grasp stands still for a few steps, then lifts
+            if np.linalg.norm(chunk[:, :3], axis=-1).max() < self.clause_hold_tolerance:  # this clause is done
+                self._clauses[int(stream)] = (current[0], current[1], current[2] + 1)
         if self.temporal_ensemble_coeff is not None:
             chunk = self._ensemble(int(stream), chunk)
         self._actions[int(stream)] = list(chunk[:self.n_action_steps])

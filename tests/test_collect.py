@@ -281,6 +281,47 @@ def test_steps_after_success_records_the_expert_past_the_threshold(tmp_path):
         collect(CollectConfig(tasks=["PickCube"], steps_after_success=-1), tmp_path / "bad", show_progress=False)
 
 
+def test_clause_instructions_label_each_step_and_end_each_clause_s_chunks_standing_still(tmp_path):
+    """ButtonThenTray's steps say "press the ... button" until the button is lit and the expert has stood still
+    (clause_pause), then "put the ... cube in the tray"; the metadata keeps the whole instruction. Read for
+    training, a chunk stops where its clause ends, trained to stand still there (hold), as a one-step task's
+    chunk does at its goal."""
+    import tensorflow_datasets as tfds
+
+    from embodied.collect import CollectConfig, collect
+    from embodied.data import RLDSDataset
+    from policies.instructions import split_instruction
+
+    collect(CollectConfig(backend="pybullet", episodes_per_task=1, tasks=["ButtonThenTray"], image_size=IMAGE,
+                          num_envs=1, vector="sync", clause_instructions=True), tmp_path, show_progress=False)
+    builder = tfds.builder_from_directory(str(tmp_path / "embodied_tabletop10_pybullet" / "1.0.0"))
+    episode = next(iter(builder.as_dataset(split="train")))
+    whole = episode["episode_metadata"]["instruction"].numpy().decode()
+    steps = [s.decode() for s in episode["steps"].map(lambda s: s["language_instruction"]).as_numpy_iterator()]
+    first, second = split_instruction(whole)
+    switch = steps.index(second)
+    assert 10 < switch < len(steps) - 10 and steps == [first] * switch + [second] * (len(steps) - switch)
+    actions = np.stack(list(episode["steps"].map(lambda s: s["action"]).as_numpy_iterator()))
+    assert np.abs(actions[switch - 4:switch, :6]).max() == 0 and np.abs(actions[switch - 5, :3]).max() > 0.005
+
+    data = RLDSDataset(dict(datasets=str(tmp_path / "embodied_tabletop10_pybullet" / "1.0.0"), split="train[:100%]",
+                            batch_size=8, image_size=IMAGE, shuffle=False, repeat=False, action_chunk=4,
+                            chunk_padding="hold", statistics_cache_dir=tmp_path / "cache", show_progress=False))
+    frames = {}
+    for batch in data:
+        for i, t in enumerate(batch["timestep"].tolist()):
+            frames[t] = (batch["instruction"][i], batch["action"][i].numpy(), batch["action_mask"][i].numpy())
+    assert [frames[t][0] for t in range(len(steps))] == steps
+    stats = data.statistics["embodied_tabletop10_pybullet"]["action"]
+    from embodied.data.statistics import unnormalize
+
+    before = unnormalize(frames[switch - 2][1], stats)  # two steps of the first clause, then two held
+    assert frames[switch - 2][2].all() and np.abs(before[2:, :6]).max() < 0.002
+    np.testing.assert_allclose(before[2:, 6], before[1, 6], atol=1e-6)  # the last gripper command kept
+    across = unnormalize(frames[switch - 5][1], stats)  # a chunk wholly inside the first clause moves
+    assert np.abs(across[:, :3]).max() > 0.005
+
+
 def test_dagger_policy_drives_the_arm_and_the_expert_labels_every_state_it_reaches(tmp_path):
     """DAgger: an (untrained) policy's actions are executed, every frame is labelled with the expert's answer
     to the state the policy reached, and failed episodes are kept."""

@@ -104,6 +104,57 @@ def test_a_pressed_button_lights_its_ring_until_reset(backend):
         env.close()
 
 
+@pytest.mark.parametrize("task, done_at", [("ButtonThenTray", "button_pressed"), ("SortByColor", "cube_a_in_tray")])
+def test_a_multi_step_episode_says_which_clause_of_its_instruction_it_is_on(task, done_at):
+    from policies.instructions import split_instruction
+
+    env = TabletopEnv(task, backend="mujoco", image_size=SMALL, randomization="default")
+    try:
+        _, info = env.reset(seed=get_suite("tabletop10").episode_seeds(task, 1)[0])
+        assert len(split_instruction(env.instruction)) == env.task.num_clauses == 2
+        clauses, stages = [info["clause"]], [False]
+        while True:
+            _, _, terminated, truncated, info = env.step(env.expert_action())
+            clauses.append(info["clause"]), stages.append(info["stages"][done_at])
+            if terminated or truncated:
+                break
+        assert terminated and clauses[-1] == 1 and sorted(set(clauses)) == [0, 1]
+        switch = clauses.index(1)
+        assert clauses[switch:] == [1] * (len(clauses) - switch)  # never back
+        assert stages[switch] and (task == "ButtonThenTray") == (not stages[switch - 1])  # sorted: let go first
+        env.reset(seed=1)
+        assert env.task.clause == 0
+    finally:
+        env.close()
+    for name in get_suite("tabletop10").tasks:  # every other instruction is one clause
+        one = TabletopEnv(name, backend="mujoco", image_size=SMALL)
+        try:
+            one.reset(seed=2)
+            assert len(split_instruction(one.instruction)) == one.task.num_clauses, one.instruction
+        finally:
+            one.close()
+
+
+def test_clause_pause_stands_the_expert_still_after_a_clause_before_the_next_one():
+    env = TabletopEnv("ButtonThenTray", backend="mujoco", image_size=SMALL, randomization="default", clause_pause=3)
+    try:
+        _, info = env.reset(seed=get_suite("tabletop10").episode_seeds("ButtonThenTray", 1)[0])
+        while env.task.clause == 0:
+            _, _, _, _, info = env.step(env.expert_action())
+        assert info["clause"] == 0 and env.task.latched == {"button"}  # done, not yet shown
+        pose = env.sim.ee_pose()[0].copy()
+        for _ in range(3):
+            action = env.expert_action()
+            assert np.all(action[:6] == 0) and info["clause"] == 0
+            _, _, _, _, info = env.step(action)
+        assert info["clause"] == 1 and np.linalg.norm(env.sim.ee_pose()[0] - pose) < 0.005
+        assert np.abs(env.expert_action()[:3]).max() > 0.005  # the script goes on where it left off
+    finally:
+        env.close()
+    with pytest.raises(ValueError, match="clause_pause must be >= 0, got -1"):
+        TabletopEnv("ButtonThenTray", backend="mujoco", image_size=SMALL, clause_pause=-1)
+
+
 @pytest.mark.parametrize("task, stop_at, expected", [
     ("ButtonThenTray", "button_pressed", {"button_pressed": True, "cube_grasped": False, "cube_in_tray": False}),
     ("SortByColor", "cube_a_in_tray", {"cube_a_grasped": True, "cube_a_in_tray": True, "cube_b_grasped": False,

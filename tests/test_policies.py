@@ -386,6 +386,56 @@ def test_temporal_ensembling_averages_every_chunks_prediction_for_the_step(tmp_p
         policies.load_pretrained(tmp_path / "p", temporal_ensemble_coeff=-1.0)
 
 
+def test_instruction_clauses_prompt_one_clause_and_move_on_when_a_chunk_stands_still(tmp_path):
+    from policies.instructions import split_instruction
+
+    both = "press the red button, then put the blue cube in the tray"
+    assert split_instruction(both) == ["press the red button", "put the blue cube in the tray"]
+    # the second clause borrows the first one's verb
+    assert split_instruction("put the red cube in the red tray and the blue cube in the blue tray") == [
+        "put the red cube in the red tray", "put the blue cube in the blue tray"]
+    assert split_instruction("  pick up   the red cube ") == ["pick up the red cube"]
+    with pytest.raises(ValueError, match="an instruction must not be empty"):
+        split_instruction(" ")
+
+    moving = np.array([[0.01, 0, 0, 0, 0, 0, 1.0]] * 3, np.float32)
+    still = np.array([[0.001, 0.0005, 0, 0, 0, 0, 0.0]] * 3, np.float32)
+    grasping = np.array([[0.0, 0, 0, 0, 0, 0, 0.0]] * 2 + [[0, 0, 0.03, 0, 0, 0, 0.0]], np.float32)
+    queue = ActionChunkQueue(n_action_steps=2, instruction_clauses=True, clause_hold_tolerance=0.002)
+    assert queue.prompt(0, both) == "press the red button" and queue.prompt(1, "open the drawer") == "open the drawer"
+    queue.fill(0, moving)
+    queue.fill(0, grasping)  # the executed part stands still, then the chunk lifts: not done
+    assert queue.prompt(0, both) == "press the red button"
+    queue.fill(0, still)  # the whole chunk stands still: the first clause is done
+    assert queue.prompt(0, both) == "put the blue cube in the tray" and queue.clause(0) == 1
+    queue.fill(0, still)
+    assert queue.prompt(0, both) == "put the blue cube in the tray"  # the last clause stays
+    queue.fill(1, still)
+    assert queue.prompt(1, "open the drawer") == "open the drawer"
+    queue.reset([0])
+    assert queue.prompt(0, both) == "press the red button"
+    assert ActionChunkQueue().prompt(0, both) == both  # off: the whole instruction
+    with pytest.raises(ValueError, match="clause_hold_tolerance must be > 0"):
+        ActionChunkQueue(instruction_clauses=True, clause_hold_tolerance=0.0)
+
+    # the policy setting: select_action and the harness prompt with the clause, and a checkpoint keeps it
+    policy = tiny(OpenVLAPolicy, decoding="parallel", action_chunk=3, n_action_steps=3, instruction_clauses=True)
+    obs = observations(batch(chunk=3))[0]
+    first = policy.predict_action_chunk(obs, "press the red button")
+    assert not np.allclose(first, policy.predict_action_chunk(obs, both), atol=1e-4)
+    policy.reset()
+    np.testing.assert_allclose(policy.select_action({**obs, "instruction": both}), first[0], atol=1e-5)
+    harness = EvalCheckpointPolicy(policy)
+    harness.reset([0])
+    stacked = {"image": obs["image"][None], "instruction": [both]}
+    np.testing.assert_allclose(harness.act(stacked, SimpleNamespace(num_envs=1))[0], first[0], atol=1e-5)
+    policy.save_pretrained(tmp_path / "p")
+    assert policies.load_pretrained(tmp_path / "p").config.instruction_clauses
+    assert not policies.load_pretrained(tmp_path / "p", instruction_clauses=False).config.instruction_clauses
+    with pytest.raises(ValueError, match="clause_hold_tolerance must be > 0"):
+        policies.load_pretrained(tmp_path / "p", clause_hold_tolerance=-1.0)
+
+
 def test_proprio_token_lets_the_policy_tell_apart_identical_images(tmp_path):
     # Same image and instruction, different robot states and actions: only the state separates them.
     data = batch(seed=3)

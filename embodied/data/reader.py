@@ -516,7 +516,7 @@ class RLDSDataset(_IterableDataset):
                 out["keyframe_state"] = next_keyframe_states(traj["state"], traj["action"])
             if cfg.action_chunk > 1:  # chunked before normalizing: "hold" pads with raw zero motion
                 action, out["action_mask"] = chunk_actions(traj["action"], cfg.action_chunk, cfg.chunk_padding,
-                                                            traj.get("ends_at_goal", True))
+                                                            traj.get("ends_at_goal", True), traj["instruction"])
                 out["action"] = normalize_tf(action, stats["action"], mode)
             else:
                 out["action"] = normalize_tf(traj["action"], stats["action"], mode)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -92,17 +92,27 @@ def episode_features(image_size: int | tuple[int, int] = 224, wrist_image: bool 
     return F.FeaturesDict({"steps": steps, "episode_metadata": metadata})
 
 
-def make_episode(observations: Mapping[str, np.ndarray], actions: np.ndarray, instruction: str,
+def make_episode(observations: Mapping[str, np.ndarray], actions: np.ndarray, instruction: str | Sequence[str],
                  metadata: Mapping[str, Any], success: bool = True) -> dict:
     """Build one RLDS episode from stacked arrays.
 
     `observations` maps "image" (T,H,W,3), optional "wrist_image", and "state" (T,8) to arrays
-    aligned with `actions` (T,7): observation t is the one action t was taken from.
+    aligned with `actions` (T,7): observation t is the one action t was taken from. `instruction`: the
+    episode's, or one per step (each step's clause of a multi-step instruction; the metadata's
+    `instruction` is then the whole one and must be given).
     """
     actions = np.asarray(actions, dtype=np.float32)
     length = len(actions)
     if length == 0:
         raise ValueError("an episode needs at least one step")
+    if isinstance(instruction, str):
+        per_step = [instruction] * length
+    else:
+        per_step = [str(text) for text in instruction]
+        if len(per_step) != length:
+            raise ValueError(f"{len(per_step)} step instructions for {length} actions")
+        if "instruction" not in metadata:
+            raise ValueError("with one instruction per step, metadata must give the episode's whole 'instruction'")
     for key, value in observations.items():
         if len(value) != length:
             raise ValueError(f"observation {key!r} has {len(value)} entries for {length} actions")
@@ -112,7 +122,7 @@ def make_episode(observations: Mapping[str, np.ndarray], actions: np.ndarray, in
         steps.append({
             "observation": {k: v[t] for k, v in observations.items()},
             "action": actions[t],
-            "language_instruction": instruction,
+            "language_instruction": per_step[t],
             "reward": float(last and success),
             "discount": 1.0,
             "is_first": t == 0,

@@ -45,7 +45,7 @@ def normalize_tf(x, entry: Mapping[str, Any], mode: NormalizationMode):
 CHUNK_PADDINGS = ("hold", "repeat", "continue")
 
 
-def chunk_actions(action, horizon: int, padding: str = "repeat", ends_at_goal=True):
+def chunk_actions(action, horizon: int, padding: str = "repeat", ends_at_goal=True, instruction=None):
     """(T, D) actions → (T, K, D) windows of the K actions from t on, and a (T, K) mask of positions to train on.
 
     Past the episode's end, `padding` fills the window:
@@ -59,17 +59,30 @@ def chunk_actions(action, horizon: int, padding: str = "repeat", ends_at_goal=Tr
       teaches "keep doing what crossed it" rather than "stop about here", which a policy that sees the
       threshold imprecisely obeys short of it. Past a goal that ends the episode, nothing else is asked;
       a robot that should stand still after the goal wants "hold".
+
+    `instruction` ((T,) strings): steps labelled with the clauses of a multi-step instruction (collect's
+    `clause_instructions`) end a window where their clause ends, as an episode that reached its goal would
+    (every clause but the last ends done): a policy prompted with one clause learns to stand still where it
+    is done, and says so to the executor moving it on (policies.instructions).
     """
     tf = _tf()
     if padding not in CHUNK_PADDINGS:
         raise ValueError(f"unknown chunk padding {padding!r}; valid: {', '.join(CHUNK_PADDINGS)}")
     length = tf.shape(action)[0]
     index = tf.range(length)[:, None] + tf.range(horizon)[None, :]
-    inside = index < length
-    windows = tf.gather(action, tf.minimum(index, length - 1))
+    ends_at_goal = tf.fill([length, 1], tf.cast(ends_at_goal, tf.bool))
+    if instruction is None:
+        last = tf.fill([length, 1], length - 1)
+    else:  # the last step of each step's clause; a clause before the last one ended done
+        changed = tf.cast(tf.not_equal(instruction[1:], instruction[:-1]), tf.int32)
+        clause = tf.concat([tf.zeros([1], tf.int32), tf.cumsum(changed)], axis=0)
+        last = tf.searchsorted(clause, clause, side="right")[:, None] - 1
+        ends_at_goal = tf.logical_or(ends_at_goal, last < length - 1)
+    inside = index <= last
+    windows = tf.gather(action, tf.minimum(index, last))
     if padding == "repeat":
         return windows, inside
-    held = tf.logical_and(tf.logical_not(inside), tf.cast(ends_at_goal, tf.bool))
+    held = tf.logical_and(tf.logical_not(inside), ends_at_goal)
     if padding == "continue":
         return windows, tf.logical_or(inside, held)
     motion = tf.concat([tf.ones_like(windows[..., :-1]), tf.zeros_like(windows[..., -1:])], axis=-1)
