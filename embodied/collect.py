@@ -31,9 +31,8 @@ more distinct layouts, than a long one (a 90-step sort) instead of 10x fewer.
 serves ("press the red button" until the button is lit, then "put the blue cube in the tray"), in each step's
 `language_instruction`; the episode's metadata keeps the whole instruction. The clauses are the one-step
 tasks' instructions, so their demonstrations train them too. A policy trained on them is prompted one clause
-at a time (`policy.instruction_clauses`). After each clause but the last the expert stands still for
-`clause_pause` steps, still labelled with that clause: the policy learns to stand still once a clause is done
-(the lit button under "press the red button"), which is how it says to move on.
+at a time (`policy.instruction_clauses`). `clause_pause` makes the expert stand still that many steps after
+each clause but the last, still labelled with it (off by default: it did not help, benchmarks/RESULTS.md).
 
 `steps_after_success` records that many more of the expert's steps after an episode first succeeds (the
 env's own `steps_after_success`; the episode still counts as reaching its goal). The suite ends an
@@ -84,7 +83,7 @@ class CollectConfig:
     steps_after_success: int = 0
     # each step's language_instruction: the clause of a multi-step instruction it serves (policies.instructions)
     clause_instructions: bool = False
-    clause_pause: int = 4  # with clause_instructions: steps the expert stands still after each clause but the last
+    clause_pause: int = 0  # with clause_instructions: steps the expert stands still after each clause but the last
     dagger_policy: str | None = None  # DAgger: a checkpoint whose actions are executed; the labels stay the expert's
     expert_mix: float = 0.0  # with `dagger_policy`: per step, the probability that the expert's action is executed instead
     max_shard_mb: int = 256

@@ -47,7 +47,8 @@ def main(cfg: DictConfig) -> dict:
                               gripper_switch_threshold=cfg.get("gripper_switch_threshold"),
                               temporal_ensemble_coeff=cfg.get("temporal_ensemble_coeff"),
                               instruction_clauses=cfg.get("instruction_clauses"),
-                              clause_hold_tolerance=cfg.get("clause_hold_tolerance"))
+                              clause_hold_tolerance=cfg.get("clause_hold_tolerance"),
+                              clause_still_steps=cfg.get("clause_still_steps"))
     trained = getattr(policy, "policy", None)
     trained_config = getattr(trained, "config", None)
     eval_cfg = config_from_hydra(cfg, getattr(trained_config, "observation_image_size", 224),

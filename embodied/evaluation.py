@@ -89,7 +89,9 @@ class CheckpointPolicy:
         if need:
             batch = [{key: observations[key][i] for key in ("image", "wrist_image", "state") if key in observations}
                      for i in need]
-            instructions = [self.actions.prompt(i, str(observations["instruction"][i])) for i in need]
+            states = observations.get("state")
+            instructions = [self.actions.prompt(i, str(observations["instruction"][i]),
+                                                None if states is None else states[i][:3]) for i in need]
             extra = {"gripper_state": self.actions.gripper_state(need)} if self.switches_gripper else {}
             predicted = np.asarray(self.policy.predict_actions(batch, instructions, **extra))
             if predicted.ndim == 2:  # (B, 7): one action per prediction
@@ -122,11 +124,12 @@ def make_eval_policy(spec: str, seed: int = 0, device: str = "cpu", n_action_ste
                      binarize_gripper: bool | None = None, gripper_threshold: float | None = None,
                      gripper_switch_threshold: float | None = None,
                      temporal_ensemble_coeff: float | None = None, instruction_clauses: bool | None = None,
-                     clause_hold_tolerance: float | None = None) -> VectorPolicy:
+                     clause_hold_tolerance: float | None = None, clause_still_steps: int | None = None) -> VectorPolicy:
     """`scripted`, `random`, or a checkpoint directory / hub id (any policy `policies` can load).
 
     `n_action_steps`, `binarize_gripper`, `gripper_threshold`, `gripper_switch_threshold`,
-    `temporal_ensemble_coeff`, `instruction_clauses` and `clause_hold_tolerance` override a checkpoint's own
+    `temporal_ensemble_coeff`, `instruction_clauses`, `clause_hold_tolerance` and `clause_still_steps` override a
+    checkpoint's own
     settings when not None.
     """
     if spec == "scripted":
@@ -139,7 +142,8 @@ def make_eval_policy(spec: str, seed: int = 0, device: str = "cpu", n_action_ste
              "gripper_threshold": (float, gripper_threshold),
              "gripper_switch_threshold": (float, gripper_switch_threshold),
              "temporal_ensemble_coeff": (float, temporal_ensemble_coeff),
-             "instruction_clauses": (bool, instruction_clauses), "clause_hold_tolerance": (float, clause_hold_tolerance)}
+             "instruction_clauses": (bool, instruction_clauses), "clause_hold_tolerance": (float, clause_hold_tolerance),
+             "clause_still_steps": (int, clause_still_steps)}
     overrides = {key: cast(value) for key, (cast, value) in given.items() if value is not None}
     try:
         policy = policies.load_pretrained(spec, device=device, **overrides)
@@ -414,6 +418,7 @@ def evaluate(policy: VectorPolicy, cfg: EvalConfig, output_dir: str | os.PathLik
                                 "temporal_ensemble_coeff": getattr(policy.policy.config, "temporal_ensemble_coeff",
                                                                    None),
                                 "instruction_clauses": bool(getattr(policy.policy.config, "instruction_clauses", False)),
-                                "clause_hold_tolerance": getattr(policy.policy.config, "clause_hold_tolerance", None)}
+                                "clause_hold_tolerance": getattr(policy.policy.config, "clause_hold_tolerance", None),
+                                "clause_still_steps": getattr(policy.policy.config, "clause_still_steps", None)}
     write_outputs(results, records, output_dir)
     return results

@@ -155,6 +155,8 @@ def ensure_sim_data(cfg: DictConfig) -> None:
     from embodied.collect import CollectConfig, collect
 
     options = OmegaConf.to_container(cfg.collect, resolve=True)
+    # policy.instruction_clauses null (a new policy's default: off) labels no clauses
+    options["clause_instructions"] = bool(options.get("clause_instructions"))
     for name in ours:
         backend = name.rsplit("_", 1)[-1]
         suite = name[len(SIM_DATASET_PREFIX):].rsplit("_", 1)[0]

@@ -7,8 +7,9 @@ no episode) and trains the towers, through an object readout (`policies.openvla.
 own projector, then spatial soft-argmax heatmaps per object slot), to regress where each
 object is. A policy with `object_slots` keeps the readout, frozen, and reads its positions as tokens;
 otherwise the readout is discarded. A policy with `named_objects` also has its instruction grounding
-(`policies.openvla.InstructionGrounding`) trained here, on the rendered layouts' instructions, to say
-which located object each object the instruction names is. Either way the policy's projector starts
+(`policies.openvla.InstructionGrounding`) trained here, on the rendered layouts' instructions and the clauses
+of the multi-step ones (text only), to say which located object each object the instruction names is.
+`python -m embodied.vision_pretraining DIR` trains a finished pretraining's grounding further, in place. Either way the policy's projector starts
 from the readout's, so the patches the LLM reads start from features that locate objects. The run directory gets
 `vision_pretraining.json` with the held-out error per slot, next to two references: every slot's
 mean position, and the same model fed shuffled images (the robot state kept). A policy with
@@ -222,6 +223,115 @@ def render_suite_layouts(config: VisionPretrainingConfig, image_size: int, chunk
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
+def train_grounding(grounding, processor, texts: np.ndarray, named: np.ndarray, config: VisionPretrainingConfig,
+                    steps: int | None = None) -> dict[str, Any]:
+    """Train the instruction grounding (text only: it reads the prompt's tokens, not the images) to name the slot
+    of each object an instruction or clause names (`envs.layouts.instruction_examples`; -1: none). Returns the
+    report's grounding entries: the share of held-out examples whose every named object is right, overall and
+    for the clauses of multi-step instructions alone."""
+    from embodied.train import warmup_schedule
+    from envs.layouts import SLOTS
+
+    device = next(grounding.parameters()).device
+    targets = torch.from_numpy(np.where(np.asarray(named) < 0, len(SLOTS), np.asarray(named)))  # "none": the last class
+    ids, mask = processor.prompt_inputs([str(t) for t in texts])
+    rng = np.random.default_rng(config.seed + 1)
+    order = rng.permutation(len(targets))
+    n_heldout = max(1, int(round(config.heldout_fraction * len(order))))
+    heldout, train_idx = order[:n_heldout], order[n_heldout:]
+    steps = config.steps if steps is None else steps
+    optimizer = torch.optim.AdamW(grounding.parameters(), lr=config.lr, weight_decay=0.0)
+    scheduler = warmup_schedule(optimizer, "cosine", min(config.warmup_steps, steps // 10), steps, floor=0.1)
+    requires_grad = {id(p): p.requires_grad for p in grounding.parameters()}
+    grounding.train().requires_grad_(True)
+    losses = []
+    try:
+        for _ in tqdm(range(steps), desc="train grounding", unit="step", dynamic_ncols=True):
+            idx = rng.choice(train_idx, config.batch_size)
+            logits = grounding(ids[idx].to(device), mask[idx].to(device)).float()
+            loss = F.cross_entropy(logits.flatten(0, 1), targets[idx].flatten().to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(grounding.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        for p in grounding.parameters():
+            p.requires_grad_(requires_grad[id(p)])
+        grounding.eval()
+    with torch.no_grad():
+        chosen = torch.cat([grounding(ids[heldout[i:i + 256]].to(device), mask[heldout[i:i + 256]].to(device)).argmax(-1)
+                            for i in range(0, len(heldout), 256)]).cpu()
+    right = (chosen == targets[heldout]).all(1).numpy()
+    is_clause = np.isin(np.asarray(texts)[heldout], _clause_texts(texts))
+    return {"named_objects_heldout_accuracy": float(right.mean()),
+            "named_objects_heldout_accuracy_clauses": float(right[is_clause].mean()) if is_clause.any() else None,
+            "grounding_examples": int(len(targets)), "grounding_steps": int(steps),
+            "grounding_first_loss": float(np.mean(losses[:10])), "grounding_final_loss": float(np.mean(losses[-10:]))}
+
+
+def _clause_texts(texts) -> list[str]:
+    """The texts among `texts` that are clauses of a multi-step instruction also among them."""
+    from policies.instructions import split_instruction
+
+    clauses = set()
+    for text in set(map(str, texts)):
+        parts = split_instruction(text)
+        if len(parts) > 1:
+            clauses.update(parts)
+    return sorted(clauses)
+
+
+def grounding_examples(config: VisionPretrainingConfig, per_task: int) -> tuple[np.ndarray, np.ndarray]:
+    """(texts, named slots) of `per_task` layouts of every task of the suite (their instructions and clauses),
+    from resets alone: the grounding reads no image."""
+    from envs.env import TabletopEnv
+    from envs.layouts import instruction_examples
+    from envs.suites import get_suite
+
+    suite = get_suite(config.suite)
+    texts, named = [], []
+    for task in tqdm(suite.tasks, desc="instructions", unit="task", dynamic_ncols=True):
+        env = TabletopEnv(task, backend=config.backend, image_size=16, randomization=config.randomization)
+        try:
+            for seed in suite.episode_seeds(task, per_task, seed=SEED_SALT + int(config.seed)):
+                env.reset(seed=int(seed))
+                for text, slots in instruction_examples(env):
+                    texts.append(text)
+                    named.append(slots)
+        finally:
+            env.close()
+    return np.array(texts), np.stack(named)
+
+
+def retrain_grounding(spec: str | os.PathLike, per_task: int = 500, steps: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Go on training a finished pretraining's instruction grounding (from its weights) on the suite's instructions
+    and the clauses of its multi-step ones, and write it back with its report; the other parts are unchanged."""
+    import policies
+
+    directory = resolve_checkpoint(spec)
+    saved, metadata = _read_weights(directory)
+    if "grounding" not in metadata.get("parts", "").split(","):
+        raise ValueError(f"{directory / WEIGHTS_FILE} has no instruction grounding ({_made_with(metadata)})")
+    slots = saved["object_readout.slots"].shape[0] if "object_readout.slots" in saved else 0
+    policy = policies.OpenVLAPolicy.from_size(
+        "tiny", observation_image_size=int(metadata["observation_image_size"]),
+        wrist_image=metadata.get("wrist_image") == "True", use_proprio=True, train_vision=False,
+        object_slots=int(slots), named_objects=int(saved["grounding.queries"].shape[0]))
+    load_pretrained_vision(policy, directory)
+    report_path = directory / REPORT_FILE
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    config = VisionPretrainingConfig.from_dict({**report.get("config", {}), "seed": seed})
+    texts, named = grounding_examples(config, per_task)
+    torch.manual_seed(seed)
+    report.update(train_grounding(policy.grounding, policy.processor, texts, named, config, steps=steps))
+    report["grounding_retrained"] = {"per_task": per_task, "steps": steps, "seed": seed}
+    save_pretrained_vision(policy, directory, report)
+    return report
+
+
 def _errors_cm(prediction: np.ndarray, target: np.ndarray, present: np.ndarray) -> np.ndarray:
     distance = np.linalg.norm(prediction - target, axis=-1) * SCALE * 100
     return (distance * present).sum(0) / np.maximum(present.sum(0), 1)
@@ -257,13 +367,7 @@ def pretrain_vision(policy, config: VisionPretrainingConfig, run_dir: Path | Non
     n_heldout = max(1, int(round(config.heldout_fraction * len(order))))
     heldout, train_idx = order[:n_heldout], order[n_heldout:]
 
-    named = torch.from_numpy(np.where(data["named"] < 0, len(SLOTS), data["named"]))  # "none" is the last class
-    prompt_ids, prompt_mask = policy.processor.prompt_inputs(list(data["instructions"]))
-
-    def grounding_logits(idx) -> torch.Tensor:
-        return grounding(prompt_ids[idx].to(device), prompt_mask[idx].to(device)).float()
-
-    parts = [policy.vision, readout] + ([grounding] if grounding is not None else [])
+    parts = [policy.vision, readout]
     params = [p for part in parts for p in part.parameters()]
     grad_before = {id(p): p.requires_grad for p in params}
     for p in params:
@@ -300,9 +404,6 @@ def pretrain_vision(policy, config: VisionPretrainingConfig, run_dir: Path | Non
             target = torch.from_numpy(targets[idx]).to(device)
             mask = torch.from_numpy(present[idx]).to(device)
             loss = (((predicted - target) ** 2).sum(-1) * mask).sum() / mask.sum().clamp(min=1)
-            if grounding is not None:
-                logits = grounding_logits(idx)
-                loss = loss + F.cross_entropy(logits.flatten(0, 1), named[idx].flatten().to(device))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"vision pretraining loss is {loss.item()} at step {step + 1}")
             optimizer.zero_grad(set_to_none=True)
@@ -337,9 +438,8 @@ def pretrain_vision(policy, config: VisionPretrainingConfig, run_dir: Path | Non
         "config": {f.name: getattr(config, f.name) for f in fields(config)},
     }
     if grounding is not None:
-        with torch.no_grad():
-            chosen = torch.cat([grounding_logits(heldout[i:i + 256]).argmax(-1) for i in range(0, len(heldout), 256)]).cpu()
-        report["named_objects_heldout_accuracy"] = float((chosen == named[heldout]).all(1).float().mean())
+        report.update(train_grounding(grounding, policy.processor, data["grounding_texts"], data["grounding_named"],
+                                      config))
     weights = present[heldout].sum(0)
     summary = {key: float((np.asarray(report[key]) * weights).sum() / weights.sum())
                for key in ("heldout_error_cm", "shuffled_images_error_cm", "mean_position_error_cm")}
@@ -347,11 +447,25 @@ def pretrain_vision(policy, config: VisionPretrainingConfig, run_dir: Path | Non
     print(f"[train] vision pretraining: held-out localization error {summary['heldout_error_cm']:.1f} cm "
           f"(shuffled images {summary['shuffled_images_error_cm']:.1f} cm, mean position "
           f"{summary['mean_position_error_cm']:.1f} cm) over {n_heldout} held-out layouts"
-          + (f"; named objects right in {100 * report['named_objects_heldout_accuracy']:.1f}% of held-out instructions"
-             if grounding is not None else ""), flush=True)
+          + (f"; named objects right in {100 * report['named_objects_heldout_accuracy']:.1f}% of held-out instructions "
+             f"and clauses" if grounding is not None else ""), flush=True)
     if run_dir is not None:
         # the readout is saved even when this policy discards it: the stage can then serve policies that keep one
         parts = SimpleNamespace(vision=policy.vision, projector=policy.projector, object_readout=readout,
                                 grounding=policy.grounding, config=policy.config)
         save_pretrained_vision(parts, run_dir, report)
     return report
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Retrain a finished vision pretraining's instruction grounding "
+                                                 "on the suite's instructions and their clauses, in place.")
+    parser.add_argument("checkpoint", help="a pretraining directory, or a name under policies/pretrained/")
+    parser.add_argument("--per-task", type=int, default=500, help="layouts per task (their instructions)")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    result = retrain_grounding(args.checkpoint, args.per_task, args.steps, args.seed)
+    print(json.dumps({k: v for k, v in result.items() if k.startswith(("named", "grounding"))}, indent=2))

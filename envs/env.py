@@ -61,8 +61,8 @@ class TabletopEnv(gym.Env):
             raise ValueError(f"steps_after_success must be >= 0, got {steps_after_success}")
         self.steps_after_success = int(steps_after_success)
         # Recording clause-labelled demonstrations: the expert stands still this many steps after each clause of
-        # a multi-step instruction but the last, and `info["clause"]` moves on after them. A policy prompted
-        # with a clause then sees its done state (a lit button) labelled "stand still", and says it is done.
+        # a multi-step instruction but the last, and `info["clause"]` moves on after them, so that a policy
+        # prompted with a clause sees its done state (a lit button) labelled "stand still".
         if int(clause_pause) < 0:
             raise ValueError(f"clause_pause must be >= 0, got {clause_pause}")
         self.clause_pause = int(clause_pause)

@@ -55,13 +55,29 @@ def object_positions(env) -> tuple[np.ndarray, np.ndarray]:
     return positions, present
 
 
-def named_slots(env) -> np.ndarray:
-    """(MAX_NAMED,) int: the slot of each object the instruction names, in its order; -1 past the last."""
+def named_slots(env, roles: Sequence[str] | None = None) -> np.ndarray:
+    """(MAX_NAMED,) int: the slot of each object the instruction names (or of `roles`), in its order; -1 past
+    the last."""
     slots = object_slots(env)
     named = np.full(MAX_NAMED, -1, dtype=np.int64)
-    for i, role in enumerate(env.task.named_objects):
+    for i, role in enumerate(env.task.named_objects if roles is None else roles):
         named[i] = slots[role]
     return named
+
+
+def instruction_examples(env) -> list[tuple[str, np.ndarray]]:
+    """What the instruction grounding learns from the env's current episode: its instruction and the named
+    objects' slots, then, for a multi-step task, each clause (policies.split_instruction) and its objects."""
+    from policies.instructions import split_instruction
+
+    examples = [(env.instruction, named_slots(env))]
+    if env.task.num_clauses > 1:
+        clauses = split_instruction(env.instruction)
+        if len(clauses) != len(env.task.clause_named_objects):
+            raise ValueError(f"task {env.task.name}: instruction {env.instruction!r} splits into {len(clauses)} "
+                             f"clauses, but the task names the objects of {len(env.task.clause_named_objects)}")
+        examples += [(text, named_slots(env, roles)) for text, roles in zip(clauses, env.task.clause_named_objects)]
+    return examples
 
 
 ARM_MOTIONS = ("random", "expert")
@@ -84,7 +100,8 @@ def render_layouts(task: str, seeds: Sequence[int], backend: str = "mujoco", ima
         raise ValueError(f"unknown arm motion {arm!r}; valid: {', '.join(ARM_MOTIONS)}")
     env = TabletopEnv(task, backend=backend, image_size=image_size, randomization=randomization,
                       wrist_camera=wrist_camera)
-    out = {key: [] for key in ("images", "states", "positions", "present", "instructions", "named")}
+    out = {key: [] for key in ("images", "states", "positions", "present", "instructions", "named",
+                               "grounding_texts", "grounding_named")}
     if wrist_camera:
         out["wrist_images"] = []
     try:
@@ -121,6 +138,10 @@ def render_layouts(task: str, seeds: Sequence[int], backend: str = "mujoco", ima
             out["present"].append(found)
             out["instructions"].append(env.instruction)
             out["named"].append(named_slots(env))
+            for text, named in instruction_examples(env):
+                out["grounding_texts"].append(text)
+                out["grounding_named"].append(named)
     finally:
         env.close()
-    return {key: np.stack(value) if key != "instructions" else np.array(value) for key, value in out.items()}
+    return {key: np.array(value) if key in ("instructions", "grounding_texts") else np.stack(value)
+            for key, value in out.items()}

@@ -88,6 +88,8 @@ class Task:
     # several says when each clause but the last is done (`clause_done`): collection can then label every
     # step with the clause it serves (policies.instructions.split_instruction gives their words).
     num_clauses: int = 1
+    # with several clauses: the named objects (of `named_objects`, in order) that each clause names
+    clause_named_objects: tuple[tuple[str, ...], ...] = ()
 
     def __init__(self):
         self.scene = SceneSpec(self.objects)
@@ -329,6 +331,7 @@ class SortByColor(Task):
     named_objects = ("cube_a", "tray_a", "cube_b", "tray_b")
     stage_names = ("cube_a_grasped", "cube_a_in_tray", "cube_b_grasped", "cube_b_in_tray")
     num_clauses = 2
+    clause_named_objects = (("cube_a", "tray_a"), ("cube_b", "tray_b"))
 
     def sample_layout(self, rng):
         placer = Placer(rng, self.name)
@@ -366,6 +369,7 @@ class ButtonThenTray(Task):
     named_objects = ("button", "cube", "tray")
     stage_names = ("button_pressed", "cube_grasped", "cube_in_tray")
     num_clauses = 2
+    clause_named_objects = (("button",), ("cube", "tray"))
 
     def sample_layout(self, rng):
         placer = Placer(rng, self.name)

@@ -13,11 +13,10 @@ the newest chunk's command instead lets a gripper that switches from its current
 chunk) flip at every step, and a cube is never let go (PlaceInTray 83% -> 30%, benchmarks/RESULTS.md).
 
 With `instruction_clauses` a stream prompts the policy with one clause of a multi-step instruction at a time
-(`prompt`; policies.instructions.split_instruction) and moves to the next when a chunk for the current one
-stands still: its translations all under `clause_hold_tolerance` metres, the whole chunk (a grasp stands still
-for a few steps and then lifts; a chunk is longer). A policy trained on clause-labelled demonstrations learned
-to stand still where each clause is done (the expert pauses there, and chunks are padded with "hold" at every
-clause's end, as at an episode's goal).
+(`prompt`; policies.instructions.split_instruction) and moves to the next once the arm has stood still: over
+the last `clause_still_steps` steps it moved less than `clause_hold_tolerance` metres and kept its gripper
+command. A press ends resting on the lit button; a grasp stands still for fewer steps than that, and switches
+the gripper. A policy that stalls mid-clause moves on too, which costs nothing it was going to get.
 """
 from __future__ import annotations
 
@@ -34,7 +33,8 @@ class ActionChunkQueue:
     """Per-stream queues of the actions still to run, and each stream's last gripper command."""
 
     def __init__(self, n_action_steps: int | None = None, temporal_ensemble_coeff: float | None = None,
-                 binary_gripper: bool = False, instruction_clauses: bool = False, clause_hold_tolerance: float = 0.002):
+                 binary_gripper: bool = False, instruction_clauses: bool = False, clause_hold_tolerance: float = 0.003,
+                 clause_still_steps: int = 8):
         if n_action_steps is not None and n_action_steps < 1:
             raise ValueError(f"n_action_steps must be >= 1 (or None: the whole chunk), got {n_action_steps}")
         if temporal_ensemble_coeff is not None and n_action_steps != 1:
@@ -42,13 +42,18 @@ class ActionChunkQueue:
                              f"got {n_action_steps}")
         if clause_hold_tolerance <= 0:
             raise ValueError(f"clause_hold_tolerance must be > 0 (metres), got {clause_hold_tolerance}")
+        if clause_still_steps < 1:
+            raise ValueError(f"clause_still_steps must be >= 1, got {clause_still_steps}")
         self.n_action_steps = n_action_steps
         self.temporal_ensemble_coeff = temporal_ensemble_coeff
         self.binary_gripper = binary_gripper
         self.instruction_clauses = instruction_clauses
         self.clause_hold_tolerance = clause_hold_tolerance
+        self.clause_still_steps = clause_still_steps
         # per stream with instruction_clauses: the instruction, its clauses and the one being done
-        self._clauses: dict[int, tuple[str, list[str], int]] = {}
+        self._clauses: dict[int, _ClauseProgress] = {}
+        self._steps: dict[int, int] = {}  # actions popped per stream this episode
+        self._grippers: dict[int, list[float]] = {}  # the last clause_still_steps gripper commands per stream
         self._actions: dict[int, list[np.ndarray]] = {}
         self._gripper: dict[int, float] = {}
         # temporal ensembling: per stream, the running weighted mean of the predictions for each coming step
@@ -62,7 +67,8 @@ class ActionChunkQueue:
         binary = bool(getattr(config, "classify_gripper", False) or getattr(config, "binarize_gripper", False))
         return cls(getattr(config, "n_action_steps", None), getattr(config, "temporal_ensemble_coeff", None),
                    binary_gripper=binary, instruction_clauses=bool(getattr(config, "instruction_clauses", False)),
-                   clause_hold_tolerance=float(getattr(config, "clause_hold_tolerance", 0.002)))
+                   clause_hold_tolerance=float(getattr(config, "clause_hold_tolerance", 0.003)),
+                   clause_still_steps=int(getattr(config, "clause_still_steps", 8)))
 
     def reset(self, streams: Iterable[int] | None = None) -> None:
         """Forget the queued actions and gripper command of `streams` (all of them when None)."""
@@ -71,29 +77,46 @@ class ActionChunkQueue:
             self._gripper.clear()
             self._ensembled.clear()
             self._clauses.clear()
+            self._steps.clear()
+            self._grippers.clear()
             return
         for stream in streams:
             self._actions.pop(int(stream), None)
             self._gripper.pop(int(stream), None)
             self._ensembled.pop(int(stream), None)
             self._clauses.pop(int(stream), None)
+            self._steps.pop(int(stream), None)
+            self._grippers.pop(int(stream), None)
 
-    def prompt(self, stream: int, instruction: str | None) -> str | None:
-        """What to prompt the policy with for `stream`: the instruction, or with `instruction_clauses` the clause
-        of it the stream is on (a new instruction starts again at its first clause)."""
+    def prompt(self, stream: int, instruction: str | None, position=None) -> str | None:
+        """What to prompt the policy with for `stream` now: the instruction, or with `instruction_clauses` the
+        clause of it the stream is on. `position`: the arm's position (the state's first 3 values), which says
+        when the arm has stood still and the clause is done; without it the first clause never ends. A new
+        instruction starts again at its first clause."""
         if not self.instruction_clauses or instruction is None:
             return instruction
-        instruction = str(instruction)
-        current = self._clauses.get(int(stream))
-        if current is None or current[0] != instruction:
-            current = (instruction, split_instruction(instruction), 0)
-            self._clauses[int(stream)] = current
-        return current[1][current[2]]
+        stream, instruction = int(stream), str(instruction)
+        progress = self._clauses.get(stream)
+        if progress is None or progress.instruction != instruction:
+            progress = self._clauses[stream] = _ClauseProgress(instruction, split_instruction(instruction))
+        if position is not None and progress.index < len(progress.clauses) - 1:
+            step = self._steps.get(stream, 0)
+            progress.positions.append((step, np.asarray(position, dtype=np.float64)[:3]))
+            # the window: from the last position seen at least clause_still_steps ago
+            starts = [i for i, (t, _) in enumerate(progress.positions) if t <= step - self.clause_still_steps]
+            if starts:
+                progress.positions = progress.positions[starts[-1]:]
+                here = progress.positions[-1][1]
+                still = max(np.linalg.norm(p - here) for _, p in progress.positions) < self.clause_hold_tolerance
+                if still and len(set(self._grippers.get(stream, []))) <= 1:
+                    progress.index += 1
+                    progress.positions = [progress.positions[-1]]
+        return progress.clauses[progress.index]
 
     def clause(self, stream: int) -> int:
         """The index of the clause `stream` is on (0 before its first prompt)."""
-        current = self._clauses.get(int(stream))
-        return 0 if current is None else current[2]
+        progress = self._clauses.get(int(stream))
+        return 0 if progress is None else progress.index
 
     def needing(self, streams: Iterable[int]) -> list[int]:
         """The streams among `streams` whose queue is empty: they need a new chunk before `pop`."""
@@ -113,11 +136,6 @@ class ActionChunkQueue:
         if self.n_action_steps is not None and self.n_action_steps > len(chunk):
             raise ValueError(f"n_action_steps={self.n_action_steps} exceeds the predicted chunk of {len(chunk)} "
                              "actions")
-        current = self._clauses.get(int(stream))
-        if current is not None and current[2] < len(current[1]) - 1:
-            # the whole chunk, not only its executed part: a grasp stands still for a few steps, then lifts
-            if np.linalg.norm(chunk[:, :3], axis=-1).max() < self.clause_hold_tolerance:  # this clause is done
-                self._clauses[int(stream)] = (current[0], current[1], current[2] + 1)
         if self.temporal_ensemble_coeff is not None:
             chunk = self._ensemble(int(stream), chunk)
         self._actions[int(stream)] = list(chunk[:self.n_action_steps])
@@ -150,4 +168,15 @@ class ActionChunkQueue:
             raise RuntimeError(f"stream {stream} has no queued action: fill it with a predicted chunk first")
         action = queue.pop(0)
         self._gripper[int(stream)] = float(action[-1])
+        if self.instruction_clauses:
+            self._steps[int(stream)] = self._steps.get(int(stream), 0) + 1
+            self._grippers[int(stream)] = (self._grippers.get(int(stream), []) + [float(action[-1])])[-self.clause_still_steps:]
         return action
+
+
+class _ClauseProgress:
+    """A stream's multi-step instruction, its clauses, the one being done and the arm's recent positions."""
+
+    def __init__(self, instruction: str, clauses: list[str]):
+        self.instruction, self.clauses, self.index = instruction, clauses, 0
+        self.positions: list[tuple[int, np.ndarray]] = []  # (step, position) at each prompt

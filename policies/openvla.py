@@ -80,11 +80,12 @@ class VLAConfig:
     # set (with n_action_steps=1): ACT's temporal ensembling, the action is the exp(-coeff * i)-weighted
     # mean of every chunk's prediction for the step, oldest first (policies.action_chunks)
     temporal_ensemble_coeff: float | None = None
-    # prompt with one clause of a multi-step instruction at a time, moving on when a chunk stands still (its
-    # translations all under clause_hold_tolerance metres): for policies trained on clause-labelled
-    # demonstrations (embodied.collect clause_instructions=true; policies.instructions)
+    # prompt with one clause of a multi-step instruction at a time, moving on once the arm has stood still (moved
+    # under clause_hold_tolerance metres over the last clause_still_steps steps, its gripper command kept): for
+    # policies trained on clause-labelled demonstrations (embodied.collect clause_instructions=true)
     instruction_clauses: bool = False
-    clause_hold_tolerance: float = 0.002
+    clause_hold_tolerance: float = 0.003
+    clause_still_steps: int = 8
     observation_image_size: int = 224  # the camera images the policy is trained on (resized to each tower's size)
     normalization: str = "bounds_q99"
     unnorm_key: str | None = None
@@ -160,6 +161,8 @@ class VLAConfig:
                                  f"n_action_steps={self.n_action_steps}")
         if not self.clause_hold_tolerance > 0:
             raise ValueError(f"clause_hold_tolerance must be > 0 (metres), got {self.clause_hold_tolerance}")
+        if self.clause_still_steps < 1:
+            raise ValueError(f"clause_still_steps must be >= 1, got {self.clause_still_steps}")
         if "{instruction}" not in self.prompt:
             raise ValueError(f"prompt {self.prompt!r} has no {{instruction}} field")
         if self.use_proprio and self.proprio_dim < 1:
@@ -946,7 +949,9 @@ class OpenVLAPolicy(nn.Module):
         so that one model serves several robots at once; by default the policy's own."""
         queue = self._actions if queue is None else queue
         if queue.needing([0]):
-            prompt = queue.prompt(0, observation.get("instruction") if instruction is None else instruction)
+            state = observation.get("state")
+            prompt = queue.prompt(0, observation.get("instruction") if instruction is None else instruction,
+                                  None if state is None else np.asarray(state)[:3])
             queue.fill(0, self.predict_action_chunk(observation, prompt, gripper_state=queue.gripper_state([0])))
         return queue.pop(0)
 

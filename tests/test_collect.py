@@ -293,7 +293,8 @@ def test_clause_instructions_label_each_step_and_end_each_clause_s_chunks_standi
     from policies.instructions import split_instruction
 
     collect(CollectConfig(backend="pybullet", episodes_per_task=1, tasks=["ButtonThenTray"], image_size=IMAGE,
-                          num_envs=1, vector="sync", clause_instructions=True), tmp_path, show_progress=False)
+                          num_envs=1, vector="sync", clause_instructions=True, clause_pause=4), tmp_path,
+            show_progress=False)
     builder = tfds.builder_from_directory(str(tmp_path / "embodied_tabletop10_pybullet" / "1.0.0"))
     episode = next(iter(builder.as_dataset(split="train")))
     whole = episode["episode_metadata"]["instruction"].numpy().decode()

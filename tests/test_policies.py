@@ -386,7 +386,7 @@ def test_temporal_ensembling_averages_every_chunks_prediction_for_the_step(tmp_p
         policies.load_pretrained(tmp_path / "p", temporal_ensemble_coeff=-1.0)
 
 
-def test_instruction_clauses_prompt_one_clause_and_move_on_when_a_chunk_stands_still(tmp_path):
+def test_instruction_clauses_prompt_one_clause_and_move_on_once_the_arm_stands_still(tmp_path):
     from policies.instructions import split_instruction
 
     both = "press the red button, then put the blue cube in the tray"
@@ -398,25 +398,36 @@ def test_instruction_clauses_prompt_one_clause_and_move_on_when_a_chunk_stands_s
     with pytest.raises(ValueError, match="an instruction must not be empty"):
         split_instruction(" ")
 
-    moving = np.array([[0.01, 0, 0, 0, 0, 0, 1.0]] * 3, np.float32)
-    still = np.array([[0.001, 0.0005, 0, 0, 0, 0, 0.0]] * 3, np.float32)
-    grasping = np.array([[0.0, 0, 0, 0, 0, 0, 0.0]] * 2 + [[0, 0, 0.03, 0, 0, 0, 0.0]], np.float32)
-    queue = ActionChunkQueue(n_action_steps=2, instruction_clauses=True, clause_hold_tolerance=0.002)
-    assert queue.prompt(0, both) == "press the red button" and queue.prompt(1, "open the drawer") == "open the drawer"
-    queue.fill(0, moving)
-    queue.fill(0, grasping)  # the executed part stands still, then the chunk lifts: not done
-    assert queue.prompt(0, both) == "press the red button"
-    queue.fill(0, still)  # the whole chunk stands still: the first clause is done
-    assert queue.prompt(0, both) == "put the blue cube in the tray" and queue.clause(0) == 1
-    queue.fill(0, still)
-    assert queue.prompt(0, both) == "put the blue cube in the tray"  # the last clause stays
-    queue.fill(1, still)
-    assert queue.prompt(1, "open the drawer") == "open the drawer"
+    chunk = np.array([[0.0, 0, 0, 0, 0, 0, 0.0]] * 2, np.float32)  # what the arm is commanded does not matter
+    queue = ActionChunkQueue(n_action_steps=2, instruction_clauses=True, clause_hold_tolerance=0.003,
+                             clause_still_steps=4)
+
+    def run(stream, positions, gripper=0.0):
+        """Prompt at each position, then execute a two-step chunk; the prompts given."""
+        prompts = []
+        for position in positions:
+            prompts.append(queue.prompt(stream, both, position))
+            queue.fill(stream, chunk + np.array([0, 0, 0, 0, 0, 0, gripper], np.float32))
+            queue.pop(stream), queue.pop(stream)
+        return prompts
+
+    assert queue.prompt(1, "open the drawer", [0, 0, 0]) == "open the drawer"
+    # moving, then within 3 mm for 4 steps (two chunks): the first clause is done at the third still prompt
+    prompts = run(0, [[0, 0, 0.2], [0, 0, 0.1], [0, 0, 0.05], [0, 0, 0.051], [0, 0, 0.052]])
+    assert prompts == ["press the red button"] * 4 + ["put the blue cube in the tray"] and queue.clause(0) == 1
+    assert run(0, [[0, 0, 0.05]] * 4) == ["put the blue cube in the tray"] * 4  # the last clause stays
+    # standing still while the gripper switches (a grasp) does not end a clause
     queue.reset([0])
-    assert queue.prompt(0, both) == "press the red button"
-    assert ActionChunkQueue().prompt(0, both) == both  # off: the whole instruction
+    grasp = [0.1, 0, 0.05]
+    first = (run(0, [grasp], gripper=1.0) + run(0, [grasp, grasp], gripper=0.0)  # 2 steps open, 4 closing
+             + run(0, [[0.1, 0, 0.1]], gripper=0.0))  # then it lifts
+    assert first == ["press the red button"] * 4 and queue.clause(0) == 0
+    assert queue.prompt(0, both) == "press the red button"  # no position: no judgement
+    assert ActionChunkQueue().prompt(0, both, [0, 0, 0]) == both  # off: the whole instruction
     with pytest.raises(ValueError, match="clause_hold_tolerance must be > 0"):
         ActionChunkQueue(instruction_clauses=True, clause_hold_tolerance=0.0)
+    with pytest.raises(ValueError, match="clause_still_steps must be >= 1, got 0"):
+        ActionChunkQueue(instruction_clauses=True, clause_still_steps=0)
 
     # the policy setting: select_action and the harness prompt with the clause, and a checkpoint keeps it
     policy = tiny(OpenVLAPolicy, decoding="parallel", action_chunk=3, n_action_steps=3, instruction_clauses=True)
@@ -434,6 +445,8 @@ def test_instruction_clauses_prompt_one_clause_and_move_on_when_a_chunk_stands_s
     assert not policies.load_pretrained(tmp_path / "p", instruction_clauses=False).config.instruction_clauses
     with pytest.raises(ValueError, match="clause_hold_tolerance must be > 0"):
         policies.load_pretrained(tmp_path / "p", clause_hold_tolerance=-1.0)
+    with pytest.raises(ValueError, match="clause_still_steps must be >= 1"):
+        policies.load_pretrained(tmp_path / "p", clause_still_steps=0)
 
 
 def test_proprio_token_lets_the_policy_tell_apart_identical_images(tmp_path):

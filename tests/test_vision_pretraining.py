@@ -54,6 +54,17 @@ def test_named_slots_are_the_objects_the_instruction_names_in_its_order():
     a, b = sort["instructions"][0].split()[2], sort["instructions"][0].split()[-2]
     assert [SLOTS[k] for k in sort["named"][0]] == [a, a + "_tray", b, b + "_tray"]
     assert sort["named"].shape == (1, MAX_NAMED)
+    # the grounding also learns each clause of a multi-step instruction, with the objects that clause names
+    assert sort["grounding_texts"].tolist() == [sort["instructions"][0], f"put the {a} cube in the {a} tray",
+                                                f"put the {b} cube in the {b} tray"]
+    assert [[SLOTS[k] for k in row if k >= 0] for row in sort["grounding_named"]] == [
+        [a, a + "_tray", b, b + "_tray"], [a, a + "_tray"], [b, b + "_tray"]]
+    both = render_layouts("ButtonThenTray", [5], image_size=SMALL, arm_steps=0)
+    button, cube = both["instructions"][0].split()[2], both["instructions"][0].split()[-5]
+    assert [[SLOTS[k] for k in row if k >= 0] for row in both["grounding_named"]] == [
+        [button, cube, "gray_tray"], [button], [cube, "gray_tray"]]
+    single = render_layouts("PlaceInTray", [3], image_size=SMALL, arm_steps=0)
+    assert single["grounding_texts"].tolist() == single["instructions"].tolist()
 
 
 def test_expert_arm_layouts_show_the_arm_at_work():
@@ -269,6 +280,22 @@ def test_the_shipped_pretraining_locates_objects_on_the_suites_evaluation_layout
                      for k in range(len(SLOTS))])
     spread = np.linalg.norm(layouts["positions"] - mean, axis=-1)[present]  # guessing each object's mean position
     assert np.median(error) < 0.04 and np.median(error) < 0.5 * np.median(spread), (error, spread)
+    # its grounding names the objects of every instruction and of each clause of the multi-step ones
+    from envs.layouts import instruction_examples
+
+    for task in ("ButtonThenTray", "SortByColor", "PlaceInTray"):
+        env = TabletopEnv(task, image_size=SMALL)
+        try:
+            for seed in get_suite("tabletop10").episode_seeds(task, 5, seed=0):
+                env.reset(seed=int(seed))
+                texts, named = zip(*instruction_examples(env))
+                ids, mask = policy.processor.prompt_inputs(list(texts))
+                with torch.no_grad():
+                    chosen = policy.grounding(ids, mask).argmax(-1).numpy()
+                expected = np.where(np.stack(named) < 0, len(SLOTS), np.stack(named))
+                assert (chosen == expected).all(), (texts, chosen, expected)
+        finally:
+            env.close()
     # only a policy that reads located objects starts from it, and only at the size it was made for
     assert shipped_checkpoint(OpenVLAPolicy.from_size("tiny", observation_image_size=112)) is None
     assert shipped_checkpoint(OpenVLAPolicy.from_size("tiny", observation_image_size=56, wrist_image=True,
