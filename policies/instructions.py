@@ -2,10 +2,10 @@
 
 "press the red button, then put the blue cube in the tray" asks for two things in order. A policy trained
 on clause-labelled demonstrations (each step labelled with the clause it serves: `embodied.collect
-clause_instructions=true`) is prompted with one clause at a time, and moves on when its chunk for the
-current clause stands still, as every demonstration does at its goal (`ActionChunkQueue`, with a policy's
-`instruction_clauses`). The clauses of a multi-step task are then the instructions of its one-step tasks
-("press the red button", "put the blue cube in the red tray"), whose demonstrations train them as well.
+clause_instructions=true`) is prompted with one clause at a time, and moves on once the arm has stood still
+(`ActionChunkQueue`, with a policy's `instruction_clauses`). The clauses of a multi-step task are then the
+instructions of its one-step tasks ("press the red button", "put the blue cube in the red tray"), whose
+demonstrations train them as well.
 """
 from __future__ import annotations
 

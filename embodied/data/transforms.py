@@ -62,8 +62,8 @@ def chunk_actions(action, horizon: int, padding: str = "repeat", ends_at_goal=Tr
 
     `instruction` ((T,) strings): steps labelled with the clauses of a multi-step instruction (collect's
     `clause_instructions`) end a window where their clause ends, as an episode that reached its goal would
-    (every clause but the last ends done): a policy prompted with one clause learns to stand still where it
-    is done, and says so to the executor moving it on (policies.instructions).
+    (every clause but the last ends done): under one clause's prompt, a chunk is not trained on the next
+    clause's motion (policies.instructions).
     """
     tf = _tf()
     if padding not in CHUNK_PADDINGS:
