@@ -130,16 +130,11 @@ class _Recording:
             self.states.append(obs["state"][i].copy())
             self.clauses.append(int(clause))
 
-    def instructions(self, by_clause: bool) -> str | list[str]:
-        """The episode's instruction, or each step's clause of it."""
+    def instructions(self, task, by_clause: bool) -> str | list[str]:
+        """The episode's instruction, or each step's clause of it (`task`: an envs.tasks.Task)."""
         if not by_clause:
             return self.instruction
-        from policies.instructions import split_instruction
-
-        clauses = split_instruction(self.instruction)
-        if max(self.clauses) >= len(clauses):
-            raise ValueError(f"instruction {self.instruction!r} splits into {len(clauses)} clause(s) "
-                             f"({clauses}), but its task reached clause {max(self.clauses) + 1}")
+        clauses = task.clauses(self.instruction)
         return [clauses[c] for c in self.clauses]
 
     def observations(self) -> dict[str, np.ndarray]:
@@ -166,8 +161,10 @@ def collect_task(task: str, cfg: CollectConfig, writer, progress=None, envs=None
     from embodied.evaluation import make_vector_env
     from envs.env import ACTION_HIGH, ACTION_LOW
     from envs.suites import get_suite
+    from envs.tasks import make_task
 
     needed, min_steps = cfg.episodes_for(task), cfg.min_steps_per_task
+    task_spec = make_task(task)
     noise_rng = np.random.default_rng([cfg.seed, zlib.crc32(task.encode())])
     mix_rng = np.random.default_rng([cfg.seed, zlib.crc32(task.encode()), 1])
     keep_failures = cfg.keep_failures or driver is not None
@@ -207,7 +204,7 @@ def collect_task(task: str, cfg: CollectConfig, writer, progress=None, envs=None
             if (ok or keep_failures) and wants_more():
                 meta = {**rec.metadata, "suite": cfg.suite, "episode_id": writer.num_episodes, "seed": rec.seed}
                 writer.write(make_episode(rec.observations(), np.stack(rec.actions),
-                                          rec.instructions(cfg.clause_instructions), meta, success=ok))
+                                          rec.instructions(task_spec, cfg.clause_instructions), meta, success=ok))
                 written += 1
                 kept_seeds.append(rec.seed)
                 lengths.append(len(rec.actions))

@@ -129,8 +129,7 @@ def make_eval_policy(spec: str, seed: int = 0, device: str = "cpu", n_action_ste
 
     `n_action_steps`, `binarize_gripper`, `gripper_threshold`, `gripper_switch_threshold`,
     `temporal_ensemble_coeff`, `instruction_clauses`, `clause_hold_tolerance` and `clause_still_steps` override a
-    checkpoint's own
-    settings when not None.
+    checkpoint's own settings when not None.
     """
     if spec == "scripted":
         return ScriptedPolicy()

@@ -8,9 +8,10 @@ own projector, then spatial soft-argmax heatmaps per object slot), to regress wh
 object is. A policy with `object_slots` keeps the readout, frozen, and reads its positions as tokens;
 otherwise the readout is discarded. A policy with `named_objects` also has its instruction grounding
 (`policies.openvla.InstructionGrounding`) trained here, on the rendered layouts' instructions and the clauses
-of the multi-step ones (text only), to say which located object each object the instruction names is.
-`python -m embodied.vision_pretraining DIR` trains a finished pretraining's grounding further, in place. Either way the policy's projector starts
-from the readout's, so the patches the LLM reads start from features that locate objects. The run directory gets
+of the multi-step ones (text only), to say which located object each object the instruction names is
+(`python -m embodied.vision_pretraining DIR` trains a finished pretraining's grounding further, in place).
+Either way the policy's projector starts from the readout's, so the patches the LLM reads start from
+features that locate objects. The run directory gets
 `vision_pretraining.json` with the held-out error per slot, next to two references: every slot's
 mean position, and the same model fed shuffled images (the robot state kept). A policy with
 `wrist_image` is pretrained on layouts rendered with the wrist camera too; its readout also reads the

@@ -67,16 +67,11 @@ def named_slots(env, roles: Sequence[str] | None = None) -> np.ndarray:
 
 def instruction_examples(env) -> list[tuple[str, np.ndarray]]:
     """What the instruction grounding learns from the env's current episode: its instruction and the named
-    objects' slots, then, for a multi-step task, each clause (policies.split_instruction) and its objects."""
-    from policies.instructions import split_instruction
-
+    objects' slots, then, for a multi-step task, each clause (`Task.clauses`) and its objects."""
     examples = [(env.instruction, named_slots(env))]
     if env.task.num_clauses > 1:
-        clauses = split_instruction(env.instruction)
-        if len(clauses) != len(env.task.clause_named_objects):
-            raise ValueError(f"task {env.task.name}: instruction {env.instruction!r} splits into {len(clauses)} "
-                             f"clauses, but the task names the objects of {len(env.task.clause_named_objects)}")
-        examples += [(text, named_slots(env, roles)) for text, roles in zip(clauses, env.task.clause_named_objects)]
+        examples += [(text, named_slots(env, roles))
+                     for text, roles in zip(env.task.clauses(env.instruction), env.task.clause_named_objects)]
     return examples
 
 

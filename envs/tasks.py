@@ -84,11 +84,10 @@ class Task:
     # Named steps towards the goal that `stages` checks, in order; an episode records which it reached,
     # so that a failure says how far it got (a grasp that never happened, a first cube sorted).
     stage_names: tuple[str, ...] = ()
-    # Clauses of the instruction, done one after another ("press the red button, then put ..."); a task of
-    # several says when each clause but the last is done (`clause_done`): collection can then label every
-    # step with the clause it serves (policies.instructions.split_instruction gives their words).
-    num_clauses: int = 1
-    # with several clauses: the named objects (of `named_objects`, in order) that each clause names
+    # Clauses of the instruction, done one after another ("press the red button, then put ..."): for a task of
+    # several, the named objects (of `named_objects`, in order) each clause names. Such a task says when each
+    # clause but the last is done (`clause_done`), so that collection can label every step with the clause it
+    # serves; `clauses` gives their words.
     clause_named_objects: tuple[tuple[str, ...], ...] = ()
 
     def __init__(self):
@@ -124,6 +123,20 @@ class Task:
     def stages(self, sim: PhysicsBackend) -> dict[str, bool]:
         """Which of `stage_names` hold now (none by default)."""
         return {}
+
+    @property
+    def num_clauses(self) -> int:
+        return max(1, len(self.clause_named_objects))
+
+    def clauses(self, instruction: str) -> list[str]:
+        """The clauses of one of this task's instructions (policies.split_instruction), checked against the task's."""
+        from policies.instructions import split_instruction
+
+        clauses = split_instruction(instruction)
+        if len(clauses) != self.num_clauses:
+            raise ValueError(f"task {self.name}: instruction {instruction!r} splits into {len(clauses)} clause(s) "
+                             f"({clauses}), but the task has {self.num_clauses}")
+        return clauses
 
     def clause_done(self, sim: PhysicsBackend, clause: int) -> bool:
         """Whether clause `clause` (< num_clauses - 1) is done now; the last one is done at `success`."""
@@ -330,7 +343,6 @@ class SortByColor(Task):
     template = "put the {a} cube in the {a} tray and the {b} cube in the {b} tray"
     named_objects = ("cube_a", "tray_a", "cube_b", "tray_b")
     stage_names = ("cube_a_grasped", "cube_a_in_tray", "cube_b_grasped", "cube_b_in_tray")
-    num_clauses = 2
     clause_named_objects = (("cube_a", "tray_a"), ("cube_b", "tray_b"))
 
     def sample_layout(self, rng):
@@ -368,7 +380,6 @@ class ButtonThenTray(Task):
     template = "press the {button} button, then put the {cube} cube in the tray"
     named_objects = ("button", "cube", "tray")
     stage_names = ("button_pressed", "cube_grasped", "cube_in_tray")
-    num_clauses = 2
     clause_named_objects = (("button",), ("cube", "tray"))
 
     def sample_layout(self, rng):
