@@ -37,6 +37,8 @@ each clause but the last, still labelled with it (off by default: it did not hel
 `steps_after_success` records that many more of the expert's steps after an episode first succeeds (the
 env's own `steps_after_success`; the episode still counts as reaching its goal). The suite ends an
 episode the moment its predicate holds, so without it a pick's lift is cut where the cube passes 10 cm.
+A {task: n} mapping sets it per task: `{PickCube: 4}` records the lift past 10 cm without recording the
+expert backing away from a pressed button or a closed drawer.
 """
 from __future__ import annotations
 
@@ -80,7 +82,7 @@ class CollectConfig:
     action_label: str = "expert"
     # the expert's steps recorded past each episode's first success (the episode still counts as reaching
     # its goal): a demonstration whose motion crosses the success threshold is not cut at it
-    steps_after_success: int = 0
+    steps_after_success: int | dict = 0  # or {task: n}: per task (0 for the tasks it does not name)
     # each step's language_instruction: the clause of a multi-step instruction it serves (policies.instructions)
     clause_instructions: bool = False
     clause_pause: int = 0  # with clause_instructions: steps the expert stands still after each clause but the last
@@ -96,6 +98,14 @@ class CollectConfig:
 
     def episodes_for(self, task: str) -> int:
         return int((self.episodes_by_task or {}).get(task, self.episodes_per_task))
+
+
+def _check_by_task(key: str, by_task: dict, tasks: list[str], minimum: int) -> None:
+    for task, n in by_task.items():
+        if task not in tasks:
+            raise ValueError(f"{key} names {task!r}, which this collection does not cover; its tasks: {', '.join(tasks)}")
+        if not isinstance(n, int) or isinstance(n, bool) or n < minimum:
+            raise ValueError(f"{key}[{task!r}] must be an integer >= {minimum}, got {n!r}")
 
 
 def _eval_config(cfg: CollectConfig):
@@ -289,15 +299,14 @@ def collect(cfg: CollectConfig, output_dir: str | os.PathLike, show_progress: bo
         raise ValueError(f"expert_mix must be within [0, 1], got {cfg.expert_mix}")
     if cfg.expert_mix > 0 and cfg.dagger_policy is None:
         raise ValueError("expert_mix mixes the expert into a policy's rollouts: set dagger_policy=<checkpoint directory>")
-    for key in ("min_steps_per_task", "steps_after_success", "clause_pause"):
+    for key in ("min_steps_per_task", "clause_pause"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"{key} must be >= 0, got {getattr(cfg, key)}")
-    for task, n in (cfg.episodes_by_task or {}).items():
-        if task not in tasks:
-            raise ValueError(f"episodes_by_task names {task!r}, which this collection does not cover; "
-                             f"its tasks: {', '.join(tasks)}")
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"episodes_by_task[{task!r}] must be an integer >= 1, got {n!r}")
+    after = cfg.steps_after_success
+    _check_by_task("steps_after_success", after if isinstance(after, dict) else {}, tasks, minimum=0)
+    if not isinstance(after, dict) and (not isinstance(after, int) or isinstance(after, bool) or after < 0):
+        raise ValueError(f"steps_after_success must be an integer >= 0 or a {{task: n}} mapping, got {after!r}")
+    _check_by_task("episodes_by_task", cfg.episodes_by_task or {}, tasks, minimum=1)
     output_dir = Path(output_dir)
     randomization = RandomizationConfig.from_any(cfg.randomization).to_dict()
     config = {**asdict(cfg), "randomization": randomization, "tasks": tasks}

@@ -9,6 +9,7 @@ are clipped to those bounds; a wrong shape, NaN or inf raises ValueError.
 from __future__ import annotations
 
 import string
+from collections.abc import Mapping
 from typing import Any
 
 import gymnasium as gym
@@ -43,7 +44,7 @@ class TabletopEnv(gym.Env):
     def __init__(self, task: str, backend: str = "mujoco", randomization: Any = "default",
                  image_size: int | tuple[int, int] = 224, wrist_camera: bool = False, control_hz: float = 10.0,
                  render_mode: str | None = None, max_episode_steps: int | None = None,
-                 steps_after_success: int = 0, clause_pause: int = 0):
+                 steps_after_success: int | Mapping[str, int] = 0, clause_pause: int = 0):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
         if render_mode not in (None, "rgb_array"):
@@ -57,9 +58,12 @@ class TabletopEnv(gym.Env):
         self._max_episode_steps_arg = max_episode_steps
         # Recording demonstrations: the episode runs on this many steps past its first success, so that a
         # motion that crosses a threshold (a cube lifted past 10 cm) is not cut there. Evaluation keeps 0.
-        if int(steps_after_success) < 0:
-            raise ValueError(f"steps_after_success must be >= 0, got {steps_after_success}")
-        self.steps_after_success = int(steps_after_success)
+        # A {task: n} mapping sets it per task (0 for the tasks it does not name), following `set_task`.
+        by_task = isinstance(steps_after_success, Mapping)
+        for n in steps_after_success.values() if by_task else [steps_after_success]:
+            if int(n) < 0:
+                raise ValueError(f"steps_after_success must be >= 0, got {n}")
+        self._steps_after_success = dict(steps_after_success) if by_task else int(steps_after_success)
         # Recording clause-labelled demonstrations: the expert stands still this many steps after each clause of
         # a multi-step instruction but the last, and `info["clause"]` moves on after them, so that a policy
         # prompted with a clause sees its done state (a lit button) labelled "stand still".
@@ -93,6 +97,8 @@ class TabletopEnv(gym.Env):
             self.sim.close()
         self.task = new_task
         self.max_episode_steps = int(self._max_episode_steps_arg or self.task.max_steps)
+        after = self._steps_after_success
+        self.steps_after_success = int(after.get(task, 0) if isinstance(after, dict) else after)
         self.sim = make_backend(self.backend_name, image_size=self.image_shape, wrist_camera=self.wrist_camera,
                                 control_hz=self.control_hz)
         self.sim.build(self.task.scene)

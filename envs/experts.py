@@ -28,6 +28,8 @@ class Motion:
     def __init__(self, sim: PhysicsBackend, max_step: float = 0.03, max_rot: float = 0.25):
         self.sim, self.max_step, self.max_rot = sim, max_step, max_rot
         self.gripper = OPEN
+        # where the episode started (experts are built at reset): multi-step scripts come back here between clauses
+        self.start, self.start_yaw = sim.ee_pose()[0].copy(), self.yaw()
 
     def yaw(self) -> float:
         rot = quat_to_matrix(self.sim.ee_pose()[1])
@@ -124,6 +126,13 @@ def press(sim: PhysicsBackend, m: Motion, name: str, latched: set) -> Iterator[A
                       until=lambda: name in latched)
     pos = sim.ee_pose()[0]
     yield from m.goto(pos + np.array([0.0, 0.0, 0.08]), 0.0, tol=0.02)
+
+
+def back_to_start(m: Motion) -> Iterator[Action]:
+    """Fingers open, back to the episode's start pose: the next clause of a multi-step instruction then starts
+    where its one-step task starts, so a policy prompted one clause at a time meets a start it has seen."""
+    yield from m.grip(OPEN, steps=2)
+    yield from m.goto(m.start, m.start_yaw, tol=0.01)
 
 
 # -- one script per task -------------------------------------------------------------------
@@ -226,10 +235,13 @@ def sort_by_color(sim, m, task) -> Iterator[Action]:
             yield from place_in_tray(sim, m, task, cube, tray)
             if in_tray(sim, cube, tray):
                 break
+        if cube == "cube_a":
+            yield from back_to_start(m)
 
 
 def button_then_tray(sim, m, task) -> Iterator[Action]:
     yield from press(sim, m, "button", task.latched)
+    yield from back_to_start(m)
     for _ in range(2):
         yield from place_in_tray(sim, m, task)
         if task.success(sim):

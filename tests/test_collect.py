@@ -272,13 +272,29 @@ def test_steps_after_success_records_the_expert_past_the_threshold(tmp_path):
         lengths[extra], lifts[extra] = len(rewards), heights[-1]
     assert lifts[4] > lifts[0] + 0.03  # the expert lifted on, towards its 18 cm
 
+    # per task: a pressed button ends its episode at once (the expert would back away from it next)
+    env = TabletopEnv("PressButton", backend="pybullet", image_size=16, steps_after_success={"PickCube": 4})
+    env.reset(seed=1)
+    for _ in range(env.max_episode_steps):
+        _, reward, terminated, truncated, info = env.step(env.expert_action())
+        if terminated or truncated:
+            break
+    assert terminated and reward == 1.0 and env.steps_after_success == 0
+    env.set_task("PickCube")  # collection keeps its env workers across tasks
+    assert env.steps_after_success == 4
+    env.close()
+
     summary = collect(CollectConfig(backend="pybullet", episodes_per_task=1, tasks=["PickCube"], image_size=IMAGE,
-                                    num_envs=1, vector="sync", steps_after_success=4), tmp_path, show_progress=False)
+                                    num_envs=1, vector="sync", steps_after_success={"PickCube": 4}), tmp_path,
+                      show_progress=False)
     assert summary["tasks"]["PickCube"]["steps"] == lengths[4] and summary["tasks"]["PickCube"]["successes"] == 1
     actions = np.asarray(next(RLDSSource("embodied_tabletop10_pybullet", tmp_path).episodes())["action"])
     assert (actions[-4:, 2] > 0.01).sum() >= 2  # recorded past the success: still lifting
-    with pytest.raises(ValueError, match="steps_after_success must be >= 0, got -1"):
-        collect(CollectConfig(tasks=["PickCube"], steps_after_success=-1), tmp_path / "bad", show_progress=False)
+    for bad, message in ((-1, "steps_after_success must be an integer >= 0 or a {task: n} mapping, got -1"),
+                         ({"PickCube": -1}, r"steps_after_success\['PickCube'\] must be an integer >= 0, got -1"),
+                         ({"PushCub": 4}, "steps_after_success names 'PushCub', which this collection does not cover")):
+        with pytest.raises(ValueError, match=message.replace("{", r"\{").replace("}", r"\}")):
+            collect(CollectConfig(tasks=["PickCube"], steps_after_success=bad), tmp_path / "bad", show_progress=False)
 
 
 def test_clause_instructions_label_each_step_and_end_each_clause_s_chunks_standing_still(tmp_path):

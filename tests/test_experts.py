@@ -135,6 +135,30 @@ def test_a_multi_step_episode_says_which_clause_of_its_instruction_it_is_on(task
             one.close()
 
 
+@pytest.mark.parametrize("task", ["ButtonThenTray", "SortByColor"])
+def test_between_clauses_the_expert_goes_back_to_where_the_episode_started(task):
+    """So that the second clause starts where its one-step task's demonstrations start: fingers open, at the start pose."""
+    env = TabletopEnv(task, backend="mujoco", image_size=SMALL, randomization="default")
+    try:
+        env.reset(seed=get_suite("tabletop10").episode_seeds(task, 1)[0])
+        start = env.sim.ee_pose()[0].copy()
+        distances, opened = [], []
+        for _ in range(env.max_episode_steps):
+            action = env.expert_action()
+            _, _, terminated, truncated, info = env.step(action)
+            if info["clause"] == 1:
+                distances.append(float(np.linalg.norm(env.sim.ee_pose()[0] - start)))
+                opened.append(action[6] == 1.0)
+            if terminated or truncated:
+                break
+        assert terminated and distances[0] > 0.05
+        back = int(np.argmin(distances))
+        assert distances[back] < 0.015 and opened[back], (distances[back], opened[back])
+        assert back < len(distances) // 2  # on the way to the second clause, not at the end
+    finally:
+        env.close()
+
+
 def test_clause_pause_stands_the_expert_still_after_a_clause_before_the_next_one():
     env = TabletopEnv("ButtonThenTray", backend="mujoco", image_size=SMALL, randomization="default", clause_pause=3)
     try:
