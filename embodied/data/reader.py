@@ -39,8 +39,8 @@ from embodied.data.errors import CorruptShardError, DatasetNotFoundError, EmptyD
 from embodied.data.mixtures import parse_datasets, sampling_weights
 from embodied.data.statistics import (NormalizationMode, StatisticsCache, compute_statistics, fingerprint,
                                       load_dataset_statistics, save_dataset_statistics)
-from embodied.data.transforms import (CHUNK_PADDINGS, OPENVLA_AUGMENT, AugmentConfig, chunk_actions, decode_image,
-                                      next_keyframe_states, normalize_tf)
+from embodied.data.transforms import (CHUNK_PADDINGS, OPENVLA_AUGMENT, AugmentConfig, chunk_actions, clause_done_frames,
+                                      decode_image, next_keyframe_states, normalize_tf)
 
 log = logging.getLogger(__name__)
 STATISTICS_VERSION = 1  # bump when the statistics computation changes
@@ -362,6 +362,23 @@ def _iterate(dataset, report: BadRecordReport):
 
 # -- the torch-facing dataset ----------------------------------------------------------------------
 
+def with_clause_done_frames(frames: dict, action, count: int, action_stats, mode) -> dict:
+    """`frames` (one trajectory's, each key (T, ...)) with `clause_done_frames` appended: the same images and
+    state under the previous clause's prompt, labelled standing still with that clause's last gripper command."""
+    tf = _tf()
+    index, prompts, gripper = clause_done_frames(frames["instruction"], action, count)
+    chunked = "action_mask" in frames
+    motion = tf.zeros([tf.shape(index)[0], *([frames["action_mask"].shape[1]] if chunked else []), action.shape[-1] - 1],
+                      action.dtype)
+    held = tf.broadcast_to(tf.reshape(gripper, [-1, *([1] if chunked else []), 1]), tf.concat([tf.shape(motion)[:-1], [1]], 0))
+    extra = {key: tf.gather(value, index) for key, value in frames.items()}
+    extra["instruction"] = prompts
+    extra["action"] = normalize_tf(tf.concat([motion, held], axis=-1), action_stats, mode)
+    if chunked:
+        extra["action_mask"] = tf.ones_like(extra["action_mask"])
+    return {key: tf.concat([frames[key], extra[key]], axis=0) for key in frames}
+
+
 @dataclass
 class DataConfig:
     """Everything the loader needs; `datasets` is a mixture name, a dataset name/path, or a list."""
@@ -380,6 +397,9 @@ class DataConfig:
     center_crop: bool = False  # evaluation crop for policies trained with augmentation
     action_chunk: int = 1  # K future actions per frame (1: a single action, no mask)
     chunk_padding: str = "repeat"  # past an episode's end: repeat (masked out) | hold (zero motion) | continue (the last action)
+    # clause-labelled steps: the first N steps of each clause but the first again, prompted with the clause before
+    # and labelled "stand still" (transforms.clause_done_frames)
+    clause_done_frames: int = 0
     normalization: str = "bounds_q99"  # bounds_q99 | bounds | normal
     normalize_state: bool = False
     keyframe_states: bool = False  # also yield each frame's next-keyframe state (raw), an auxiliary target
@@ -440,6 +460,8 @@ class RLDSDataset(_IterableDataset):
             raise ValueError(f"action_chunk must be >= 1, got {cfg.action_chunk}")
         if cfg.chunk_padding not in CHUNK_PADDINGS:
             raise ValueError(f"unknown chunk_padding {cfg.chunk_padding!r}; valid: {', '.join(CHUNK_PADDINGS)}")
+        if cfg.clause_done_frames < 0:
+            raise ValueError(f"clause_done_frames must be >= 0, got {cfg.clause_done_frames}")
         self.mode = NormalizationMode.parse(cfg.normalization)
         self.image_size = _size(cfg.image_size)
         self.report = BadRecordReport()
@@ -520,6 +542,8 @@ class RLDSDataset(_IterableDataset):
                 out["action"] = normalize_tf(action, stats["action"], mode)
             else:
                 out["action"] = normalize_tf(traj["action"], stats["action"], mode)
+            if cfg.clause_done_frames:
+                out = with_clause_done_frames(out, traj["action"], cfg.clause_done_frames, stats["action"], mode)
             return out
 
         return fn
