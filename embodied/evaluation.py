@@ -93,11 +93,17 @@ class CheckpointPolicy:
             instructions = [self.actions.prompt(i, str(observations["instruction"][i]),
                                                 None if states is None else states[i][:3]) for i in need]
             extra = {"gripper_state": self.actions.gripper_state(need)} if self.switches_gripper else {}
-            predicted = np.asarray(self.policy.predict_actions(batch, instructions, **extra))
+            if hasattr(self.policy, "predict_actions_and_clause_done"):
+                predicted, done = self.policy.predict_actions_and_clause_done(batch, instructions, **extra)
+            else:
+                predicted, done = self.policy.predict_actions(batch, instructions, **extra), None
+            predicted = np.asarray(predicted)
             if predicted.ndim == 2:  # (B, 7): one action per prediction
                 predicted = predicted[:, None]
             for row, i in enumerate(need):
                 self.actions.fill(i, predicted[row])
+                if done is not None:
+                    self.actions.clause_done(i, float(done[row]))
         return np.stack([self.actions.pop(i) for i in range(n)]).astype(np.float32)
 
 

@@ -34,7 +34,7 @@ class ActionChunkQueue:
 
     def __init__(self, n_action_steps: int | None = None, temporal_ensemble_coeff: float | None = None,
                  binary_gripper: bool = False, instruction_clauses: bool = False, clause_hold_tolerance: float = 0.003,
-                 clause_still_steps: int = 8):
+                 clause_still_steps: int = 8, clause_done_threshold: float | None = None):
         if n_action_steps is not None and n_action_steps < 1:
             raise ValueError(f"n_action_steps must be >= 1 (or None: the whole chunk), got {n_action_steps}")
         if temporal_ensemble_coeff is not None and n_action_steps != 1:
@@ -50,6 +50,9 @@ class ActionChunkQueue:
         self.instruction_clauses = instruction_clauses
         self.clause_hold_tolerance = clause_hold_tolerance
         self.clause_still_steps = clause_still_steps
+        # set: a clause ends once the policy's clause-done probability for it (`clause_done`) passes this, not when
+        # the arm stands still
+        self.clause_done_threshold = clause_done_threshold
         # per stream with instruction_clauses: the instruction, its clauses and the one being done
         self._clauses: dict[int, _ClauseProgress] = {}
         self._steps: dict[int, int] = {}  # actions popped per stream this episode
@@ -68,7 +71,9 @@ class ActionChunkQueue:
         return cls(getattr(config, "n_action_steps", None), getattr(config, "temporal_ensemble_coeff", None),
                    binary_gripper=binary, instruction_clauses=bool(getattr(config, "instruction_clauses", False)),
                    clause_hold_tolerance=float(getattr(config, "clause_hold_tolerance", 0.003)),
-                   clause_still_steps=int(getattr(config, "clause_still_steps", 8)))
+                   clause_still_steps=int(getattr(config, "clause_still_steps", 8)),
+                   clause_done_threshold=(float(config.clause_done_threshold)
+                                          if getattr(config, "clause_done_loss_weight", 0) > 0 else None))
 
     def reset(self, streams: Iterable[int] | None = None) -> None:
         """Forget the queued actions and gripper command of `streams` (all of them when None)."""
@@ -99,7 +104,10 @@ class ActionChunkQueue:
         progress = self._clauses.get(stream)
         if progress is None or progress.instruction != instruction:
             progress = self._clauses[stream] = _ClauseProgress(instruction, split_instruction(instruction))
-        if position is not None and progress.index < len(progress.clauses) - 1:
+        if self.clause_done_threshold is not None:
+            if progress.done >= self.clause_done_threshold and progress.index < len(progress.clauses) - 1:
+                progress.index, progress.done = progress.index + 1, 0.0
+        elif position is not None and progress.index < len(progress.clauses) - 1:
             step = self._steps.get(stream, 0)
             progress.positions.append((step, np.asarray(position, dtype=np.float64)[:3]))
             # the window: from the last position seen at least clause_still_steps ago
@@ -112,6 +120,13 @@ class ActionChunkQueue:
                     progress.index += 1
                     progress.positions = [progress.positions[-1]]
         return progress.clauses[progress.index]
+
+    def clause_done(self, stream: int, probability: float) -> None:
+        """The policy's probability that the clause `stream` was last prompted with is done (its clause-done
+        head, from the chunk just predicted): with `clause_done_threshold`, the next prompt moves on past it."""
+        progress = self._clauses.get(int(stream))
+        if progress is not None:
+            progress.done = float(probability)
 
     def clause(self, stream: int) -> int:
         """The index of the clause `stream` is on (0 before its first prompt)."""
@@ -179,4 +194,5 @@ class _ClauseProgress:
 
     def __init__(self, instruction: str, clauses: list[str]):
         self.instruction, self.clauses, self.index = instruction, clauses, 0
+        self.done = 0.0  # the clause-done head's last probability for the clause being done
         self.positions: list[tuple[int, np.ndarray]] = []  # (step, position) at each prompt

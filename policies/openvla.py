@@ -86,6 +86,11 @@ class VLAConfig:
     instruction_clauses: bool = False
     clause_hold_tolerance: float = 0.003
     clause_still_steps: int = 8
+    # > 0 (with the L1 head): a clause-done head, trained on data.clause_done_frames with this loss weight, says
+    # whether the prompted clause is done; with instruction_clauses the next clause follows once its probability
+    # passes clause_done_threshold, instead of once the arm stands still
+    clause_done_loss_weight: float = 0.0
+    clause_done_threshold: float = 0.5
     observation_image_size: int = 224  # the camera images the policy is trained on (resized to each tower's size)
     normalization: str = "bounds_q99"
     unnorm_key: str | None = None
@@ -163,6 +168,12 @@ class VLAConfig:
             raise ValueError(f"clause_hold_tolerance must be > 0 (metres), got {self.clause_hold_tolerance}")
         if self.clause_still_steps < 1:
             raise ValueError(f"clause_still_steps must be >= 1, got {self.clause_still_steps}")
+        if self.clause_done_loss_weight < 0:
+            raise ValueError(f"clause_done_loss_weight must be >= 0, got {self.clause_done_loss_weight}")
+        if self.clause_done_loss_weight > 0 and self.action_head != "l1":
+            raise ValueError("clause_done_loss_weight > 0 reads the L1 head's slots: it needs action_head='l1'")
+        if not 0 < self.clause_done_threshold < 1:
+            raise ValueError(f"clause_done_threshold must be within (0, 1), got {self.clause_done_threshold}")
         if "{instruction}" not in self.prompt:
             raise ValueError(f"prompt {self.prompt!r} has no {{instruction}} field")
         if self.use_proprio and self.proprio_dim < 1:
@@ -475,6 +486,9 @@ class OpenVLAPolicy(nn.Module):
         self.action_slots = nn.Embedding(config.action_chunk * config.action_dim, width)
         nn.init.normal_(self.action_slots.weight, std=0.02)
         self.action_head = L1RegressionHead(width, config.action_dim) if config.action_head == "l1" else None
+        # Whether the prompted clause is done, from the action slots' mean final hidden state (one logit).
+        self.clause_done_head = (nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 1))
+                                 if config.clause_done_loss_weight > 0 else None)
         # OFT's proprio projector: the normalized state becomes one token after the image patches.
         self.proprio_projector = nn.Sequential(nn.Linear(config.proprio_dim, width), nn.GELU(),
                                                nn.Linear(width, width)) if config.use_proprio else None
@@ -613,6 +627,7 @@ class OpenVLAPolicy(nn.Module):
         for module, flag in ((self.vision, vision), (self.projector, projector), (self.llm, llm),
                              (self.action_slots, projector), (self.proprio_projector, projector),
                              (self.keyframe_head, projector), (self.keyframe_projector, projector),
+                             (self.clause_done_head, projector),
                              (self.object_projector, projector), (self.object_embeddings, projector),
                              (self.named_projector, projector), (self.named_embeddings, projector)):
             if module is None:
@@ -743,14 +758,16 @@ class OpenVLAPolicy(nn.Module):
                              f"decode {decoding!r}")
         return decoding
 
-    def _regress_actions(self, inputs: Mapping[str, Any], embedded=None) -> torch.Tensor:
+    def _regress_actions(self, inputs: Mapping[str, Any], embedded=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The L1 head over the parallel slots' final hidden states: (B, K, action_dim) normalized actions,
-        whose last value is the gripper's open logit with `classify_gripper`."""
+        whose last value is the gripper's open logit with `classify_gripper`; and the clause-done head's (B,)
+        logits (None without it)."""
         embeds, valid, positions, _ = embedded if embedded is not None else self._embed(inputs)
         n = inputs["n_slots"]
         hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=self._attention(valid, n),
                                         position_ids=positions, use_cache=False).last_hidden_state[:, -n:]
-        return self.action_head(hidden)
+        done = None if self.clause_done_head is None else self.clause_done_head(hidden.mean(1))[:, 0]
+        return self.action_head(hidden), done
 
     def _head_actions(self, output: torch.Tensor) -> torch.Tensor:
         """The L1 head's output as normalized actions: with `classify_gripper`, the logit becomes 1 (open) when
@@ -780,12 +797,18 @@ class OpenVLAPolicy(nn.Module):
             raise KeyError(f"this policy trains a keyframe head (keyframe_loss_weight="
                            f"{self.config.keyframe_loss_weight}): the batch needs 'keyframe_state' "
                            f"(data.keyframe_states=true); keys: {', '.join(batch)}")
+        if self.clause_done_head is not None and "clause_done" not in batch:
+            raise KeyError(f"this policy trains a clause-done head (clause_done_loss_weight="
+                           f"{self.config.clause_done_loss_weight}): the batch needs 'clause_done' "
+                           f"(data.clause_done_frames > 0); keys: {', '.join(batch)}")
+        done = None
         with self._autocast():
             embedded = self._embed(inputs, keyframe=True)
             if self.action_head is None:
                 logits = self._slot_logits(inputs, embedded)
             else:
-                regressed = self._regress_actions(inputs, embedded).float()
+                regressed, done = self._regress_actions(inputs, embedded)
+                regressed = regressed.float()
             keyframe = embedded[3]
         tok = self.processor.action_tokenizer
         targets, weights = inputs["target_ids"], inputs["target_weights"]
@@ -823,6 +846,13 @@ class OpenVLAPolicy(nn.Module):
             keyframe_loss = F.mse_loss(keyframe.float(), target)
             loss = loss + self.config.keyframe_loss_weight * keyframe_loss
             extra["keyframe_loss"] = float(keyframe_loss.detach())
+        if done is not None:
+            # balanced: done frames are a few percent of the data
+            label = batch["clause_done"].to(done.device).float()
+            each = F.binary_cross_entropy_with_logits(done.float(), label, reduction="none")
+            done_loss = sum(each[side].mean() for side in (label > 0.5, label <= 0.5) if side.any())
+            loss = loss + self.config.clause_done_loss_weight * done_loss
+            extra["clause_done_loss"] = float(done_loss.detach())
         with torch.no_grad():
             w = weights[:, :n_act]
             correct = ((predicted == targets[:, :n_act]).float() * w).sum() / w.sum().clamp(min=1)
@@ -887,16 +917,28 @@ class OpenVLAPolicy(nn.Module):
         `gripper_state`: each row's current gripper command (1 open, 0 closed; None: open, as an episode
         starts), which `gripper_switch_threshold` switches from.
         """
+        return self.predict_actions_and_clause_done(observations, instructions, decoding, num_actions, unnorm_key,
+                                                    gripper_state)[0]
+
+    def predict_actions_and_clause_done(self, observations: Sequence[Mapping[str, Any]],
+                                        instructions: Sequence[str] | None = None, decoding: str | None = None,
+                                        num_actions: int | None = None, unnorm_key: str | None = None,
+                                        gripper_state: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """`predict_actions`, and from the same pass the clause-done head's (B,) probability that each row's
+        prompted clause is done (None for a policy without the head)."""
         decoding = self._check_decoding(decoding)
         if decoding == "parallel" and num_actions not in (None, self.config.action_chunk):
             raise ValueError(f"parallel decoding predicts action_chunk={self.config.action_chunk} actions, "
                              f"not num_actions={num_actions}")
         inputs = self.processor.from_observations(observations, instructions, decoding=decoding, device=self.device)
         switch = self.config.gripper_switch_threshold
-        open_score = None
+        open_score, done = None, None
         if self.action_head is not None:
             with torch.inference_mode(), self._autocast():
-                output = self._regress_actions(inputs).float()
+                output, done_logit = self._regress_actions(inputs)
+                output = output.float()
+                if done_logit is not None:
+                    done = torch.sigmoid(done_logit.float()).cpu().numpy()
                 if self.config.classify_gripper:
                     open_score = torch.sigmoid(output[..., -1]).cpu().numpy()
                 normalized = self._head_actions(output).clamp(-1, 1).cpu().numpy()
@@ -917,7 +959,7 @@ class OpenVLAPolicy(nn.Module):
             actions[..., -1] = (actions[..., -1] > self.config.gripper_threshold).astype(np.float32)
         if switch is not None:
             actions[..., -1] = gripper_commands(open_score.reshape(len(actions), -1), gripper_state, switch)
-        return actions
+        return actions, done
 
     @torch.inference_mode()
     def predict_keyframe_states(self, observations: Sequence[Mapping[str, Any]],
@@ -952,7 +994,11 @@ class OpenVLAPolicy(nn.Module):
             state = observation.get("state")
             prompt = queue.prompt(0, observation.get("instruction") if instruction is None else instruction,
                                   None if state is None else np.asarray(state)[:3])
-            queue.fill(0, self.predict_action_chunk(observation, prompt, gripper_state=queue.gripper_state([0])))
+            actions, done = self.predict_actions_and_clause_done([observation], None if prompt is None else [prompt],
+                                                                 gripper_state=queue.gripper_state([0]))
+            queue.fill(0, actions[0])
+            if done is not None:
+                queue.clause_done(0, float(done[0]))
         return queue.pop(0)
 
     # -- checkpoints -----------------------------------------------------------------------------

@@ -338,20 +338,20 @@ def test_clause_instructions_label_each_step_and_end_each_clause_s_chunks_standi
     across = unnormalize(frames[switch - 5][1], stats)  # a chunk wholly inside the first clause moves
     assert np.abs(across[:, :3]).max() > 0.005
 
-    # clause_done_frames: the second clause's first 3 steps again, under the first clause's prompt, standing still
-    # with its last gripper command (closed: the press); every other frame as before
+    # clause_done_frames: the second clause's first 3 steps again, under the first clause's prompt, labelled
+    # clause_done and trained on no action; every other frame as before, labelled not done
     data = RLDSDataset(dict(data.config.__dict__, clause_done_frames=3))
-    seen = [(t, batch["instruction"][i], batch["action"][i].numpy(), batch["action_mask"][i].numpy())
+    seen = [(t, batch["instruction"][i], batch["action_mask"][i].numpy(), float(batch["clause_done"][i]))
             for batch in data for i, t in enumerate(batch["timestep"].tolist())]
     assert len(seen) == len(steps) + 3
-    done = [(t, a, m) for t, prompt, a, m in seen if prompt == first and t >= switch]
+    done = [(t, mask, label) for t, prompt, mask, label in seen if prompt == first and t >= switch]
     assert [t for t, _, _ in done] == [switch, switch + 1, switch + 2]
-    for _, action, mask in done:
-        held = unnormalize(action, stats)
-        assert mask.all() and np.abs(held[:, :6]).max() < 0.002
-        np.testing.assert_allclose(held[:, 6], before[1, 6], atol=1e-6)
+    assert all(label == 1.0 and not mask.any() for _, mask, label in done)
+    assert sum(label for *_, label in seen) == 3
     with pytest.raises(ValueError, match="clause_done_frames must be >= 0, got -1"):
         RLDSDataset(dict(data.config.__dict__, clause_done_frames=-1))
+    with pytest.raises(ValueError, match="clause_done_frames masks the added frames' actions"):
+        RLDSDataset(dict(data.config.__dict__, action_chunk=1))
 
 
 def test_dagger_policy_drives_the_arm_and_the_expert_labels_every_state_it_reaches(tmp_path):

@@ -449,6 +449,54 @@ def test_instruction_clauses_prompt_one_clause_and_move_on_once_the_arm_stands_s
         policies.load_pretrained(tmp_path / "p", clause_still_steps=0)
 
 
+def test_a_clause_done_head_learns_when_the_prompted_clause_is_done_and_moves_the_prompt_on(tmp_path):
+    """Trained on frames labelled done (data.clause_done_frames), the head tells a done clause from one under way,
+    and the queue moves on once its probability passes the threshold, however the arm moves."""
+    both = "press the red button, then put the blue cube in the tray"
+    data = batch(chunk=2, seed=5)
+    data["action_mask"] = torch.tensor([[True, True], [True, True], [False, False], [False, False]])
+    data["clause_done"] = torch.tensor([0.0, 0.0, 1.0, 1.0])
+    policy = tiny(OpenVLAPolicy, decoding="parallel", action_chunk=2, n_action_steps=2, action_head="l1",
+                  instruction_clauses=True, clause_done_loss_weight=1.0)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=2e-3)
+    first = None
+    for _ in range(150):
+        loss, metrics = policy(data)
+        first = first or metrics["clause_done_loss"]
+        optimizer.zero_grad(), loss.backward(), optimizer.step()
+    assert metrics["clause_done_loss"] < 0.2 * first
+    policy.eval()
+    _, done = policy.predict_actions_and_clause_done(observations(data), data["instruction"])
+    assert (done[:2] < 0.5).all() and (done[2:] > 0.5).all(), done
+    with pytest.raises(KeyError, match="the batch needs 'clause_done'"):
+        policy({k: v for k, v in data.items() if k != "clause_done"})
+
+    queue = ActionChunkQueue.for_config(policy.config)  # moves on by the head, not by the arm standing still
+    assert queue.clause_done_threshold == 0.5
+    for probability, expected in ((0.2, "press the red button"), (0.7, "put the blue cube in the tray")):
+        assert queue.prompt(0, both, [0, 0, 0.1]) == "press the red button"
+        queue.clause_done(0, probability)
+    assert queue.prompt(0, both, [0, 0, 0.1]) == expected
+    queue.clause_done(0, 0.9)  # the last clause stays
+    assert queue.prompt(0, both, [0, 0, 0.1]) == "put the blue cube in the tray"
+    obs = observations(data)[2]  # select_action reports the head's probability to its queue
+    policy.reset()
+    policy.select_action({**obs, "instruction": both})
+    assert policy._actions._clauses[0].done == pytest.approx(
+        float(policy.predict_actions_and_clause_done([obs], ["press the red button"])[1][0]), abs=1e-5)
+
+    policy.save_pretrained(tmp_path / "p")
+    loaded = policies.load_pretrained(tmp_path / "p")
+    np.testing.assert_allclose(loaded.predict_actions_and_clause_done(observations(data), data["instruction"])[1],
+                               done, atol=1e-5)
+    for bad, message in (({"clause_done_threshold": 1.0}, "clause_done_threshold must be within"),
+                         ({"clause_done_loss_weight": -1.0}, "clause_done_loss_weight must be >= 0"),
+                         ({"action_head": "tokens"}, "it needs action_head='l1'")):
+        with pytest.raises(ValueError, match=message):
+            tiny(OpenVLAPolicy, decoding="parallel", action_chunk=2, **{"action_head": "l1",
+                                                                        "clause_done_loss_weight": 1.0, **bad})
+
+
 def test_proprio_token_lets_the_policy_tell_apart_identical_images(tmp_path):
     # Same image and instruction, different robot states and actions: only the state separates them.
     data = batch(seed=3)

@@ -362,20 +362,17 @@ def _iterate(dataset, report: BadRecordReport):
 
 # -- the torch-facing dataset ----------------------------------------------------------------------
 
-def with_clause_done_frames(frames: dict, action, count: int, action_stats, mode) -> dict:
-    """`frames` (one trajectory's, each key (T, ...)) with `clause_done_frames` appended: the same images and
-    state under the previous clause's prompt, labelled standing still with that clause's last gripper command."""
+def with_clause_done_frames(frames: dict, count: int) -> dict:
+    """`frames` (one trajectory's chunked frames, each key (T, ...)) with a `clause_done` label (0), and
+    `transforms.clause_done_frames` appended: the same images and state under the previous clause's prompt,
+    labelled 1 and trained on no action (a policy's clause-done head learns from them, not its actions)."""
     tf = _tf()
-    index, prompts, gripper = clause_done_frames(frames["instruction"], action, count)
-    chunked = "action_mask" in frames
-    motion = tf.zeros([tf.shape(index)[0], *([frames["action_mask"].shape[1]] if chunked else []), action.shape[-1] - 1],
-                      action.dtype)
-    held = tf.broadcast_to(tf.reshape(gripper, [-1, *([1] if chunked else []), 1]), tf.concat([tf.shape(motion)[:-1], [1]], 0))
+    index, prompts = clause_done_frames(frames["instruction"], count)
     extra = {key: tf.gather(value, index) for key, value in frames.items()}
     extra["instruction"] = prompts
-    extra["action"] = normalize_tf(tf.concat([motion, held], axis=-1), action_stats, mode)
-    if chunked:
-        extra["action_mask"] = tf.ones_like(extra["action_mask"])
+    extra["action_mask"] = tf.zeros_like(extra["action_mask"])
+    frames = {**frames, "clause_done": tf.zeros(tf.shape(frames["timestep"]), tf.float32)}
+    extra["clause_done"] = tf.ones(tf.shape(index), tf.float32)
     return {key: tf.concat([frames[key], extra[key]], axis=0) for key in frames}
 
 
@@ -397,8 +394,8 @@ class DataConfig:
     center_crop: bool = False  # evaluation crop for policies trained with augmentation
     action_chunk: int = 1  # K future actions per frame (1: a single action, no mask)
     chunk_padding: str = "repeat"  # past an episode's end: repeat (masked out) | hold (zero motion) | continue (the last action)
-    # clause-labelled steps: the first N steps of each clause but the first again, prompted with the clause before
-    # and labelled "stand still" (transforms.clause_done_frames)
+    # clause-labelled steps: the first N steps of each clause but the first again, prompted with the clause before,
+    # labelled clause_done (a clause-done head's positives; needs action_chunk > 1, their actions are masked out)
     clause_done_frames: int = 0
     normalization: str = "bounds_q99"  # bounds_q99 | bounds | normal
     normalize_state: bool = False
@@ -462,6 +459,9 @@ class RLDSDataset(_IterableDataset):
             raise ValueError(f"unknown chunk_padding {cfg.chunk_padding!r}; valid: {', '.join(CHUNK_PADDINGS)}")
         if cfg.clause_done_frames < 0:
             raise ValueError(f"clause_done_frames must be >= 0, got {cfg.clause_done_frames}")
+        if cfg.clause_done_frames and cfg.action_chunk < 2:
+            raise ValueError("clause_done_frames masks the added frames' actions out of the loss: it needs "
+                             f"action_chunk > 1, got {cfg.action_chunk}")
         self.mode = NormalizationMode.parse(cfg.normalization)
         self.image_size = _size(cfg.image_size)
         self.report = BadRecordReport()
@@ -543,7 +543,7 @@ class RLDSDataset(_IterableDataset):
             else:
                 out["action"] = normalize_tf(traj["action"], stats["action"], mode)
             if cfg.clause_done_frames:
-                out = with_clause_done_frames(out, traj["action"], cfg.clause_done_frames, stats["action"], mode)
+                out = with_clause_done_frames(out, cfg.clause_done_frames)
             return out
 
         return fn

@@ -90,14 +90,13 @@ def chunk_actions(action, horizon: int, padding: str = "repeat", ends_at_goal=Tr
     return tf.where(held[..., None], hold, windows), tf.logical_or(inside, held)
 
 
-def clause_done_frames(instruction, action, frames: int):
-    """Frames that teach "this clause is done: stand still", for steps labelled clause by clause.
+def clause_done_frames(instruction, frames: int):
+    """Frames that show a clause done, for steps labelled clause by clause.
 
-    The first `frames` steps of every clause but the first, prompted with the clause before it: their
-    images show that clause done (a lit button, a cube in its tray). Returns the steps' indices (N,), those
-    prompts (N,) and the gripper command each held (N,): the previous clause's last one. A policy prompted
-    one clause at a time moves on once the arm stands still, and is otherwise never shown a done clause under
-    its own prompt: after letting a cube go in its tray, in free space, it wandered there and never moved on.
+    The first `frames` steps of every clause but the first, to be prompted with the clause before it: their
+    images show that clause done (a lit button, a cube let go in its tray). Returns the steps' indices (N,) and
+    those prompts (N,). A policy prompted one clause at a time must tell when its clause is done; its
+    demonstrations never show a done clause under that clause's own prompt.
     """
     tf = _tf()
     changed = tf.cast(tf.not_equal(instruction[1:], instruction[:-1]), tf.int32)
@@ -105,8 +104,7 @@ def clause_done_frames(instruction, action, frames: int):
     start = tf.searchsorted(clause, clause, side="left")  # each step's clause's first step
     chosen = tf.logical_and(clause > 0, tf.range(tf.shape(clause)[0]) - start < frames)
     index = tf.cast(tf.where(chosen)[:, 0], tf.int32)
-    previous_last = tf.gather(start, index) - 1
-    return index, tf.gather(instruction, previous_last), tf.gather(action[:, -1], previous_last)
+    return index, tf.gather(instruction, tf.gather(start, index) - 1)
 
 
 def next_keyframe_states(state, action, gripper_change: float = 0.5):
