@@ -48,7 +48,8 @@ def main(cfg: DictConfig) -> dict:
                               temporal_ensemble_coeff=cfg.get("temporal_ensemble_coeff"),
                               instruction_clauses=cfg.get("instruction_clauses"),
                               clause_hold_tolerance=cfg.get("clause_hold_tolerance"),
-                              clause_still_steps=cfg.get("clause_still_steps"))
+                              clause_still_steps=cfg.get("clause_still_steps"),
+                              clause_done_threshold=cfg.get("clause_done_threshold"))
     trained = getattr(policy, "policy", None)
     trained_config = getattr(trained, "config", None)
     eval_cfg = config_from_hydra(cfg, getattr(trained_config, "observation_image_size", 224),

@@ -130,12 +130,13 @@ def make_eval_policy(spec: str, seed: int = 0, device: str = "cpu", n_action_ste
                      binarize_gripper: bool | None = None, gripper_threshold: float | None = None,
                      gripper_switch_threshold: float | None = None,
                      temporal_ensemble_coeff: float | None = None, instruction_clauses: bool | None = None,
-                     clause_hold_tolerance: float | None = None, clause_still_steps: int | None = None) -> VectorPolicy:
+                     clause_hold_tolerance: float | None = None, clause_still_steps: int | None = None,
+                     clause_done_threshold: float | None = None) -> VectorPolicy:
     """`scripted`, `random`, or a checkpoint directory / hub id (any policy `policies` can load).
 
     `n_action_steps`, `binarize_gripper`, `gripper_threshold`, `gripper_switch_threshold`,
-    `temporal_ensemble_coeff`, `instruction_clauses`, `clause_hold_tolerance` and `clause_still_steps` override a
-    checkpoint's own settings when not None.
+    `temporal_ensemble_coeff`, `instruction_clauses`, `clause_hold_tolerance`, `clause_still_steps` and
+    `clause_done_threshold` override a checkpoint's own settings when not None.
     """
     if spec == "scripted":
         return ScriptedPolicy()
@@ -148,7 +149,7 @@ def make_eval_policy(spec: str, seed: int = 0, device: str = "cpu", n_action_ste
              "gripper_switch_threshold": (float, gripper_switch_threshold),
              "temporal_ensemble_coeff": (float, temporal_ensemble_coeff),
              "instruction_clauses": (bool, instruction_clauses), "clause_hold_tolerance": (float, clause_hold_tolerance),
-             "clause_still_steps": (int, clause_still_steps)}
+             "clause_still_steps": (int, clause_still_steps), "clause_done_threshold": (float, clause_done_threshold)}
     overrides = {key: cast(value) for key, (cast, value) in given.items() if value is not None}
     try:
         policy = policies.load_pretrained(spec, device=device, **overrides)
@@ -424,6 +425,9 @@ def evaluate(policy: VectorPolicy, cfg: EvalConfig, output_dir: str | os.PathLik
                                                                    None),
                                 "instruction_clauses": bool(getattr(policy.policy.config, "instruction_clauses", False)),
                                 "clause_hold_tolerance": getattr(policy.policy.config, "clause_hold_tolerance", None),
-                                "clause_still_steps": getattr(policy.policy.config, "clause_still_steps", None)}
+                                "clause_still_steps": getattr(policy.policy.config, "clause_still_steps", None),
+                                "clause_done_threshold": (policy.policy.config.clause_done_threshold
+                                                          if getattr(policy.policy.config, "clause_done_loss_weight", 0)
+                                                          else None)}
     write_outputs(results, records, output_dir)
     return results
