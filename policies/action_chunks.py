@@ -50,8 +50,7 @@ class ActionChunkQueue:
         self.instruction_clauses = instruction_clauses
         self.clause_hold_tolerance = clause_hold_tolerance
         self.clause_still_steps = clause_still_steps
-        # set: a clause ends once the policy's clause-done probability for it (`clause_done`) passes this, not when
-        # the arm stands still
+        # set: a clause also ends once the policy's clause-done probability for it (`clause_done`) passes this
         self.clause_done_threshold = clause_done_threshold
         # per stream with instruction_clauses: the instruction, its clauses and the one being done
         self._clauses: dict[int, _ClauseProgress] = {}
@@ -104,9 +103,9 @@ class ActionChunkQueue:
         progress = self._clauses.get(stream)
         if progress is None or progress.instruction != instruction:
             progress = self._clauses[stream] = _ClauseProgress(instruction, split_instruction(instruction))
-        if self.clause_done_threshold is not None:
-            if progress.done >= self.clause_done_threshold and progress.index < len(progress.clauses) - 1:
-                progress.index, progress.done = progress.index + 1, 0.0
+        said_done = self.clause_done_threshold is not None and progress.done >= self.clause_done_threshold
+        if said_done and progress.index < len(progress.clauses) - 1:
+            progress.index, progress.done, progress.positions = progress.index + 1, 0.0, []
         elif position is not None and progress.index < len(progress.clauses) - 1:
             step = self._steps.get(stream, 0)
             progress.positions.append((step, np.asarray(position, dtype=np.float64)[:3]))
@@ -117,7 +116,7 @@ class ActionChunkQueue:
                 here = progress.positions[-1][1]
                 still = max(np.linalg.norm(p - here) for _, p in progress.positions) < self.clause_hold_tolerance
                 if still and len(set(self._grippers.get(stream, []))) <= 1:
-                    progress.index += 1
+                    progress.index, progress.done = progress.index + 1, 0.0
                     progress.positions = [progress.positions[-1]]
         return progress.clauses[progress.index]
 

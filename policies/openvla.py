@@ -87,8 +87,8 @@ class VLAConfig:
     clause_hold_tolerance: float = 0.003
     clause_still_steps: int = 8
     # > 0 (with the L1 head): a clause-done head, trained on data.clause_done_frames with this loss weight, says
-    # whether the prompted clause is done; with instruction_clauses the next clause follows once its probability
-    # passes clause_done_threshold, instead of once the arm stands still
+    # whether the prompted clause is done; with instruction_clauses the next clause also follows once its
+    # probability passes clause_done_threshold, as well as once the arm stands still
     clause_done_loss_weight: float = 0.0
     clause_done_threshold: float = 0.5
     observation_image_size: int = 224  # the camera images the policy is trained on (resized to each tower's size)
@@ -486,8 +486,9 @@ class OpenVLAPolicy(nn.Module):
         self.action_slots = nn.Embedding(config.action_chunk * config.action_dim, width)
         nn.init.normal_(self.action_slots.weight, std=0.02)
         self.action_head = L1RegressionHead(width, config.action_dim) if config.action_head == "l1" else None
-        # Whether the prompted clause is done, from the action slots' mean final hidden state (one logit).
-        self.clause_done_head = (nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 1))
+        # Whether the prompted clause is done, from the action slots' mean final hidden state (one logit), read
+        # detached: trained into the shared network, its gradient cost every task its actions (reach 80% -> 0%)
+        self.clause_done_head = (nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(), nn.Linear(width, 1))
                                  if config.clause_done_loss_weight > 0 else None)
         # OFT's proprio projector: the normalized state becomes one token after the image patches.
         self.proprio_projector = nn.Sequential(nn.Linear(config.proprio_dim, width), nn.GELU(),
@@ -766,7 +767,7 @@ class OpenVLAPolicy(nn.Module):
         n = inputs["n_slots"]
         hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=self._attention(valid, n),
                                         position_ids=positions, use_cache=False).last_hidden_state[:, -n:]
-        done = None if self.clause_done_head is None else self.clause_done_head(hidden.mean(1))[:, 0]
+        done = None if self.clause_done_head is None else self.clause_done_head(hidden.mean(1).detach())[:, 0]
         return self.action_head(hidden), done
 
     def _head_actions(self, output: torch.Tensor) -> torch.Tensor:
