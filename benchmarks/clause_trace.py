@@ -30,19 +30,22 @@ def trace(policy_dir: str, task: str, episodes: int, backend: str = "mujoco") ->
         obs, info = env.reset(seed=seed)
         policy.reset([0])
         start = env.sim.ee_pose()[0].copy()
-        switch, at_switch, after, grasped = None, None, [], []
+        switch, at_switch, after, grasped, said, last_said = None, None, [], [], None, 0.0
         for step in range(env.max_episode_steps):
             batch = {k: np.asarray(v)[None] if k != "instruction" else np.array([v]) for k, v in obs.items()}
             action = policy.act(batch, one)[0]
             obs, _, terminated, truncated, info = env.step(action)
             if switch is None and policy.actions.clause(0) > 0:
                 switch, at_switch = step, {k: bool(v) for k, v in info["stages"].items()}
+                said = last_said  # the clause-done head's last probability before it (0 without the head)
+            progress = policy.actions._clauses.get(0)
+            last_said = 0.0 if progress is None else progress.done
             if switch is not None:
                 after.append(float(np.linalg.norm(env.sim.ee_pose()[0] - start)))
                 grasped += [n for n in boxes if env.sim.grasped(n) and n not in grasped]
             if terminated or truncated:
                 break
-        rows.append({"seed": seed, "switch": switch, "stages_at_switch": at_switch,
+        rows.append({"seed": seed, "switch": switch, "stages_at_switch": at_switch, "done_probability": said,
                      "closest_to_start_cm": None if not after else round(100 * min(after), 1),
                      "grasped_after": grasped, "stages": info["stages"],
                      "success": bool(info["success"]), "steps": step + 1})
@@ -58,12 +61,14 @@ def main() -> None:
     parser.add_argument("--backend", default="mujoco")
     args = parser.parse_args()
     rows = trace(args.policy, args.task, args.episodes, args.backend)
-    print("| seed | switch step | stages at the switch | closest to start after (cm) | grasped after | stages at the end | success |")
-    print("|---|---|---|---|---|---|---|")
+    print("| seed | switch step | done probability before it | stages at the switch | closest to start after (cm) "
+          "| grasped after | stages at the end | success |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         done = ", ".join(k for k, v in (r["stages_at_switch"] or {}).items() if v) or "-"
         end = ", ".join(k for k, v in r["stages"].items() if v) or "-"
-        print(f"| {r['seed']} | {r['switch']} | {done} | {r['closest_to_start_cm']} | {', '.join(r['grasped_after']) or '-'} "
+        said = "-" if r["done_probability"] is None else f"{r['done_probability']:.2f}"
+        print(f"| {r['seed']} | {r['switch']} | {said} | {done} | {r['closest_to_start_cm']} | {', '.join(r['grasped_after']) or '-'} "
               f"| {end} | {r['success']} |")
     switched = [r for r in rows if r["switch"] is not None]
     home = [r for r in switched if r["closest_to_start_cm"] < 3.0]
