@@ -258,7 +258,7 @@ def test_per_dimension_loss_weights_and_regression_losses():
                     action_loss_weights=[0, 0, 0, 0, 0, 1, 0])
     with torch.no_grad():
         regressed = only_yaw._regress_actions(only_yaw.processor(data["image"], data["instruction"],
-                                                                 actions=data["action"], decoding="parallel"))
+                                                                 actions=data["action"], decoding="parallel"))[0]
     torch.testing.assert_close(only_yaw(data)[0], (regressed[..., 5] - data["action"][..., 5]).abs().sum() / (8 * 2 * 7))
     squared = tiny(OpenVLAPolicy, decoding="parallel", action_chunk=2, action_head="l1",
                    action_loss_weights=[0, 0, 0, 0, 0, 1, 0], regression_losses=["l1"] * 5 + ["mse", "l1"])
@@ -276,7 +276,7 @@ def test_per_dimension_loss_weights_and_regression_losses():
         train_steps(policy, rare, steps=150, lr=3e-3)
         with torch.no_grad():
             inputs = policy.processor(rare["image"][:1], rare["instruction"][:1], decoding="parallel")
-            predicted[kind] = float(policy._regress_actions(inputs)[0, :, 5].mean())
+            predicted[kind] = float(policy._regress_actions(inputs)[0][0, :, 5].mean())
     assert abs(predicted["l1"]) < 0.05 and abs(predicted["mse"] - 0.25) < 0.05, predicted
     with pytest.raises(ValueError, match=r"action_loss_weights must be 7 weights >= 0 .* got \[1, 1\]"):
         tiny(OpenVLAPolicy, action_loss_weights=[1, 1])
