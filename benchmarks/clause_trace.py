@@ -38,8 +38,7 @@ def trace(policy_dir: str, task: str, episodes: int, backend: str = "mujoco") ->
             if switch is None and policy.actions.clause(0) > 0:
                 switch, at_switch = step, {k: bool(v) for k, v in info["stages"].items()}
                 said = last_said  # the clause-done head's last probability before it (0 without the head)
-            progress = policy.actions._clauses.get(0)
-            last_said = 0.0 if progress is None else progress.done
+            last_said = policy.actions.clause_done_probability(0)
             if switch is not None:
                 after.append(float(np.linalg.norm(env.sim.ee_pose()[0] - start)))
                 grasped += [n for n in boxes if env.sim.grasped(n) and n not in grasped]

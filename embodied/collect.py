@@ -303,8 +303,9 @@ def collect(cfg: CollectConfig, output_dir: str | os.PathLike, show_progress: bo
         if getattr(cfg, key) < 0:
             raise ValueError(f"{key} must be >= 0, got {getattr(cfg, key)}")
     after = cfg.steps_after_success
-    _check_by_task("steps_after_success", after if isinstance(after, dict) else {}, tasks, minimum=0)
-    if not isinstance(after, dict) and (not isinstance(after, int) or isinstance(after, bool) or after < 0):
+    if isinstance(after, dict):
+        _check_by_task("steps_after_success", after, tasks, minimum=0)
+    elif not isinstance(after, int) or isinstance(after, bool) or after < 0:
         raise ValueError(f"steps_after_success must be an integer >= 0 or a {{task: n}} mapping, got {after!r}")
     _check_by_task("episodes_by_task", cfg.episodes_by_task or {}, tasks, minimum=1)
     output_dir = Path(output_dir)

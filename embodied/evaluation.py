@@ -426,8 +426,6 @@ def evaluate(policy: VectorPolicy, cfg: EvalConfig, output_dir: str | os.PathLik
                                 "instruction_clauses": bool(getattr(policy.policy.config, "instruction_clauses", False)),
                                 "clause_hold_tolerance": getattr(policy.policy.config, "clause_hold_tolerance", None),
                                 "clause_still_steps": getattr(policy.policy.config, "clause_still_steps", None),
-                                "clause_done_threshold": (policy.policy.config.clause_done_threshold
-                                                          if getattr(policy.policy.config, "clause_done_loss_weight", 0)
-                                                          else None)}
+                                "clause_done_threshold": policy.actions.clause_done_threshold}
     write_outputs(results, records, output_dir)
     return results

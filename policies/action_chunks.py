@@ -127,6 +127,11 @@ class ActionChunkQueue:
         if progress is not None:
             progress.done = float(probability)
 
+    def clause_done_probability(self, stream: int) -> float:
+        """The last probability `clause_done` reported for the clause `stream` is on (0 when none)."""
+        progress = self._clauses.get(int(stream))
+        return 0.0 if progress is None else progress.done
+
     def clause(self, stream: int) -> int:
         """The index of the clause `stream` is on (0 before its first prompt)."""
         progress = self._clauses.get(int(stream))

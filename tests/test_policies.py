@@ -482,7 +482,7 @@ def test_a_clause_done_head_learns_when_the_prompted_clause_is_done_and_moves_th
     obs = observations(data)[2]  # select_action reports the head's probability to its queue
     policy.reset()
     policy.select_action({**obs, "instruction": both})
-    assert policy._actions._clauses[0].done == pytest.approx(
+    assert policy._actions.clause_done_probability(0) == pytest.approx(
         float(policy.predict_actions_and_clause_done([obs], ["press the red button"])[1][0]), abs=1e-5)
 
     policy.save_pretrained(tmp_path / "p")

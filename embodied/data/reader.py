@@ -39,8 +39,8 @@ from embodied.data.errors import CorruptShardError, DatasetNotFoundError, EmptyD
 from embodied.data.mixtures import parse_datasets, sampling_weights
 from embodied.data.statistics import (NormalizationMode, StatisticsCache, compute_statistics, fingerprint,
                                       load_dataset_statistics, save_dataset_statistics)
-from embodied.data.transforms import (CHUNK_PADDINGS, OPENVLA_AUGMENT, AugmentConfig, chunk_actions, clause_done_frames,
-                                      decode_image, next_keyframe_states, normalize_tf)
+from embodied.data.transforms import (CHUNK_PADDINGS, OPENVLA_AUGMENT, AugmentConfig, chunk_actions, decode_image,
+                                      next_keyframe_states, normalize_tf, with_clause_done_frames)
 
 log = logging.getLogger(__name__)
 STATISTICS_VERSION = 1  # bump when the statistics computation changes
@@ -361,20 +361,6 @@ def _iterate(dataset, report: BadRecordReport):
 
 
 # -- the torch-facing dataset ----------------------------------------------------------------------
-
-def with_clause_done_frames(frames: dict, count: int) -> dict:
-    """`frames` (one trajectory's chunked frames, each key (T, ...)) with a `clause_done` label (0), and
-    `transforms.clause_done_frames` appended: the same images and state under the previous clause's prompt,
-    labelled 1 and trained on no action (a policy's clause-done head learns from them, not its actions)."""
-    tf = _tf()
-    index, prompts = clause_done_frames(frames["instruction"], count)
-    extra = {key: tf.gather(value, index) for key, value in frames.items()}
-    extra["instruction"] = prompts
-    extra["action_mask"] = tf.zeros_like(extra["action_mask"])
-    frames = {**frames, "clause_done": tf.zeros(tf.shape(frames["timestep"]), tf.float32)}
-    extra["clause_done"] = tf.ones(tf.shape(index), tf.float32)
-    return {key: tf.concat([frames[key], extra[key]], axis=0) for key in frames}
-
 
 @dataclass
 class DataConfig:

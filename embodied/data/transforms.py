@@ -90,21 +90,28 @@ def chunk_actions(action, horizon: int, padding: str = "repeat", ends_at_goal=Tr
     return tf.where(held[..., None], hold, windows), tf.logical_or(inside, held)
 
 
-def clause_done_frames(instruction, frames: int):
+def with_clause_done_frames(frames: dict, count: int) -> dict:
     """Frames that show a clause done, for steps labelled clause by clause.
 
-    The first `frames` steps of every clause but the first, to be prompted with the clause before it: their
-    images show that clause done (a lit button, a cube let go in its tray). Returns the steps' indices (N,) and
-    those prompts (N,). A policy prompted one clause at a time must tell when its clause is done; its
-    demonstrations never show a done clause under that clause's own prompt.
+    `frames`: one trajectory's chunked frames (each key (T, ...), with `instruction` and `action_mask`). Returns
+    them with a `clause_done` label (0), followed by the first `count` steps of every clause but the first
+    again, prompted with the clause before it, labelled 1 and trained on no action: their images show that
+    clause done (a lit button, a cube let go in its tray). A policy prompted one clause at a time must tell when
+    its clause is done; its demonstrations never show a done clause under that clause's own prompt.
     """
     tf = _tf()
+    instruction = frames["instruction"]
     changed = tf.cast(tf.not_equal(instruction[1:], instruction[:-1]), tf.int32)
     clause = tf.concat([tf.zeros([1], tf.int32), tf.cumsum(changed)], axis=0)
     start = tf.searchsorted(clause, clause, side="left")  # each step's clause's first step
-    chosen = tf.logical_and(clause > 0, tf.range(tf.shape(clause)[0]) - start < frames)
+    chosen = tf.logical_and(clause > 0, tf.range(tf.shape(clause)[0]) - start < count)
     index = tf.cast(tf.where(chosen)[:, 0], tf.int32)
-    return index, tf.gather(instruction, tf.gather(start, index) - 1)
+    extra = {key: tf.gather(value, index) for key, value in frames.items()}
+    extra["instruction"] = tf.gather(instruction, tf.gather(start, index) - 1)
+    extra["action_mask"] = tf.zeros_like(extra["action_mask"])
+    extra["clause_done"] = tf.ones(tf.shape(index), tf.float32)
+    frames = {**frames, "clause_done": tf.zeros(tf.shape(clause), tf.float32)}
+    return {key: tf.concat([frames[key], extra[key]], axis=0) for key in frames}
 
 
 def next_keyframe_states(state, action, gripper_change: float = 0.5):
