@@ -97,19 +97,6 @@ def ensure_data(cfg: DictConfig) -> None:
                     cfg.data.data_dir)
 
 
-def shared_statistics(cfg: DictConfig, datasets, show_progress: bool) -> dict | None:
-    """With `data.shared_statistics`, the first dataset's statistics, which then normalize every dataset's
-    actions and states (one robot, one scale); None: each dataset its own. The world model normalizes its
-    inputs at inference with the first dataset's either way."""
-    from embodied.data import RLDSSource
-    from embodied.data.mixtures import parse_datasets
-
-    if not cfg.data.get("shared_statistics"):
-        return None
-    first = parse_datasets(datasets)[0][0]
-    return RLDSSource(first, cfg.data.data_dir, "train", spec=cfg.data.spec).statistics(show_progress=show_progress)
-
-
 # -- helpers ------------------------------------------------------------------------------------------
 
 def warmup_cosine(optimizer, warmup: int, total: int):
@@ -301,10 +288,10 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     # -- data
     ensure_data(cfg)
     datasets = cfg.data.datasets if isinstance(cfg.data.datasets, str) else OmegaConf.to_container(cfg.data.datasets)
-    shared = shared_statistics(cfg, datasets, show)
     episodes, statistics, weights = load_episodes(datasets, cfg.data.data_dir, "train", tok_cfg.image_size,
                                                   cfg.data.spec, max_episodes=cfg.data.max_episodes,
-                                                  show_progress=show, fallback_statistics=shared)
+                                                  show_progress=show,
+                                                  shared_statistics=bool(cfg.data.get("shared_statistics")))
     statistics_key = next(iter(statistics))  # the first dataset's: what the world model normalizes with
     val_datasets = cfg.data.val_datasets or datasets
     if not isinstance(val_datasets, str):

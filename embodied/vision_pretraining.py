@@ -126,13 +126,21 @@ def _read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     return saved, metadata
 
 
+def _read_shapes(directory: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """The file's tensor shapes and metadata, without reading its tensors (to choose among files)."""
+    from safetensors import safe_open
+
+    with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as f:
+        return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}, f.metadata() or {}
+
+
 def _made_with(metadata: Mapping[str, str]) -> str:
     return (f"made for observation_image_size={metadata.get('observation_image_size')}, "
             f"wrist_image={metadata.get('wrist_image')}, parts {metadata.get('parts')}")
 
 
-def _mismatch(policy, saved: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str | None:
-    """Why `saved` cannot fill the policy's pretrained parts (the first key at fault), or None."""
+def _mismatch(policy, shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str]) -> str | None:
+    """Why weights of these `shapes` cannot fill the policy's pretrained parts (the first key at fault), or None."""
     size = metadata.get("observation_image_size")
     if size is not None and int(size) != int(policy.config.observation_image_size):
         # the readout is calibrated on images of that size: another size would locate objects elsewhere
@@ -140,14 +148,14 @@ def _mismatch(policy, saved: Mapping[str, torch.Tensor], metadata: Mapping[str, 
                 f"(policy.observation_image_size)")
     for name, part in pretrained_parts(policy).items():
         ours = part.state_dict()
-        theirs = {key[len(name) + 1:]: value for key, value in saved.items() if key.startswith(name + ".")}
+        theirs = {key[len(name) + 1:]: shape for key, shape in shapes.items() if key.startswith(name + ".")}
         if not theirs:
             return f"has no {name!r} weights, which this policy needs"
         for key, value in ours.items():
             if key not in theirs:
                 return f"lacks {name}.{key}, which this policy has"
-            if tuple(theirs[key].shape) != tuple(value.shape):
-                return f"{name}.{key} has shape {tuple(theirs[key].shape)}, this policy's {tuple(value.shape)}"
+            if tuple(theirs[key]) != tuple(value.shape):
+                return f"{name}.{key} has shape {tuple(theirs[key])}, this policy's {tuple(value.shape)}"
         extra = sorted(set(theirs) - set(ours))
         if extra:
             return f"has {name}.{extra[0]}, which this policy lacks"
@@ -160,7 +168,7 @@ def shipped_checkpoint(policy) -> Path | None:
     if getattr(policy, "object_readout", None) is None:
         return None
     for weights in sorted(ASSETS_DIR.glob(f"*/{WEIGHTS_FILE}")):
-        if _mismatch(policy, *_read_weights(weights.parent)) is None:
+        if _mismatch(policy, *_read_shapes(weights.parent)) is None:
             return weights.parent
     return None
 
@@ -173,7 +181,7 @@ def load_pretrained_vision(policy, spec: str | os.PathLike, run_dir: Path | None
     settings the file was made with. Returns the file's report (copied to `run_dir` with its source)."""
     directory = resolve_checkpoint(spec)
     saved, metadata = _read_weights(directory)
-    problem = _mismatch(policy, saved, metadata)
+    problem = _mismatch(policy, {key: tuple(value.shape) for key, value in saved.items()}, metadata)
     if problem is not None:
         raise ValueError(f"{directory / WEIGHTS_FILE}: {problem} ({_made_with(metadata)})")
     with torch.no_grad():

@@ -50,24 +50,28 @@ def _rewards(source) -> list[np.ndarray]:
 
 def load_episodes(datasets, data_dir: str | os.PathLike | None = None, split: str = "train", image_size: int = 64,
                   spec: str | None = None, statistics: dict | None = None, max_episodes: int | None = None,
-                  show_progress: bool = True, fallback_statistics: dict | None = None
-                  ) -> tuple[list[Episode], dict[str, dict], dict[str, float]]:
+                  show_progress: bool = True, fallback_statistics: dict | None = None,
+                  shared_statistics: bool = False) -> tuple[list[Episode], dict[str, dict], dict[str, float]]:
     """(episodes, {dataset: statistics}, {dataset: sampling weight}) of a dataset, list or mixture.
 
     A dataset's statistics come from `statistics` (by name), else `fallback_statistics` (e.g. a world
-    model's own, for held-out data it must see as it will at inference), else its own."""
-    from embodied.data import RLDSSource, normalize
+    model's own, for held-out data it must see as it will at inference), else its own.
+    `shared_statistics` then normalizes every dataset with the first one's (`data.shared_statistics`)."""
+    from embodied.data import RLDSSource, normalize, share_first_statistics
     from embodied.data.mixtures import parse_datasets
 
-    entries = parse_datasets(datasets)
-    episodes: list[Episode] = []
-    stats_out: dict[str, dict] = {}
-    weights: dict[str, float] = {}
-    for name, weight in entries:
+    sources, stats_out, weights = [], {}, {}
+    for name, weight in parse_datasets(datasets):
         source = RLDSSource(name, data_dir, split, spec=spec)
-        stats = ((statistics or {}).get(source.name) or fallback_statistics
-                 or source.statistics(show_progress=show_progress))
-        stats_out[source.name], weights[source.name] = stats, float(weight)
+        sources.append(source)
+        stats_out[source.name] = ((statistics or {}).get(source.name) or fallback_statistics
+                                  or source.statistics(show_progress=show_progress))
+        weights[source.name] = float(weight)
+    if shared_statistics:
+        stats_out = share_first_statistics(stats_out)
+    episodes: list[Episode] = []
+    for source in sources:
+        stats = stats_out[source.name]
         rewards = _rewards(source)
         total = min(source.num_episodes, max_episodes or source.num_episodes)
         bar = tqdm(total=total, desc=f"read {source.name} ({split})", unit="ep", disable=not show_progress,

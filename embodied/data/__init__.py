@@ -29,7 +29,8 @@ Standardization and mixtures
 Statistics and normalization (numpy only: no TensorFlow at inference)
     NormalizationMode (BOUNDS_Q99 default, BOUNDS, NORMAL), normalize(x, stats["action"], mode),
     unnormalize(a, stats["action"], mode), compute_statistics, save_dataset_statistics,
-    load_dataset_statistics, STATISTICS_FILENAME ("dataset_statistics.json")
+    load_dataset_statistics, STATISTICS_FILENAME ("dataset_statistics.json"),
+    share_first_statistics(stats)               every dataset normalized with the first one's statistics
 
 Writing
     RLDSWriter(data_dir, name, features)        streams episodes into a tfds builder directory
@@ -54,7 +55,7 @@ _EXPORTS = {
     "oxe": ("DATASETS", "DatasetSpec", "get_dataset_spec", "register_dataset"),
     "mixtures": ("MIXTURES", "get_mixture", "parse_datasets", "sampling_weights"),
     "statistics": ("NormalizationMode", "normalize", "unnormalize", "compute_statistics", "save_dataset_statistics",
-                   "load_dataset_statistics", "STATISTICS_FILENAME"),
+                   "load_dataset_statistics", "share_first_statistics", "STATISTICS_FILENAME"),
     "rlds_writer": ("RLDSWriter", "episode_features", "make_episode", "write_episodes"),
     "errors": ("DataError", "DatasetNotFoundError", "CorruptShardError", "UnknownDatasetError", "MissingFeatureError",
                "EmptyDatasetError"),

@@ -38,7 +38,7 @@ from embodied.data._tensorflow import tfds as _tfds
 from embodied.data.errors import CorruptShardError, DatasetNotFoundError, EmptyDatasetError, MissingFeatureError
 from embodied.data.mixtures import parse_datasets, sampling_weights
 from embodied.data.statistics import (NormalizationMode, StatisticsCache, compute_statistics, fingerprint,
-                                      load_dataset_statistics, save_dataset_statistics)
+                                      load_dataset_statistics, save_dataset_statistics, share_first_statistics)
 from embodied.data.transforms import (CHUNK_PADDINGS, OPENVLA_AUGMENT, AugmentConfig, chunk_actions, decode_image,
                                       next_keyframe_states, normalize_tf, with_clause_done_frames)
 
@@ -474,11 +474,7 @@ class RLDSDataset(_IterableDataset):
         for source in self.sources:
             stats[source.name] = given.get(source.name) or source.statistics(self.config.statistics_cache_dir,
                                                                               self.config.show_progress)
-        if self.config.shared_statistics:  # each keeps its own counts (the mixture weights may use them) and identity
-            first = stats[self.names[0]]
-            own_keys = ("num_transitions", "num_trajectories", "fingerprint")
-            stats = {name: {**first, **{k: own[k] for k in own_keys if k in own}} for name, own in stats.items()}
-        return stats
+        return share_first_statistics(stats) if self.config.shared_statistics else stats
 
     def save_statistics(self, directory: str | os.PathLike) -> Path:
         """Write `dataset_statistics.json` (every checkpoint carries it)."""

@@ -99,6 +99,14 @@ def unnormalize(a: np.ndarray, entry: Mapping[str, Any], mode: str | Normalizati
     return np.where(s["mask"], 0.5 * (a + 1) * (high - low) + low, a).astype(np.float32)
 
 
+def share_first_statistics(statistics: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every dataset normalized with the first one's statistics (one robot, one scale, e.g. DAgger data beside
+    its demonstrations): each keeps its own counts, which mixture weights may use, and its fingerprint."""
+    first = next(iter(statistics.values()))
+    own_keys = ("num_transitions", "num_trajectories", "fingerprint")
+    return {name: {**first, **{k: own[k] for k in own_keys if k in own}} for name, own in statistics.items()}
+
+
 # -- files and cache -------------------------------------------------------------------------------
 
 def save_dataset_statistics(statistics: Mapping[str, Mapping[str, Any]], path: str | os.PathLike) -> Path:
