@@ -49,7 +49,8 @@ def main(cfg: DictConfig) -> dict:
                               instruction_clauses=cfg.get("instruction_clauses"),
                               clause_hold_tolerance=cfg.get("clause_hold_tolerance"),
                               clause_still_steps=cfg.get("clause_still_steps"),
-                              clause_done_threshold=cfg.get("clause_done_threshold"))
+                              clause_done_threshold=cfg.get("clause_done_threshold"),
+                              clause_release_opening=cfg.get("clause_release_opening"))
     trained = getattr(policy, "policy", None)
     trained_config = getattr(trained, "config", None)
     eval_cfg = config_from_hydra(cfg, getattr(trained_config, "observation_image_size", 224),

@@ -91,7 +91,8 @@ class CheckpointPolicy:
                      for i in need]
             states = observations.get("state")
             instructions = [self.actions.prompt(i, str(observations["instruction"][i]),
-                                                None if states is None else states[i][:3]) for i in need]
+                                                *((None, None) if states is None else (states[i][:3], states[i][-1])))
+                            for i in need]
             extra = {"gripper_state": self.actions.gripper_state(need)} if self.switches_gripper else {}
             if hasattr(self.policy, "predict_actions_and_clause_done"):
                 predicted, done = self.policy.predict_actions_and_clause_done(batch, instructions, **extra)
@@ -131,12 +132,13 @@ def make_eval_policy(spec: str, seed: int = 0, device: str = "cpu", n_action_ste
                      gripper_switch_threshold: float | None = None,
                      temporal_ensemble_coeff: float | None = None, instruction_clauses: bool | None = None,
                      clause_hold_tolerance: float | None = None, clause_still_steps: int | None = None,
-                     clause_done_threshold: float | None = None) -> VectorPolicy:
+                     clause_done_threshold: float | None = None,
+                     clause_release_opening: float | None = None) -> VectorPolicy:
     """`scripted`, `random`, or a checkpoint directory / hub id (any policy `policies` can load).
 
     `n_action_steps`, `binarize_gripper`, `gripper_threshold`, `gripper_switch_threshold`,
-    `temporal_ensemble_coeff`, `instruction_clauses`, `clause_hold_tolerance`, `clause_still_steps` and
-    `clause_done_threshold` override a checkpoint's own settings when not None.
+    `temporal_ensemble_coeff`, `instruction_clauses`, `clause_hold_tolerance`, `clause_still_steps`,
+    `clause_done_threshold` and `clause_release_opening` override a checkpoint's own settings when not None.
     """
     if spec == "scripted":
         return ScriptedPolicy()
@@ -149,7 +151,8 @@ def make_eval_policy(spec: str, seed: int = 0, device: str = "cpu", n_action_ste
              "gripper_switch_threshold": (float, gripper_switch_threshold),
              "temporal_ensemble_coeff": (float, temporal_ensemble_coeff),
              "instruction_clauses": (bool, instruction_clauses), "clause_hold_tolerance": (float, clause_hold_tolerance),
-             "clause_still_steps": (int, clause_still_steps), "clause_done_threshold": (float, clause_done_threshold)}
+             "clause_still_steps": (int, clause_still_steps), "clause_done_threshold": (float, clause_done_threshold),
+             "clause_release_opening": (float, clause_release_opening)}
     overrides = {key: cast(value) for key, (cast, value) in given.items() if value is not None}
     try:
         policy = policies.load_pretrained(spec, device=device, **overrides)
@@ -426,6 +429,7 @@ def evaluate(policy: VectorPolicy, cfg: EvalConfig, output_dir: str | os.PathLik
                                 "instruction_clauses": bool(getattr(policy.policy.config, "instruction_clauses", False)),
                                 "clause_hold_tolerance": getattr(policy.policy.config, "clause_hold_tolerance", None),
                                 "clause_still_steps": getattr(policy.policy.config, "clause_still_steps", None),
-                                "clause_done_threshold": policy.actions.clause_done_threshold}
+                                "clause_done_threshold": policy.actions.clause_done_threshold,
+                                "clause_release_opening": policy.actions.clause_release_opening}
     write_outputs(results, records, output_dir)
     return results

@@ -69,7 +69,7 @@ def load_pretrained(path_or_id: str | os.PathLike, **kwargs):
 CHECKPOINT_OVERRIDES = ("decoding", "unnorm_key", "autocast", "n_action_steps", "label_sigma_bins", "binarize_gripper",
                         "gripper_threshold", "gripper_switch_threshold", "temporal_ensemble_coeff",
                         "action_loss_weights", "regression_losses", "instruction_clauses", "clause_hold_tolerance",
-                        "clause_still_steps", "clause_done_threshold")
+                        "clause_still_steps", "clause_done_threshold", "clause_release_opening")
 
 
 def make_policy(cfg: Mapping[str, Any], statistics: Mapping[str, Any] | None = None, device=None):
@@ -92,7 +92,7 @@ def make_policy(cfg: Mapping[str, Any], statistics: Mapping[str, Any] | None = N
     # when given; null: the checkpoint's own (the dataclass default for a new policy)
     for key in ("decoding", "action_chunk", "binarize_gripper", "gripper_threshold", "gripper_switch_threshold",
                 "label_sigma_bins", "action_loss_weights", "regression_losses", "instruction_clauses",
-                "clause_hold_tolerance", "clause_still_steps", "clause_done_threshold"):
+                "clause_hold_tolerance", "clause_still_steps", "clause_done_threshold", "clause_release_opening"):
         if cfg.get(key) is None:
             cfg.pop(key, None)
     if pretrained:

@@ -16,7 +16,11 @@ With `instruction_clauses` a stream prompts the policy with one clause of a mult
 (`prompt`; policies.instructions.split_instruction) and moves to the next once the arm has stood still: over
 the last `clause_still_steps` steps it moved less than `clause_hold_tolerance` metres and kept its gripper
 command. A press ends resting on the lit button; a grasp stands still for fewer steps than that, and switches
-the gripper. A policy that stalls mid-clause moves on too, which costs nothing it was going to get.
+the gripper. A policy that stalls mid-clause moves on too, which costs nothing it was going to get. With
+`clause_release_opening` a clause also ends when the fingers let go of what they held: the gripper command
+went open after the fingers, commanded closed, stayed wider than that (the state's last value, 0 closed to 1
+open: something was between them). A cube let go over its tray is done, though the arm above it never stands
+still. These are the keyframes of PerAct-style demonstration segmentation: the arm at rest, the gripper's change.
 """
 from __future__ import annotations
 
@@ -34,7 +38,8 @@ class ActionChunkQueue:
 
     def __init__(self, n_action_steps: int | None = None, temporal_ensemble_coeff: float | None = None,
                  binary_gripper: bool = False, instruction_clauses: bool = False, clause_hold_tolerance: float = 0.003,
-                 clause_still_steps: int = 8, clause_done_threshold: float | None = None):
+                 clause_still_steps: int = 8, clause_done_threshold: float | None = None,
+                 clause_release_opening: float = 0.0):
         if n_action_steps is not None and n_action_steps < 1:
             raise ValueError(f"n_action_steps must be >= 1 (or None: the whole chunk), got {n_action_steps}")
         if temporal_ensemble_coeff is not None and n_action_steps != 1:
@@ -44,6 +49,9 @@ class ActionChunkQueue:
             raise ValueError(f"clause_hold_tolerance must be > 0 (metres), got {clause_hold_tolerance}")
         if clause_still_steps < 1:
             raise ValueError(f"clause_still_steps must be >= 1, got {clause_still_steps}")
+        if not 0 <= clause_release_opening < 1:
+            raise ValueError(f"clause_release_opening must be in [0, 1) (the gripper's opening, 0 closed to 1 open; "
+                             f"0: off), got {clause_release_opening}")
         self.n_action_steps = n_action_steps
         self.temporal_ensemble_coeff = temporal_ensemble_coeff
         self.binary_gripper = binary_gripper
@@ -52,6 +60,8 @@ class ActionChunkQueue:
         self.clause_still_steps = clause_still_steps
         # set: a clause also ends once the policy's clause-done probability for it (`clause_done`) passes this
         self.clause_done_threshold = clause_done_threshold
+        # > 0: a clause also ends once the fingers let go of something they held wider than this opening
+        self.clause_release_opening = float(clause_release_opening)
         # per stream with instruction_clauses: the instruction, its clauses and the one being done
         self._clauses: dict[int, _ClauseProgress] = {}
         self._steps: dict[int, int] = {}  # actions popped per stream this episode
@@ -72,7 +82,8 @@ class ActionChunkQueue:
                    clause_hold_tolerance=float(getattr(config, "clause_hold_tolerance", 0.003)),
                    clause_still_steps=int(getattr(config, "clause_still_steps", 8)),
                    clause_done_threshold=(float(config.clause_done_threshold)
-                                          if getattr(config, "clause_done_loss_weight", 0) > 0 else None))
+                                          if getattr(config, "clause_done_loss_weight", 0) > 0 else None),
+                   clause_release_opening=float(getattr(config, "clause_release_opening", 0.0)))
 
     def reset(self, streams: Iterable[int] | None = None) -> None:
         """Forget the queued actions and gripper command of `streams` (all of them when None)."""
@@ -92,11 +103,13 @@ class ActionChunkQueue:
             self._steps.pop(int(stream), None)
             self._grippers.pop(int(stream), None)
 
-    def prompt(self, stream: int, instruction: str | None, position=None) -> str | None:
+    def prompt(self, stream: int, instruction: str | None, position=None,
+               gripper_opening: float | None = None) -> str | None:
         """What to prompt the policy with for `stream` now: the instruction, or with `instruction_clauses` the
         clause of it the stream is on. `position`: the arm's position (the state's first 3 values), which says
-        when the arm has stood still and the clause is done; without it the first clause never ends. A new
-        instruction starts again at its first clause."""
+        when the arm has stood still and the clause is done; without it the first clause never ends.
+        `gripper_opening` (the state's last value) says, with `clause_release_opening`, when the fingers let go
+        of what they held. A new instruction starts again at its first clause."""
         if not self.instruction_clauses or instruction is None:
             return instruction
         stream, instruction = int(stream), str(instruction)
@@ -104,7 +117,14 @@ class ActionChunkQueue:
         if progress is None or progress.instruction != instruction:
             progress = self._clauses[stream] = _ClauseProgress(instruction, split_instruction(instruction))
         said_done = self.clause_done_threshold is not None and progress.done >= self.clause_done_threshold
-        if said_done and progress.index < len(progress.clauses) - 1:
+        if self.clause_release_opening > 0 and gripper_opening is not None:
+            closed = self._gripper.get(stream, GRIPPER_OPEN) < 0.5
+            if closed and float(gripper_opening) > self.clause_release_opening:
+                progress.held = True
+            let_go, progress.held = progress.held and not closed, progress.held and closed
+        else:
+            let_go = False
+        if (said_done or let_go) and progress.index < len(progress.clauses) - 1:
             progress.index, progress.done, progress.positions = progress.index + 1, 0.0, []
         elif position is not None and progress.index < len(progress.clauses) - 1:
             step = self._steps.get(stream, 0)
@@ -199,4 +219,5 @@ class _ClauseProgress:
     def __init__(self, instruction: str, clauses: list[str]):
         self.instruction, self.clauses, self.index = instruction, clauses, 0
         self.done = 0.0  # the clause-done head's last probability for the clause being done
+        self.held = False  # the fingers, commanded closed, were last seen holding something (clause_release_opening)
         self.positions: list[tuple[int, np.ndarray]] = []  # (step, position) at each prompt

@@ -91,6 +91,9 @@ class VLAConfig:
     # probability passes clause_done_threshold, as well as once the arm stands still
     clause_done_loss_weight: float = 0.0
     clause_done_threshold: float = 0.5
+    # > 0: with instruction_clauses a clause also ends once the fingers let go of what they held, wider than this
+    # opening (0 closed to 1 open) while commanded closed: a cube let go over its tray; 0: off
+    clause_release_opening: float = 0.0
     observation_image_size: int = 224  # the camera images the policy is trained on (resized to each tower's size)
     normalization: str = "bounds_q99"
     unnorm_key: str | None = None
@@ -168,6 +171,9 @@ class VLAConfig:
             raise ValueError(f"clause_hold_tolerance must be > 0 (metres), got {self.clause_hold_tolerance}")
         if self.clause_still_steps < 1:
             raise ValueError(f"clause_still_steps must be >= 1, got {self.clause_still_steps}")
+        if not 0 <= self.clause_release_opening < 1:
+            raise ValueError(f"clause_release_opening must be in [0, 1) (the gripper's opening, 0 closed to 1 open; "
+                             f"0: off), got {self.clause_release_opening}")
         if self.clause_done_loss_weight < 0:
             raise ValueError(f"clause_done_loss_weight must be >= 0, got {self.clause_done_loss_weight}")
         if self.clause_done_loss_weight > 0 and self.action_head != "l1":
@@ -994,7 +1000,7 @@ class OpenVLAPolicy(nn.Module):
         if queue.needing([0]):
             state = observation.get("state")
             prompt = queue.prompt(0, observation.get("instruction") if instruction is None else instruction,
-                                  None if state is None else np.asarray(state)[:3])
+                                  *((None, None) if state is None else (np.asarray(state)[:3], np.asarray(state)[-1])))
             actions, done = self.predict_actions_and_clause_done([observation], None if prompt is None else [prompt],
                                                                  gripper_state=queue.gripper_state([0]))
             queue.fill(0, actions[0])

@@ -449,6 +449,44 @@ def test_instruction_clauses_prompt_one_clause_and_move_on_once_the_arm_stands_s
         policies.load_pretrained(tmp_path / "p", clause_still_steps=0)
 
 
+def test_a_clause_ends_when_the_fingers_let_go_of_what_they_held(tmp_path):
+    """With clause_release_opening, an arm that never stands still (over a tray, after the release) moves on
+    once its fingers, closed on something, open; fingers that closed on nothing (a missed grasp) do not."""
+    sort = "put the red cube in the red tray and the blue cube in the blue tray"
+    queue = ActionChunkQueue(n_action_steps=1, instruction_clauses=True, clause_release_opening=0.1)
+
+    def run(steps):
+        """(gripper command, observed opening) per step, the arm always moving; the prompts given."""
+        prompts = []
+        for t, (command, opening) in enumerate(steps):
+            prompts.append(queue.prompt(0, sort, [0.01 * t, 0, 0.1], opening))
+            queue.fill(0, np.array([0, 0, 0, 0, 0, 0, command], np.float32))
+            queue.pop(0)
+        return prompts
+
+    missed = [(1.0, 1.0), (0.0, 1.0), (0.0, 0.01), (1.0, 0.01), (1.0, 1.0)]  # closed on nothing, then reopened
+    assert run(missed) == ["put the red cube in the red tray"] * 5
+    carried = [(0.0, 1.0), (0.0, 0.49), (0.0, 0.49), (1.0, 0.49), (1.0, 1.0)]  # a cube held, then let go
+    assert run(carried) == ["put the red cube in the red tray"] * 4 + ["put the blue cube in the blue tray"]
+    assert queue.clause(0) == 1
+    assert run(carried) == ["put the blue cube in the blue tray"] * 5  # the last clause stays
+    queue.reset([0])
+    queue.clause_release_opening = 0.0  # off: the same release moves nothing on
+    assert run(carried) == ["put the red cube in the red tray"] * 5
+    with pytest.raises(ValueError, match=r"clause_release_opening must be in \[0, 1\).*got 1.5"):
+        ActionChunkQueue(instruction_clauses=True, clause_release_opening=1.5)
+
+    # the policy setting reaches its queue, a checkpoint keeps it and the evaluation may override it
+    policy = tiny(OpenVLAPolicy, decoding="parallel", action_chunk=2, n_action_steps=2, instruction_clauses=True,
+                  clause_release_opening=0.1)
+    assert ActionChunkQueue.for_config(policy.config).clause_release_opening == 0.1
+    policy.save_pretrained(tmp_path / "p")
+    assert policies.load_pretrained(tmp_path / "p").config.clause_release_opening == 0.1
+    assert policies.load_pretrained(tmp_path / "p", clause_release_opening=0.0).config.clause_release_opening == 0.0
+    with pytest.raises(ValueError, match="clause_release_opening must be in"):
+        policies.load_pretrained(tmp_path / "p", clause_release_opening=-0.1)
+
+
 def test_a_clause_done_head_learns_when_the_prompted_clause_is_done_and_moves_the_prompt_on(tmp_path):
     """Trained on frames labelled done (data.clause_done_frames), the head tells a done clause from one under way,
     and the queue moves on once its probability passes the threshold, however the arm moves."""

@@ -125,7 +125,8 @@ def test_cli_turns_on_the_wrist_camera_for_a_checkpoint_that_reads_it(tmp_path):
                            "episodes_per_task=1", "tasks=[ReachTarget]", "num_envs=1", "videos_per_task=0",
                            "binarize_gripper=true", "gripper_threshold=0.7", "gripper_switch_threshold=0.2",
                            "n_action_steps=1", "temporal_ensemble_coeff=0.01", "instruction_clauses=true",
-                           "clause_still_steps=4", f"output_dir={out}"], capture_output=True, text=True, timeout=300)
+                           "clause_still_steps=4", "clause_release_opening=0.1", f"output_dir={out}"],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["overall"]["episodes"] == 1
@@ -133,7 +134,8 @@ def test_cli_turns_on_the_wrist_camera_for_a_checkpoint_that_reads_it(tmp_path):
     assert results["inference"] == {"n_action_steps": 1, "binarize_gripper": True, "gripper_threshold": 0.7,
                                     "gripper_switch_threshold": 0.2, "temporal_ensemble_coeff": 0.01,
                                     "instruction_clauses": True, "clause_hold_tolerance": 0.003,
-                                    "clause_still_steps": 4, "clause_done_threshold": None}
+                                    "clause_still_steps": 4, "clause_done_threshold": None,
+                                    "clause_release_opening": 0.1}
     proc = subprocess.run([sys.executable, "-m", "embodied.eval", f"policy={tmp_path / 'policy'}", "backend=mujoco",
                            "episodes_per_task=1", "tasks=[ReachTarget]", "num_envs=1", "videos_per_task=0",
                            "wrist_camera=false", f"output_dir={tmp_path / 'refused'}"],

@@ -121,6 +121,8 @@ def test_the_default_starts_from_the_shipped_pretraining(tmp_path):
     assert Path(pretrained_vision_source(cfg, policy)).name == "tabletop10-tiny-wrist"
     # the wrist's yaw is regressed with a squared loss (its turns are rare), the rest with L1
     assert policy.config.regression_losses == ["l1"] * 5 + ["mse", "l1"]
+    # multi-step instructions clause by clause, a clause ending at rest or when the fingers let go of what they held
+    assert policy.config.instruction_clauses and policy.config.clause_release_opening == 0.1
     # a run that asks for its own pretraining renders and trains one
     assert pretrained_vision_source(default("vision_pretraining.layouts=100"), policy) is None
     # without located objects nothing is loaded (the plain policy's towers train from their own start)
