@@ -2,7 +2,10 @@
 
 With no other argument this is the embedded default: MuJoCo demonstrations of `tabletop10` are
 collected into `data/rlds` when missing, the tiny OpenVLA is trained on them, then evaluated in
-the suite on both engines, and the success table is printed.
+the suite (MuJoCo; `eval.backends=[mujoco,pybullet]` adds the cross-engine figure), and the success
+table is printed. On a CPU the default trains in `cpu_processes` (2) DDP processes, which the command
+starts itself through torchrun's launcher, one torch thread each (one process leaves a core to the
+data readers, which need far less).
 
     python -m embodied.train policy=rt2 data=sim_tabletop10 max_steps=20000
     python -m embodied.train output_dir=runs/a resume=true                 # continue a run
@@ -16,6 +19,7 @@ checkpoint), `adapter/` under LoRA, and `eval/<backend>/` (results.json, results
 """
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -56,7 +60,9 @@ class Distributed:
         self.enabled = self.world > 1
         if self.enabled and not torch.distributed.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
-            torch.distributed.init_process_group(backend)
+            # rank 0 alone collects, pretrains and evaluates while the others wait at a barrier (torchrun's
+            # agent stops them if it fails), which can take longer than the default 30 minutes
+            torch.distributed.init_process_group(backend, timeout=datetime.timedelta(hours=4))
 
     @property
     def main(self) -> bool:
@@ -598,9 +604,38 @@ class _null:
         return False
 
 
+def processes_to_launch(cfg: DictConfig) -> int:
+    """How many processes a plain `python -m embodied.train` starts through torchrun: `cpu_processes` on a CPU
+    (GPUs: start torchrun yourself, one process per GPU), 1 (none started) when already under torchrun."""
+    processes = int(cfg.get("cpu_processes", 1))
+    if processes < 1:
+        raise ValueError(f"cpu_processes must be >= 1, got {processes}")
+    if "WORLD_SIZE" in os.environ or processes == 1 or pick_device(cfg.device, 0).type != "cpu":
+        return 1
+    return processes
+
+
+def launch_processes(processes: int, run_dir: Path) -> None:
+    """This command again in `processes` DDP processes, through torchrun's own launcher (--standalone), with the
+    same overrides and this run directory."""
+    from torch.distributed.run import get_args_parser, run
+
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith("output_dir=")]
+    print(f"[train] {processes} DDP processes on the CPU (cpu_processes={processes}) in {run_dir}", flush=True)
+    run(get_args_parser().parse_args(["--standalone", f"--nproc_per_node={processes}", "-m", "embodied.train",
+                                      *overrides, f"output_dir={run_dir}"]))
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> dict:
+def main(cfg: DictConfig) -> dict | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    processes = processes_to_launch(cfg)
+    if processes > 1:
+        try:
+            return launch_processes(processes, run_dir)
+        except Exception as error:  # torchrun's ChildFailedError: the processes printed their own errors
+            print(f"[train] stopped: {error}", file=sys.stderr, flush=True)
+            raise SystemExit(1)
     try:
         return train(cfg, run_dir)
     except NonFiniteLossError as error:

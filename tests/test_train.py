@@ -123,11 +123,13 @@ def test_the_default_starts_from_the_shipped_pretraining(tmp_path):
     assert policy.config.regression_losses == ["l1"] * 5 + ["mse", "l1"]
     # multi-step instructions clause by clause, a clause ending at rest or when the fingers let go of what they held
     assert policy.config.instruction_clauses and policy.config.clause_release_opening == 0.1
+    assert cfg.cpu_processes == 2 and cfg.max_steps == 4500  # both cores of a laptop, through torchrun
     # a run that asks for its own pretraining renders and trains one
     assert pretrained_vision_source(default("vision_pretraining.layouts=100"), policy) is None
     # without located objects nothing is loaded (the plain policy's towers train from their own start)
     plain = default("recipe=none")
     assert not plain.policy.wrist_image and plain.policy.object_slots == 0 and plain.policy.train_vision
+    assert plain.cpu_processes == 1 and plain.max_steps == 3600
     assert pretrained_vision_source(plain, build_policy(plain, None, torch.device("cpu"))) is None
     # the recipe is openvla's: another policy keeps its own settings
     rt2 = default("policy=rt2")
@@ -192,16 +194,20 @@ def test_a_seed_sweep_with_hydra_multirun_compares_as_one_group(data_dir, tmp_pa
     assert "| **sweep: mean of 2** |" in compare.stdout
 
 
-def test_torchrun_ddp_two_processes(data_dir, tmp_path):
+def test_ddp_two_processes_through_torchrun_from_the_plain_command(data_dir, tmp_path):
+    """`cpu_processes=2` (the openvla recipe's): the plain command starts itself again in two DDP processes
+    through torchrun's launcher, with the same overrides and run directory."""
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "embodied.train", *overrides(data_dir, out, max_steps=4, **{
-                               "checkpoint.every": 2, "vision_pretraining.layouts": 20, "vision_pretraining.steps": 3,
-                               "vision_pretraining.batch_size": 4, "vision_pretraining.num_workers": 1})],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    proc = run_train(overrides(data_dir, out, max_steps=4, cpu_processes=2, **{
+        "checkpoint.every": 2, "vision_pretraining.layouts": 20, "vision_pretraining.steps": 3,
+        "vision_pretraining.batch_size": 4, "vision_pretraining.num_workers": 1}))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"[train] 2 DDP processes on the CPU (cpu_processes=2) in {out}" in proc.stdout
     assert "2 process(es)" in proc.stdout
+    from embodied.train import processes_to_launch
+
+    with pytest.raises(ValueError, match="cpu_processes must be >= 1, got 0"):
+        processes_to_launch(compose(data_dir, tmp_path / "refused", cpu_processes=0))
     # rank 0 pretrained the towers on rendered layouts; DDP gave its weights to rank 1
     assert proc.stdout.count("vision pretraining: held-out localization error") == 1
     assert json.loads((out / "vision_pretraining.json").read_text())["layouts"] == 20
