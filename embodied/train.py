@@ -4,8 +4,8 @@ With no other argument this is the embedded default: MuJoCo demonstrations of `t
 collected into `data/rlds` when missing, the tiny OpenVLA is trained on them, then evaluated in
 the suite (MuJoCo; `eval.backends=[mujoco,pybullet]` adds the cross-engine figure), and the success
 table is printed. On a CPU the default trains in `cpu_processes` (2) DDP processes, which the command
-starts itself through torchrun's launcher, one torch thread each (one process leaves a core to the
-data readers, which need far less).
+starts itself through torchrun's launcher, one torch thread each: a single process keeps one core busy
+(two torch threads ran 17x slower than one), and the data readers need little of the other.
 
     python -m embodied.train policy=rt2 data=sim_tabletop10 max_steps=20000
     python -m embodied.train output_dir=runs/a resume=true                 # continue a run
