@@ -1,6 +1,7 @@
 """Where a policy prompted clause by clause goes after it moves on to the next clause.
 
     python benchmarks/clause_trace.py --policy runs/X/final --task SortByColor --episodes 10
+    python benchmarks/clause_trace.py --policy runs/X/final --clause-release-opening 0   # without the release signal
 
 Runs the suite's first initial states of a multi-step task in one env and prints, per episode: the step the
 policy moved to the next clause, the stages reached by then, how close the arm came to its start pose after
@@ -18,8 +19,9 @@ from envs.env import TabletopEnv
 from envs.suites import get_suite
 
 
-def trace(policy_dir: str, task: str, episodes: int, backend: str = "mujoco") -> list[dict]:
-    policy = make_eval_policy(policy_dir)
+def trace(policy_dir: str, task: str, episodes: int, backend: str = "mujoco",
+          clause_release_opening: float | None = None) -> list[dict]:
+    policy = make_eval_policy(policy_dir, clause_release_opening=clause_release_opening)
     config = policy.policy.config
     env = TabletopEnv(task, backend=backend, image_size=config.observation_image_size,
                       wrist_camera=bool(getattr(config, "wrist_image", False)), randomization="default")
@@ -58,8 +60,10 @@ def main() -> None:
     parser.add_argument("--task", default="SortByColor", choices=["SortByColor", "ButtonThenTray"])
     parser.add_argument("--episodes", type=int, default=10)
     parser.add_argument("--backend", default="mujoco")
+    parser.add_argument("--clause-release-opening", type=float, default=None,
+                        help="override the checkpoint's clause_release_opening (0: off)")
     args = parser.parse_args()
-    rows = trace(args.policy, args.task, args.episodes, args.backend)
+    rows = trace(args.policy, args.task, args.episodes, args.backend, args.clause_release_opening)
     print("| seed | switch step | done probability before it | stages at the switch | closest to start after (cm) "
           "| grasped after | stages at the end | success |")
     print("|---|---|---|---|---|---|---|---|")
