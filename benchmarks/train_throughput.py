@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def train(out: Path, steps: int, data_dir: str, batch: int, processes: int, extra: list[str]) -> dict:
     args = [f"output_dir={out}", f"max_steps={steps}", "eval.final=false", "checkpoint.every=0", "log_every=10",
-            "wandb.mode=disabled", "num_threads=1", f"data.data_dir={data_dir}", f"data.batch_size={batch}", *extra]
+            "wandb.mode=disabled", "num_threads=1", f"data.data_dir={data_dir}", f"data.batch_size={batch}",
+            "cpu_processes=1", *extra]  # the processes are this script's choice (the recipe would start two)
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
                 if processes > 1 else [sys.executable])
     subprocess.run([*launcher, "-m", "embodied.train", *args], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)

@@ -460,7 +460,7 @@ def _train(cfg: DictConfig, run_dir: Path, device: torch.device, dist: Distribut
     elif not cfg.init_from and (shipped := pretrained_vision_source(cfg, inner)) is not None:
         from embodied.vision_pretraining import load_pretrained_vision
 
-        load_pretrained_vision(inner, shipped, run_dir if dist.main else None)
+        load_pretrained_vision(inner, shipped, run_dir if dist.main else None, announce=dist.main)
     elif int(cfg.get("vision_pretraining", {}).get("layouts", 0)) > 0 and not cfg.init_from:
         from embodied.vision_pretraining import VisionPretrainingConfig, pretrain_vision
 

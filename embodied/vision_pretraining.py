@@ -173,12 +173,14 @@ def shipped_checkpoint(policy) -> Path | None:
     return None
 
 
-def load_pretrained_vision(policy, spec: str | os.PathLike, run_dir: Path | None = None) -> dict[str, Any]:
+def load_pretrained_vision(policy, spec: str | os.PathLike, run_dir: Path | None = None,
+                           announce: bool = True) -> dict[str, Any]:
     """Load a finished vision pretraining into `policy`'s towers, projector, readout and grounding.
 
     Every such part the policy has must be in the file with the same shapes (a readout or grounding the
     policy lacks is skipped, as pretraining discards it); the error names the first key at fault and the
-    settings the file was made with. Returns the file's report (copied to `run_dir` with its source)."""
+    settings the file was made with. Returns the file's report (copied to `run_dir` with its source).
+    `announce`: print where it came from (one process of several says it)."""
     directory = resolve_checkpoint(spec)
     saved, metadata = _read_weights(directory)
     problem = _mismatch(policy, {key: tuple(value.shape) for key, value in saved.items()}, metadata)
@@ -193,8 +195,9 @@ def load_pretrained_vision(policy, spec: str | os.PathLike, run_dir: Path | None
     if run_dir is not None:
         (Path(run_dir) / REPORT_FILE).write_text(json.dumps({**report, "loaded_from": str(directory)}, indent=2))
     summary = report.get("overall_cm", {}).get("heldout_error_cm")
-    print(f"[train] vision pretraining loaded from {directory}"
-          + (f" (held-out localization error {summary:.1f} cm)" if summary is not None else ""), flush=True)
+    if announce:
+        print(f"[train] vision pretraining loaded from {directory}"
+              + (f" (held-out localization error {summary:.1f} cm)" if summary is not None else ""), flush=True)
     return report
 
 
