@@ -194,6 +194,37 @@ def test_a_seed_sweep_with_hydra_multirun_compares_as_one_group(data_dir, tmp_pa
     assert "| **sweep: mean of 2** |" in compare.stdout
 
 
+def test_two_processes_killed_with_sigkill_resume_the_same_losses(data_dir, tmp_path):
+    """The default trains in two processes: SIGKILL to the whole command (launcher and both ranks) mid-run,
+    then `resume=true`, repeats the uninterrupted two-process run's losses."""
+    def args(out):
+        return overrides(data_dir, out, max_steps=10, cpu_processes=2, **{"checkpoint.every": 4})
+
+    whole = tmp_path / "whole"
+    assert run_train(args(whole)).returncode == 0
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "embodied.train", *args(out)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:  # after the step-4 checkpoint, before the step-8 one
+            if (out / "metrics.jsonl").exists() and max(losses(out), default=0) >= 6:
+                break
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers at once, as the OOM killer or a scheduler
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert 6 <= max(losses(out)) < 10
+    resumed = run_train(args(out) + ["resume=true"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    assert losses(out) == losses(whole)
+
+
 def test_ddp_two_processes_through_torchrun_from_the_plain_command(data_dir, tmp_path):
     """`cpu_processes=2` (the openvla recipe's): the plain command starts itself again in two DDP processes
     through torchrun's launcher, with the same overrides and run directory."""
