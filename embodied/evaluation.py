@@ -90,9 +90,8 @@ class CheckpointPolicy:
             batch = [{key: observations[key][i] for key in ("image", "wrist_image", "state") if key in observations}
                      for i in need]
             states = observations.get("state")
-            instructions = [self.actions.prompt(i, str(observations["instruction"][i]),
-                                                *((None, None) if states is None else (states[i][:3], states[i][-1])))
-                            for i in need]
+            instructions = [self.actions.prompt_for_state(i, str(observations["instruction"][i]),
+                                                          None if states is None else states[i]) for i in need]
             extra = {"gripper_state": self.actions.gripper_state(need)} if self.switches_gripper else {}
             if hasattr(self.policy, "predict_actions_and_clause_done"):
                 predicted, done = self.policy.predict_actions_and_clause_done(batch, instructions, **extra)

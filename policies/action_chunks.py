@@ -140,6 +140,13 @@ class ActionChunkQueue:
                     progress.positions = [progress.positions[-1]]
         return progress.clauses[progress.index]
 
+    def prompt_for_state(self, stream: int, instruction: str | None, state=None) -> str | None:
+        """`prompt` from an observation's `state` (position 3, orientation 4, gripper opening 1), or None."""
+        if state is None:
+            return self.prompt(stream, instruction)
+        state = np.asarray(state)
+        return self.prompt(stream, instruction, state[:3], float(state[-1]))
+
     def clause_done(self, stream: int, probability: float) -> None:
         """The policy's probability that the clause `stream` was last prompted with is done (its clause-done
         head, from the chunk just predicted): with `clause_done_threshold`, the next prompt moves on past it."""

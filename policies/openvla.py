@@ -998,9 +998,8 @@ class OpenVLAPolicy(nn.Module):
         so that one model serves several robots at once; by default the policy's own."""
         queue = self._actions if queue is None else queue
         if queue.needing([0]):
-            state = observation.get("state")
-            prompt = queue.prompt(0, observation.get("instruction") if instruction is None else instruction,
-                                  *((None, None) if state is None else (np.asarray(state)[:3], np.asarray(state)[-1])))
+            prompt = queue.prompt_for_state(0, observation.get("instruction") if instruction is None else instruction,
+                                            observation.get("state"))
             actions, done = self.predict_actions_and_clause_done([observation], None if prompt is None else [prompt],
                                                                  gripper_state=queue.gripper_state([0]))
             queue.fill(0, actions[0])
