@@ -75,7 +75,6 @@ class CheckpointPolicy:
         self.policy = policy
         self.name = name or str(getattr(policy, "name_or_path", type(policy).__name__))
         config = getattr(policy, "config", None)  # its settings were checked when it was built or loaded
-        self.n_action_steps = getattr(config, "n_action_steps", None)
         self.actions = ActionChunkQueue.for_config(config)  # one stream per env
         # a policy whose gripper switches from its current state is told each env's last command
         self.switches_gripper = getattr(config, "gripper_switch_threshold", None) is not None
@@ -418,17 +417,10 @@ def evaluate(policy: VectorPolicy, cfg: EvalConfig, output_dir: str | os.PathLik
     results["timing"] = {"seconds": round(seconds, 2), "seconds_per_episode": round(seconds / max(len(records), 1), 3),
                          "num_envs": cfg.num_envs}
     if isinstance(policy, CheckpointPolicy):  # inference settings that change the numbers
-        results["inference"] = {"n_action_steps": policy.n_action_steps,
-                                "binarize_gripper": bool(getattr(policy.policy.config, "binarize_gripper", False)),
-                                "gripper_threshold": getattr(policy.policy.config, "gripper_threshold", None),
-                                "gripper_switch_threshold": getattr(policy.policy.config, "gripper_switch_threshold",
-                                                                    None),
-                                "temporal_ensemble_coeff": getattr(policy.policy.config, "temporal_ensemble_coeff",
-                                                                   None),
-                                "instruction_clauses": bool(getattr(policy.policy.config, "instruction_clauses", False)),
-                                "clause_hold_tolerance": getattr(policy.policy.config, "clause_hold_tolerance", None),
-                                "clause_still_steps": getattr(policy.policy.config, "clause_still_steps", None),
-                                "clause_done_threshold": policy.actions.clause_done_threshold,
-                                "clause_release_opening": policy.actions.clause_release_opening}
+        config = policy.policy.config
+        results["inference"] = {"binarize_gripper": bool(getattr(config, "binarize_gripper", False)),
+                                "gripper_threshold": getattr(config, "gripper_threshold", None),
+                                "gripper_switch_threshold": getattr(config, "gripper_switch_threshold", None),
+                                **policy.actions.settings()}  # what the queue actually ran
     write_outputs(results, records, output_dir)
     return results

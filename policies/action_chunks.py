@@ -85,6 +85,13 @@ class ActionChunkQueue:
                                           if getattr(config, "clause_done_loss_weight", 0) > 0 else None),
                    clause_release_opening=float(getattr(config, "clause_release_opening", 0.0)))
 
+    def settings(self) -> dict:
+        """The settings that decide which actions run, as results.json records them beside the numbers."""
+        return {"n_action_steps": self.n_action_steps, "temporal_ensemble_coeff": self.temporal_ensemble_coeff,
+                "instruction_clauses": self.instruction_clauses, "clause_hold_tolerance": self.clause_hold_tolerance,
+                "clause_still_steps": self.clause_still_steps, "clause_done_threshold": self.clause_done_threshold,
+                "clause_release_opening": self.clause_release_opening}
+
     def reset(self, streams: Iterable[int] | None = None) -> None:
         """Forget the queued actions and gripper command of `streams` (all of them when None)."""
         if streams is None:
