@@ -134,6 +134,12 @@ def test_the_default_starts_from_the_shipped_pretraining(tmp_path):
     # the recipe is openvla's: another policy keeps its own settings
     rt2 = default("policy=rt2")
     assert rt2.policy.name == "rt2" and rt2.policy.object_slots == 0 and rt2.vision_pretraining.checkpoint is None
+    # a fine-tune's own settings win over this file's and the recipe's: OpenVLA's LoRA recipe, no collection
+    lora = default("finetune=lora", f"init_from={tmp_path}")
+    assert lora.policy.lora.enabled and lora.optimizer.lr == 5e-4 and lora.schedule.name == "constant"
+    assert lora.schedule.warmup_steps == 0 and not lora.collect.enabled
+    assert lora.policy.object_slots == 10 and lora.cpu_processes == 2  # the recipe still applies
+    assert cfg.optimizer.lr == 1e-3 and cfg.schedule.name == "cosine" and cfg.collect.enabled
 
 
 def test_located_objects_without_a_pretraining_that_fits_are_refused(data_dir, tmp_path):
