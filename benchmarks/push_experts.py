@@ -14,7 +14,7 @@ behind it; cage's pixel clone cages the cube but never turns the wrist. The suit
 across the push too, until holding it at yaw 0 doubled how well it clones from state. axis_legs (50 of 50
 on MuJoCo, default randomization, in 85.5 steps against the suite's 43.5) clones from state better than
 the suite's script (39% against 26% from 90 demonstrations), but its pixel clone pushes 1 of 30
-("Push: past the goal's edge, or along the table's axes").
+(benchmarks/RESULTS.md, "Push: past the goal's edge, along the table's axes, …").
 """
 from __future__ import annotations
 
