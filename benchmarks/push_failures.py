@@ -7,7 +7,8 @@ For a policy with object tokens (`policy.object_slots`), run on the suite's firs
 between its displacement and the cube-to-goal line, its final distance to the goal (success: < 4 cm), the
 readout's error on the cube and on the goal (x-y, cm) at the first frame and over the last 30 steps, and
 the mean commanded translation over the last 30 steps (a stalled arm commands ~0). Printed as a table, with
-the means over successes and failures, and written as JSON with --out.
+the means over successes and failures and the failures counted by how they end (the arm stalled, the cube
+near the goal, the cube hardly moved), and written as JSON with --out.
 
 Two oracles test what the readout's errors cost, without training anything: --first-frame-goal makes the
 policy's readout keep the goal where it located it in the episode's first frame (object memory: the goal
@@ -26,6 +27,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TAIL = 30  # steps at the end of an episode that the "last" columns average over
+# how failures are counted (RESULTS.md's push tables): the arm stalled, the cube stopped near the goal, or it
+# hardly moved
+STALLED_CM, NEAR_GOAL_CM, UNMOVED_CM = 0.5, 6.0, 2.0
 
 
 class ReadoutOverride:
@@ -152,8 +156,9 @@ def main() -> None:
             print(f"| {i} | " + " | ".join(cells) + " |", flush=True)
     finally:
         env.close()
+    failures = [r for r in rows if not r["success"]]
     summary = {}
-    for outcome, chosen in (("success", [r for r in rows if r["success"]]), ("failure", [r for r in rows if not r["success"]])):
+    for outcome, chosen in (("success", [r for r in rows if r["success"]]), ("failure", failures)):
         summary[outcome] = {"episodes": len(chosen)}
         for c in columns[1:]:
             values = [r[c] for r in chosen if r[c] is not None]
@@ -162,6 +167,11 @@ def main() -> None:
     for outcome, values in summary.items():
         cells = ["-" if values[c] is None else f"{values[c]:.1f}" for c in columns[1:]]
         print(f"| {outcome} | {values['episodes']} | " + " | ".join(cells) + " |")
+    summary["failure_counts"] = {
+        f"stalled (< {STALLED_CM} cm commanded a step, last {TAIL})": sum(r["command_last_cm"] < STALLED_CM for r in failures),
+        f"ended within {NEAR_GOAL_CM:g} cm of the goal": sum(r["final_cm"] < NEAR_GOAL_CM for r in failures),
+        f"moved the cube < {UNMOVED_CM:g} cm": sum(r["moved_cm"] < UNMOVED_CM for r in failures)}
+    print(f"\nof {len(failures)} failures: " + "; ".join(f"{what}: {n}" for what, n in summary["failure_counts"].items()))
     if args.out:
         Path(args.out).write_text(json.dumps({"policy": args.policy, "first_frame_goal": args.first_frame_goal,
                                                     "true_positions": args.true_positions, "rows": rows, "summary": summary}, indent=2))
