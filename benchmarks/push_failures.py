@@ -167,11 +167,13 @@ def main() -> None:
     for outcome, values in summary.items():
         cells = ["-" if values[c] is None else f"{values[c]:.1f}" for c in columns[1:]]
         print(f"| {outcome} | {values['episodes']} | " + " | ".join(cells) + " |")
-    summary["failure_counts"] = {
-        f"stalled (< {STALLED_CM} cm commanded a step, last {TAIL})": sum(r["command_last_cm"] < STALLED_CM for r in failures),
-        f"ended within {NEAR_GOAL_CM:g} cm of the goal": sum(r["final_cm"] < NEAR_GOAL_CM for r in failures),
-        f"moved the cube < {UNMOVED_CM:g} cm": sum(r["moved_cm"] < UNMOVED_CM for r in failures)}
-    print(f"\nof {len(failures)} failures: " + "; ".join(f"{what}: {n}" for what, n in summary["failure_counts"].items()))
+    counts = {"stalled": sum(r["command_last_cm"] < STALLED_CM for r in failures),
+              "near_goal": sum(r["final_cm"] < NEAR_GOAL_CM for r in failures),
+              "cube_unmoved": sum(r["moved_cm"] < UNMOVED_CM for r in failures)}
+    summary["failure_counts"] = counts
+    print(f"\nof {len(failures)} failures: {counts['stalled']} stalled (< {STALLED_CM} cm commanded a step over the "
+          f"last {TAIL}), {counts['near_goal']} ended within {NEAR_GOAL_CM:g} cm of the goal, "
+          f"{counts['cube_unmoved']} moved the cube < {UNMOVED_CM:g} cm")
     if args.out:
         Path(args.out).write_text(json.dumps({"policy": args.policy, "first_frame_goal": args.first_frame_goal,
                                                     "true_positions": args.true_positions, "rows": rows, "summary": summary}, indent=2))
