@@ -13,6 +13,11 @@ near the goal, the cube hardly moved), and written as JSON with --out.
 Two oracles test what the readout's errors cost, without training anything: --first-frame-goal makes the
 policy's readout keep the goal where it located it in the episode's first frame (object memory: the goal
 never moves), --true-positions gives the policy the simulator's positions of the cube and the goal instead.
+A policy trained on the readout's positions has learned how far to trust them, so the second oracle bounds
+from below what a precise readout would give (benchmarks/push_state_bc.py --position-noise measures that
+from state). --expert-driven lets the scripted expert push instead, to measure the readout along the
+demonstrations' own states; `cube_error_contact_cm` is its error while the fingers are low and near the
+cube (below 4 cm, within 7 cm of its centre), where the push's steering reads it.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+CONTACT_HEIGHT_M, CONTACT_RANGE_M = 0.04, 0.07  # the fingers low and near the cube: the push's steering
 TAIL = 30  # steps at the end of an episode that the "last" columns average over
 # how failures are counted (RESULTS.md's push tables): the arm stalled, the cube stopped near the goal, or it
 # hardly moved
@@ -73,7 +79,8 @@ def simulator_positions(readout, env, slots: dict[str, int]) -> ReadoutOverride:
     return ReadoutOverride(readout, edit)
 
 
-def run_episode(policy, env, seed: int, first_frame_goal: bool = False, true_positions: bool = False) -> dict:
+def run_episode(policy, env, seed: int, first_frame_goal: bool = False, true_positions: bool = False,
+                expert_driven: bool = False) -> dict:
     import torch
 
     from embodied.vision_pretraining import CENTRE, SCALE
@@ -89,7 +96,7 @@ def run_episode(policy, env, seed: int, first_frame_goal: bool = False, true_pos
               else nullcontext())
     goal = env.sim.object_pose("goal")[0][:2].copy()
     start = env.sim.object_pose("cube")[0][:2].copy()
-    cube_err, goal_err, moves, success = [], [], [], False
+    cube_err, goal_err, moves, contact, success = [], [], [], [], False
     for _ in range(env.max_episode_steps):
         with torch.no_grad():  # what the readout sees now (the memory applies to the policy only)
             located = policy.locate_objects(obs["image"][None], obs["state"][None],
@@ -98,8 +105,13 @@ def run_episode(policy, env, seed: int, first_frame_goal: bool = False, true_pos
         cube = env.sim.object_pose("cube")[0][:2]
         cube_err.append(100 * np.linalg.norm(located[slots["cube"], :2] - cube))
         goal_err.append(100 * np.linalg.norm(located[slots["goal"], :2] - goal))
-        with memory:
-            action = policy.select_action(obs)
+        tool = env.sim.ee_pose()[0]
+        contact.append(tool[2] < CONTACT_HEIGHT_M and np.linalg.norm(tool[:2] - cube) < CONTACT_RANGE_M)
+        if expert_driven:
+            action = env.expert_action()
+        else:
+            with memory:
+                action = policy.select_action(obs)
         moves.append(100 * np.linalg.norm(action[:3]))
         obs, _, success, _, _ = env.step(action)
         if success:
@@ -113,6 +125,7 @@ def run_episode(policy, env, seed: int, first_frame_goal: bool = False, true_pos
             "final_cm": 100 * float(np.linalg.norm(end - goal)),
             "cube_error_first_cm": float(cube_err[0]), "goal_error_first_cm": float(goal_err[0]),
             "cube_error_last_cm": float(np.mean(cube_err[-TAIL:])), "goal_error_last_cm": float(np.mean(goal_err[-TAIL:])),
+            "cube_error_contact_cm": float(np.mean(np.asarray(cube_err)[contact])) if any(contact) else None,
             "command_last_cm": float(np.mean(moves[-TAIL:]))}
 
 
@@ -127,6 +140,8 @@ def main() -> None:
                         help="the readout keeps the goal where it located it in the first frame")
     parser.add_argument("--true-positions", action="store_true",
                         help="the policy reads the simulator's cube and goal positions instead of the readout's")
+    parser.add_argument("--expert-driven", action="store_true",
+                        help="the scripted expert pushes (the readout is measured along demonstration states)")
     parser.add_argument("--out", help="write the rows and summary as JSON here")
     args = parser.parse_args()
 
@@ -143,13 +158,17 @@ def main() -> None:
     env = TabletopEnv("PushCube", backend=args.backend, image_size=policy.config.observation_image_size,
                       wrist_camera=policy.config.wrist_image)
     seeds = get_suite(args.suite).episode_seeds("PushCube", args.episodes, seed=0)
+    if args.expert_driven and (args.first_frame_goal or args.true_positions):
+        raise SystemExit("--expert-driven measures the readout along the expert's pushes: the oracles change "
+                         "only what the policy reads")
     columns = ["success", "moved_cm", "needed_cm", "angle_deg", "final_cm", "cube_error_first_cm",
-               "goal_error_first_cm", "cube_error_last_cm", "goal_error_last_cm", "command_last_cm"]
+               "goal_error_first_cm", "cube_error_last_cm", "goal_error_last_cm", "cube_error_contact_cm",
+               "command_last_cm"]
     print("| episode | " + " | ".join(columns) + " |\n|" + "---|" * (len(columns) + 1))
     rows = []
     try:
         for i, seed in enumerate(seeds):
-            row = run_episode(policy, env, seed, args.first_frame_goal, args.true_positions)
+            row = run_episode(policy, env, seed, args.first_frame_goal, args.true_positions, args.expert_driven)
             rows.append(row)
             cells = [("yes" if row[c] else "no") if c == "success" else ("-" if row[c] is None else f"{row[c]:.1f}")
                      for c in columns]
@@ -176,7 +195,8 @@ def main() -> None:
           f"{counts['cube_unmoved']} moved the cube < {UNMOVED_CM:g} cm")
     if args.out:
         Path(args.out).write_text(json.dumps({"policy": args.policy, "first_frame_goal": args.first_frame_goal,
-                                                    "true_positions": args.true_positions, "rows": rows, "summary": summary}, indent=2))
+                                              "true_positions": args.true_positions, "expert_driven": args.expert_driven,
+                                              "rows": rows, "summary": summary}, indent=2))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,11 @@ If this clone pushes well, the pixel policy's failure is in getting from pixels 
 function; if it does not, the demonstrations themselves are hard to clone. `--expert module:function`
 swaps in another PushCube script (benchmarks/push_experts.py holds two); `--expert-check` first runs the
 expert itself, without noise, on the suite's first 50 initial states.
+
+`--position-noise` asks what an imprecise object readout costs: the clone reads the cube's and/or the goal's
+x-y with an error of that std (m), in training and in evaluation, either one offset per episode (`--noise-kind
+episode`, as a readout's bias on one layout) or a fresh one every step (`step`). `--clean-eval` evaluates
+with the true positions: the true-positions oracle of push_failures.py, for a clone trained on noisy ones.
 """
 from __future__ import annotations
 
@@ -32,7 +37,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 TASK = "PushCube"
 
 
-def features(env) -> np.ndarray:
+CUBE_XY, GOAL_XY = slice(8, 10), slice(13, 15)  # where features() puts them
+
+
+class PositionNoise:
+    """An error on the cube's and/or goal's x-y as the clone reads them: one offset per episode (`episode`) or
+    a fresh one every step (`step`). `enabled` switches it off (clean evaluation)."""
+
+    def __init__(self, std: float = 0.0, kind: str = "episode", objects: str = "both", seed: int = 5):
+        if kind not in ("episode", "step"):
+            raise ValueError(f"noise kind must be episode or step, got {kind!r}")
+        if objects not in ("cube", "goal", "both"):
+            raise ValueError(f"noisy objects must be cube, goal or both, got {objects!r}")
+        self.std, self.kind, self.objects, self.enabled = std, kind, objects, std > 0
+        self.rng = np.random.default_rng(seed)
+        self.offset = np.zeros(4)
+
+    def begin_episode(self) -> None:
+        if self.enabled:
+            self.offset = self.rng.normal(0.0, self.std, 4)
+
+    def __call__(self, feats: np.ndarray) -> np.ndarray:
+        if not self.enabled:
+            return feats
+        error = self.offset if self.kind == "episode" else self.rng.normal(0.0, self.std, 4)
+        feats = feats.copy()
+        if self.objects in ("cube", "both"):
+            feats[CUBE_XY] += error[:2]
+        if self.objects in ("goal", "both"):
+            feats[GOAL_XY] += error[2:]
+        return feats
+
+
+def features(env, noise: PositionNoise | None = None) -> np.ndarray:
     """Proprio (8) + cube position (3) + cube yaw as cos/sin of 4x yaw (a cube looks the same every 90°) + goal xy."""
     from envs.scene import quat_to_matrix
 
@@ -40,20 +77,24 @@ def features(env) -> np.ndarray:
     rot = quat_to_matrix(cube_quat)
     yaw = np.arctan2(rot[1, 0], rot[0, 0])
     goal = env.sim.object_pose("goal")[0][:2]
-    return np.concatenate([env.state(), cube_pos, [np.cos(4 * yaw), np.sin(4 * yaw)], goal]).astype(np.float32)
+    feats = np.concatenate([env.state(), cube_pos, [np.cos(4 * yaw), np.sin(4 * yaw)], goal]).astype(np.float32)
+    return feats if noise is None else noise(feats).astype(np.float32)
 
 
-def collect(env, seeds, noise: float, rng, overrun: int = 0) -> list[dict]:
-    """`overrun`: steps the expert keeps going after the first success (recorded as part of the episode)."""
+def collect(env, seeds, noise: float, rng, overrun: int = 0, position_noise: PositionNoise | None = None) -> list[dict]:
+    """`overrun`: steps the expert keeps going after the first success (recorded as part of the episode);
+    `position_noise`: the error on the object positions recorded (the expert acts on the true ones)."""
     from envs.env import ACTION_HIGH, ACTION_LOW
 
     episodes = []
     for seed in seeds:
         env.reset(seed=int(seed))
+        if position_noise is not None:
+            position_noise.begin_episode()
         obs, acts, success, left = [], [], False, None
         for _ in range(env.max_episode_steps + overrun):
             label = np.clip(env.expert_action().astype(np.float32), ACTION_LOW, ACTION_HIGH)
-            obs.append(features(env))
+            obs.append(features(env, position_noise))
             acts.append(label)
             executed = label.copy()
             executed[:3] += rng.normal(0.0, noise, 3)
@@ -121,13 +162,15 @@ def train(x, y, mask, steps: int, width: int, seed: int):
     return act, float(loss.detach())
 
 
-def evaluate(env, act, seeds, execute: int) -> list[bool]:
+def evaluate(env, act, seeds, execute: int, position_noise: PositionNoise | None = None) -> list[bool]:
     results = []
     for seed in seeds:
         env.reset(seed=int(seed))
+        if position_noise is not None:
+            position_noise.begin_episode()
         success, t = False, 0
         while t < env.max_episode_steps and not success:
-            chunk = act(features(env))
+            chunk = act(features(env, position_noise))
             for a in chunk[:execute]:
                 success = env.step_physics(a)
                 t += 1
@@ -155,6 +198,11 @@ def main() -> None:
     p.add_argument("--backend", default="mujoco")
     p.add_argument("--expert", default=None, help="module:function of another PushCube script (a candidate)")
     p.add_argument("--expert-check", action="store_true", help="run the expert alone on the suite's first 50 states first")
+    p.add_argument("--position-noise", type=float, default=0.0, help="std (m) of the error on the read object x-y")
+    p.add_argument("--noise-kind", choices=["episode", "step"], default="episode",
+                   help="one offset per episode (a readout's bias) or a fresh one every step")
+    p.add_argument("--noisy", choices=["cube", "goal", "both"], default="both", help="which positions are read with error")
+    p.add_argument("--clean-eval", action="store_true", help="evaluate with the true positions (trained on noisy ones)")
     p.add_argument("--out", default=None, help="JSON results")
     args = p.parse_args()
 
@@ -173,8 +221,10 @@ def main() -> None:
         print(f"expert alone: {sum(e['success'] for e in checked)}/50 of the suite's PushCube initial states "
               f"({args.backend}, default randomization), {np.mean([len(e['actions']) for e in checked]):.1f} steps")
     t0 = time.time()
+    position_noise = PositionNoise(args.position_noise, args.noise_kind, args.noisy)
     episodes = collect(env, suite.episode_seeds(TASK, args.episodes, seed=1), args.noise, np.random.default_rng(1),
-                       args.overrun)
+                       args.overrun, position_noise)
+    position_noise.enabled = args.position_noise > 0 and not args.clean_eval
     kept = sum(e["success"] for e in episodes)
     x, y, mask = chunk_dataset(episodes, args.chunk, args.padding)
     print(f"collected {len(episodes)} episodes ({kept} successful, {len(x)} steps kept) in {time.time() - t0:.0f} s")
@@ -183,7 +233,7 @@ def main() -> None:
         t0 = time.time()
         act, loss = train(x, y, mask, args.steps, args.width, seed=s)
         train_s = time.time() - t0
-        results = evaluate(env, act, suite.episode_seeds(TASK, args.eval, seed=0), args.execute)
+        results = evaluate(env, act, suite.episode_seeds(TASK, args.eval, seed=0), args.execute, position_noise)
         rate = float(np.mean(results))
         rows.append({"seed": s, "success": rate, "successes": int(sum(results)), "final_loss": loss, "train_s": train_s})
         print(f"seed {s}: PushCube {sum(results)}/{len(results)} = {100 * rate:.1f}%  (final L1 {loss:.4f}, "
