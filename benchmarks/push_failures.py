@@ -144,6 +144,9 @@ def main() -> None:
                         help="the scripted expert pushes (the readout is measured along demonstration states)")
     parser.add_argument("--out", help="write the rows and summary as JSON here")
     args = parser.parse_args()
+    if args.expert_driven and (args.first_frame_goal or args.true_positions):
+        raise SystemExit("--expert-driven measures the readout along the expert's pushes: the oracles change "
+                         "only what the policy reads")
 
     import torch
 
@@ -158,9 +161,6 @@ def main() -> None:
     env = TabletopEnv("PushCube", backend=args.backend, image_size=policy.config.observation_image_size,
                       wrist_camera=policy.config.wrist_image)
     seeds = get_suite(args.suite).episode_seeds("PushCube", args.episodes, seed=0)
-    if args.expert_driven and (args.first_frame_goal or args.true_positions):
-        raise SystemExit("--expert-driven measures the readout along the expert's pushes: the oracles change "
-                         "only what the policy reads")
     columns = ["success", "moved_cm", "needed_cm", "angle_deg", "final_cm", "cube_error_first_cm",
                "goal_error_first_cm", "cube_error_last_cm", "goal_error_last_cm", "cube_error_contact_cm",
                "command_last_cm"]
