@@ -38,6 +38,12 @@ TAIL = 30  # steps at the end of an episode that the "last" columns average over
 STALLED_CM, NEAR_GOAL_CM, UNMOVED_CM = 0.5, 6.0, 2.0
 
 
+def in_contact(env) -> bool:
+    """The fingers below CONTACT_HEIGHT_M and within CONTACT_RANGE_M of the cube's centre (x-y)."""
+    tool, cube = env.sim.ee_pose()[0], env.sim.object_pose("cube")[0][:2]
+    return bool(tool[2] < CONTACT_HEIGHT_M and np.linalg.norm(tool[:2] - cube) < CONTACT_RANGE_M)
+
+
 class ReadoutOverride:
     """While entered, a readout's output (B, slots, 3) passes through `edit` before the policy reads it."""
 
@@ -105,8 +111,7 @@ def run_episode(policy, env, seed: int, first_frame_goal: bool = False, true_pos
         cube = env.sim.object_pose("cube")[0][:2]
         cube_err.append(100 * np.linalg.norm(located[slots["cube"], :2] - cube))
         goal_err.append(100 * np.linalg.norm(located[slots["goal"], :2] - goal))
-        tool = env.sim.ee_pose()[0]
-        contact.append(tool[2] < CONTACT_HEIGHT_M and np.linalg.norm(tool[:2] - cube) < CONTACT_RANGE_M)
+        contact.append(in_contact(env))
         if expert_driven:
             action = env.expert_action()
         else:

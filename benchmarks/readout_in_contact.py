@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from push_failures import CONTACT_HEIGHT_M, CONTACT_RANGE_M  # noqa: E402
+from push_failures import in_contact  # noqa: E402
 
 PUSH = "PushCube"
 
@@ -64,12 +64,8 @@ def render_episodes(policy, tasks: dict[str, list[int]], image_size: int, action
                     rows["state"].append(obs["state"])
                     rows["target"].append((positions - CENTRE) / SCALE)
                     rows["present"].append(present)
-                    contact = False
-                    if task == PUSH:
-                        tool, cube = env.sim.ee_pose()[0], env.sim.object_pose("cube")[0][:2]
-                        contact = tool[2] < CONTACT_HEIGHT_M and np.linalg.norm(tool[:2] - cube) < CONTACT_RANGE_M
                     rows["push_slots"].append([slots["cube"], slots["goal"]] if task == PUSH else [-1, -1])
-                    rows["contact"].append(contact)
+                    rows["contact"].append(task == PUSH and in_contact(env))
                     action = env.expert_action()
                     action[:3] += rng.normal(0.0, action_noise, 3)
                     obs, _, success, _, _ = env.step(action)
@@ -82,8 +78,8 @@ def render_episodes(policy, tasks: dict[str, list[int]], image_size: int, action
     features = {"front": [], "wrist": []}
     with torch.no_grad():
         for i in range(0, len(data["state"]), 128):
-            inputs = {"pixel_values": policy.processor.pixel_values(torch.as_tensor(data["front"][i:i + 128]), device=policy.device),
-                      "wrist_pixel_values": policy.processor.pixel_values(torch.as_tensor(data["wrist"][i:i + 128]), device=policy.device)}
+            inputs = {key: policy.processor.pixel_values(torch.as_tensor(data[camera][i:i + 128]), device=policy.device)
+                      for key, camera in (("pixel_values", "front"), ("wrist_pixel_values", "wrist"))}
             front, wrist = policy.encode_images(inputs)
             features["front"].append(front.float())
             features["wrist"].append(wrist.float())
@@ -160,7 +156,7 @@ def main() -> None:
 
     import torch
 
-    from embodied.vision_pretraining import _read_weights, resolve_checkpoint
+    from embodied.vision_pretraining import REPORT_FILE, WEIGHTS_FILE, _read_weights, resolve_checkpoint
     from envs.suites import get_suite
     from policies import load_pretrained
 
@@ -209,8 +205,8 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         weights = {**saved, **{f"object_readout.{k}": v.detach().cpu().contiguous()
                                for k, v in refitted.state_dict().items()}}
-        save_file(weights, out / "vision_pretrained.safetensors", metadata=metadata)
-        (out / "vision_pretraining.json").write_text(json.dumps(
+        save_file(weights, out / WEIGHTS_FILE, metadata=metadata)
+        (out / REPORT_FILE).write_text(json.dumps(
             {"refit_from": str(pretraining), "refit": vars(args), "errors_before": before, "errors_after": after}, indent=2))
         print(f"wrote {out} (vision_pretraining.checkpoint={out})")
     if args.out:
