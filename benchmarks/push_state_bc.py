@@ -21,6 +21,7 @@ expert itself, without noise, on the suite's first 50 initial states.
 x-y with an error of that std (m), in training and in evaluation, either one offset per episode (`--noise-kind
 episode`, as a readout's bias on one layout) or a fresh one every step (`step`). `--clean-eval` evaluates
 with the true positions: the true-positions oracle of push_failures.py, for a clone trained on noisy ones.
+`--without-yaw` hides the cube's yaw from the clone, as the pixel policy's object tokens do (positions only).
 """
 from __future__ import annotations
 
@@ -37,19 +38,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 TASK = "PushCube"
 
 
-CUBE_XY, GOAL_XY = slice(8, 10), slice(13, 15)  # where features() puts them
+CUBE_XY, CUBE_YAW, GOAL_XY = slice(8, 10), slice(11, 13), slice(13, 15)  # where features() puts them
 
 
 class PositionNoise:
     """An error on the cube's and/or goal's x-y as the clone reads them: one offset per episode (`episode`) or
-    a fresh one every step (`step`). `enabled` switches it off (clean evaluation)."""
+    a fresh one every step (`step`). `enabled` switches it off (clean evaluation). `yaw=False` hides the
+    cube's yaw (read as 0), as the pixel policy's object tokens carry positions only."""
 
-    def __init__(self, std: float = 0.0, kind: str = "episode", objects: str = "both", seed: int = 5):
+    def __init__(self, std: float = 0.0, kind: str = "episode", objects: str = "both", seed: int = 5,
+                 yaw: bool = True):
         if kind not in ("episode", "step"):
             raise ValueError(f"noise kind must be episode or step, got {kind!r}")
         if objects not in ("cube", "goal", "both"):
             raise ValueError(f"noisy objects must be cube, goal or both, got {objects!r}")
-        self.std, self.kind, self.objects, self.enabled = std, kind, objects, std > 0
+        self.std, self.kind, self.objects, self.enabled, self.yaw = std, kind, objects, std > 0, yaw
         self.rng = np.random.default_rng(seed)
         self.offset = np.zeros(4)
 
@@ -58,10 +61,12 @@ class PositionNoise:
             self.offset = self.rng.normal(0.0, self.std, 4)
 
     def __call__(self, feats: np.ndarray) -> np.ndarray:
+        feats = feats.copy()
+        if not self.yaw:
+            feats[CUBE_YAW] = 0.0
         if not self.enabled:
             return feats
         error = self.offset if self.kind == "episode" else self.rng.normal(0.0, self.std, 4)
-        feats = feats.copy()
         if self.objects in ("cube", "both"):
             feats[CUBE_XY] += error[:2]
         if self.objects in ("goal", "both"):
@@ -202,6 +207,7 @@ def main() -> None:
     p.add_argument("--noise-kind", choices=["episode", "step"], default="episode",
                    help="one offset per episode (a readout's bias) or a fresh one every step")
     p.add_argument("--noisy", choices=["cube", "goal", "both"], default="both", help="which positions are read with error")
+    p.add_argument("--without-yaw", action="store_true", help="the clone does not read the cube's yaw")
     p.add_argument("--clean-eval", action="store_true", help="evaluate with the true positions (trained on noisy ones)")
     p.add_argument("--out", default=None, help="JSON results")
     args = p.parse_args()
@@ -221,7 +227,7 @@ def main() -> None:
         print(f"expert alone: {sum(e['success'] for e in checked)}/50 of the suite's PushCube initial states "
               f"({args.backend}, default randomization), {np.mean([len(e['actions']) for e in checked]):.1f} steps")
     t0 = time.time()
-    position_noise = PositionNoise(args.position_noise, args.noise_kind, args.noisy)
+    position_noise = PositionNoise(args.position_noise, args.noise_kind, args.noisy, yaw=not args.without_yaw)
     episodes = collect(env, suite.episode_seeds(TASK, args.episodes, seed=1), args.noise, np.random.default_rng(1),
                        args.overrun, position_noise)
     position_noise.enabled = args.position_noise > 0 and not args.clean_eval
