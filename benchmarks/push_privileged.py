@@ -11,14 +11,21 @@ action head, re-planning):
   the executed translation, the expert's labels; successful episodes only; the collection's seeds, stream 1;
   the policy's image size and cameras; images through the JPEG round trip of the RLDS shards), with the
   simulator's cube and goal positions at every frame;
-- it continues the policy's training on them twice, in the same loop, with the same batches and the
+- it continues the policy's training on them once per arm, in the same loop, with the same batches and the
   settings of a push-only continuation with `embodied.train init_from=` (AdamW lr 3e-4, 20 warm-up steps,
   cosine to 0.1, batch 32, 8-action chunks padded with "hold", the policy's own action statistics):
   - `readout`: the policy reads its object readout's positions, as the default does;
   - `true`: the readout's cube and goal slots hold the simulator's positions, in training and in evaluation
     (privileged: a measurement, not a policy to ship);
+  - `readout-blind` and `true-blind`: as `readout` and `true`, with no image patch in the LLM's input (the
+    projector's output zeroed, in training and in evaluation; the object readout still reads the images):
+    the policy acts on the robot state, the instruction and the object tokens alone, the state clone's inputs
+    (less the cube's yaw, which the clone does not need: push_state_bc.py --without-yaw);
 - it evaluates each arm on the suite's first `--eval-episodes` PushCube evaluation states every
-  `--eval-every` steps (push_failures.run_episode: success, the cube's path, the readout's errors).
+  `--eval-every` steps (push_failures.run_episode: success, the cube's path, the readout's errors), and
+  its loss, in evaluation mode, on `--heldout` demonstrations from those states against as many training
+  frames (how far it over-fits);
+- `--scratch` trains a new policy instead (the checkpoint run's config.yaml and vision pretraining).
 
 If `true` pushes like the state clone, the work left is a readout precise in the policy's own states; if it
 pushes like `readout`, the limit is in the rest of the pixel policy.
@@ -29,18 +36,47 @@ import argparse
 import json
 import sys
 import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from contextlib import nullcontext  # noqa: E402
-
 from push_failures import ReadoutOverride, run_episode  # noqa: E402
 
 PUSH = "PushCube"
-ARMS = ("readout", "true")
+ARMS = ("readout", "true", "readout-blind", "true-blind")
+
+
+def privileged(arm: str) -> bool:
+    return arm.startswith("true")
+
+
+@contextmanager
+def arm_context(policy, arm: str, current: dict | None = None):
+    """What an arm changes in the policy while entered: the true cube and goal (from `current`, a batch's; in
+    `run_episode`, the simulator's), and for a blind arm no image patch in the LLM's input (the projector's
+    output zeroed; the towers and the object readout still see the images)."""
+    with ExitStack() as stack:
+        if privileged(arm) and current is not None:
+            stack.enter_context(positions_from_batch(policy.object_readout, current))
+        if arm.endswith("-blind"):
+            stack.enter_context(ZeroOutput(policy.projector))
+        yield
+
+
+class ZeroOutput:
+    """While entered, a module's output is zeros of the same shape (no gradient reaches it)."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __enter__(self):
+        self.module.forward = lambda *args, **kwargs: type(self.module).forward(self.module, *args, **kwargs).detach() * 0
+
+    def __exit__(self, *exc):
+        del self.module.forward
 
 
 def render_demonstrations(policy, suite: str, episodes: int, action_noise: float, seed: int,
@@ -157,8 +193,9 @@ def evaluate(policy, suite: str, episodes: int, arm: str) -> dict:
     env = TabletopEnv(PUSH, image_size=policy.config.observation_image_size, wrist_camera=policy.config.wrist_image)
     try:
         with torch.no_grad():
-            rows = [run_episode(policy, env, seed, true_positions=arm == "true")
-                    for seed in get_suite(suite).episode_seeds(PUSH, episodes, seed=0)]
+            with arm_context(policy, arm):  # run_episode gives the true positions itself
+                rows = [run_episode(policy, env, seed, true_positions=privileged(arm))
+                        for seed in get_suite(suite).episode_seeds(PUSH, episodes, seed=0)]
     finally:
         env.close()
     policy.train()
@@ -195,10 +232,9 @@ def mean_loss(policy, frames: dict, arm: str, rows: np.ndarray | None = None, ba
     import torch
 
     current: dict = {}
-    override = positions_from_batch(policy.object_readout, current) if arm == "true" else nullcontext()
     policy.eval()
     total, count = 0.0, 0
-    with torch.no_grad(), override:
+    with torch.no_grad(), arm_context(policy, arm, current):
         rows = np.arange(len(frames["action"])) if rows is None else rows
         for start in range(0, len(rows), batch):
             idx = rows[start:start + batch]
@@ -213,11 +249,11 @@ def mean_loss(policy, frames: dict, arm: str, rows: np.ndarray | None = None, ba
 def as_batch(frames: dict, idx: np.ndarray) -> dict:
     import torch
 
-    batch = {"image": torch.from_numpy(frames["image"][idx]), "instruction": frames["instruction"][idx].tolist(),
-             "action": torch.from_numpy(frames["action"][idx]), "action_mask": torch.from_numpy(frames["action_mask"][idx]),
-             "state": torch.from_numpy(frames["state"][idx])}
-    if "wrist_image" in frames:
-        batch["wrist_image"] = torch.from_numpy(frames["wrist_image"][idx])
+    batch = {"instruction": frames["instruction"][idx].tolist(), "action": torch.from_numpy(frames["action"][idx]),
+             "action_mask": torch.from_numpy(frames["action_mask"][idx]), "state": torch.from_numpy(frames["state"][idx])}
+    for camera in ("image", "wrist_image"):
+        if camera in frames:
+            batch[camera] = torch.from_numpy(frames[camera][idx])
     return batch
 
 
@@ -237,7 +273,6 @@ def train_arm(args, arm: str, frames: dict, heldout: dict | None) -> list[dict]:
     print(f"[{arm}] {sum(p.numel() for p in trainable) / 1e6:.2f}M parameters trained on {len(frames['action'])} "
           f"frames", flush=True)
     current: dict = {}
-    override = positions_from_batch(policy.object_readout, current) if arm == "true" else nullcontext()
     order = np.random.default_rng(args.seed)  # the same batches in both arms
     probe_rows = None if heldout is None else np.random.default_rng(args.seed + 1).choice(
         len(frames["action"]), min(len(frames["action"]), len(heldout["action"])), replace=False)
@@ -247,7 +282,7 @@ def train_arm(args, arm: str, frames: dict, heldout: dict | None) -> list[dict]:
         batch = as_batch(frames, idx)
         current.update(cube=torch.from_numpy(frames["cube"][idx]), goal=torch.from_numpy(frames["goal"][idx]),
                        slots=frames["slots"][idx])
-        with override:
+        with arm_context(policy, arm, current):
             loss, _ = policy(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
