@@ -116,6 +116,9 @@ class VLAConfig:
     named_objects: int = 0  # > 0: which located objects the instruction names, in its order (envs.layouts.MAX_NAMED: 4); each is a token
     named_relations: bool = False  # each named object's token also says where it is from the first named one (push: the goal from the cube)
     wrist_image: bool = False  # OpenVLA-OFT's second camera: the wrist image's patches follow the primary image's
+    # false: the LLM reads no image patch, only the state, object and named-object tokens (the towers still run,
+    # for the object readout); at the tiny scale patches let a policy memorize its demonstrations' frames
+    image_patches: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -207,6 +210,9 @@ class VLAConfig:
                              "wrist camera sees with the gripper's pose")
         if self.projector not in PROJECTORS:
             raise ValueError(f"unknown projector {self.projector!r}; valid: {', '.join(PROJECTORS)}")
+        if not self.image_patches and not self.object_slots:
+            raise ValueError("image_patches=false leaves the LLM nothing of the images: it needs object_slots > 0 "
+                             "(the object readout's tokens are then its view of the scene)")
 
 
 def _hf_config(values: Mapping[str, Any]):
@@ -703,6 +709,8 @@ class OpenVLAPolicy(nn.Module):
                 extra.extend(named.to(text.dtype).unbind(1))
         if wrist is not None:  # as OpenVLA-OFT: the wrist image's patches after the primary's
             patches = torch.cat([patches, self.projector(wrist.to(self.projector_dtype)).to(text.dtype)], dim=1)
+        if not self.config.image_patches:
+            patches = patches[:, :0]
         if extra:
             patches = torch.cat([patches, torch.stack(extra, dim=1)], dim=1)
         embeds = torch.cat([text[:, :1], patches, text[:, 1:]], dim=1)
