@@ -20,12 +20,16 @@ action head, re-planning):
   - `readout-blind` and `true-blind`: as `readout` and `true`, with no image patch in the LLM's input (the
     projector's output zeroed, in training and in evaluation; the object readout still reads the images):
     the policy acts on the robot state, the instruction and the object tokens alone, the state clone's inputs
-    (less the cube's yaw, which the clone does not need: push_state_bc.py --without-yaw);
+    (less the cube's yaw, which the clone does not need: push_state_bc.py --without-yaw), and the readout's
+    readings of the slots whose objects are not in the scene;
+  - `true-grey`: as `true`, with every camera image grey, in training and in evaluation: the readout, too,
+    sees nothing, so every token but the robot state and the true cube and goal is constant;
 - it evaluates each arm on the suite's first `--eval-episodes` PushCube evaluation states every
   `--eval-every` steps (push_failures.run_episode: success, the cube's path, the readout's errors), and
   its loss, in evaluation mode, on `--heldout` demonstrations from those states against as many training
   frames (how far it over-fits);
-- `--scratch` trains a new policy instead (the checkpoint run's config.yaml and vision pretraining).
+- `--scratch` trains a new policy instead (the checkpoint run's config.yaml and vision pretraining), with
+  `--policy-set KEY=VALUE` changes to its policy config (e.g. `image_patches=false slot_tokens=false`).
 
 If `true` pushes like the state clone, the work left is a readout precise in the policy's own states; if it
 pushes like `readout`, the limit is in the rest of the pixel policy.
@@ -46,7 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from push_failures import ReadoutOverride, run_episode  # noqa: E402
 
 PUSH = "PushCube"
-ARMS = ("readout", "true", "readout-blind", "true-blind")
+ARMS = ("readout", "true", "readout-blind", "true-blind", "true-grey")
+GREY = 128  # every pixel of the true-grey arm's images, in both cameras
 
 
 def privileged(arm: str) -> bool:
@@ -64,6 +69,32 @@ def arm_context(policy, arm: str, current: dict | None = None):
         if arm.endswith("-blind"):
             stack.enter_context(ZeroOutput(policy.projector))
         yield
+
+
+def grey(arm: str) -> bool:
+    return arm.endswith("-grey")
+
+
+class GreyEnv:
+    """The env with every camera image grey (the true-grey arm's evaluation)."""
+
+    def __init__(self, env):
+        self.env = env
+
+    def __getattr__(self, name):
+        return getattr(self.env, name)
+
+    @staticmethod
+    def _grey(obs: dict) -> dict:
+        return {k: np.full_like(v, GREY) if k in ("image", "wrist_image") else v for k, v in obs.items()}
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        return self._grey(obs), info
+
+    def step(self, action):
+        obs, *rest = self.env.step(action)
+        return (self._grey(obs), *rest)
 
 
 class ZeroOutput:
@@ -194,7 +225,7 @@ def evaluate(policy, suite: str, episodes: int, arm: str) -> dict:
     try:
         with torch.no_grad():
             with arm_context(policy, arm):  # run_episode gives the true positions itself
-                rows = [run_episode(policy, env, seed, true_positions=privileged(arm))
+                rows = [run_episode(policy, GreyEnv(env) if grey(arm) else env, seed, true_positions=privileged(arm))
                         for seed in get_suite(suite).episode_seeds(PUSH, episodes, seed=0)]
     finally:
         env.close()
@@ -204,10 +235,12 @@ def evaluate(policy, suite: str, episodes: int, arm: str) -> dict:
             "readout_cube_error_contact_cm": float(np.mean(contact)) if contact else None, "rows": rows}
 
 
-def fresh_policy(checkpoint: str):
+def fresh_policy(checkpoint: str, settings: list[str]):
     """A new policy as the checkpoint's run built it (its run directory's config.yaml, its action statistics),
-    with the same vision pretraining loaded (towers, readout and grounding) and nothing else trained."""
+    with the same vision pretraining loaded (towers, readout and grounding) and nothing else trained; `settings`
+    (KEY=VALUE) change its policy config (e.g. image_patches=false)."""
     import torch
+    import yaml
     from omegaconf import OmegaConf
 
     from embodied.train import build_policy, pretrained_vision_source
@@ -218,6 +251,11 @@ def fresh_policy(checkpoint: str):
         raise SystemExit(f"--scratch builds the policy from its run's config, but {config} does not exist")
     cfg = OmegaConf.load(config)
     cfg.init_from = None
+    for setting in settings:  # KEY=VALUE under the run's policy config
+        key, _, value = setting.partition("=")
+        if key not in cfg.policy:
+            raise SystemExit(f"--policy-set {setting}: {config} has no policy.{key}")
+        cfg.policy[key] = yaml.safe_load(value)
     statistics = json.loads((Path(checkpoint) / "dataset_statistics.json").read_text())
     policy = build_policy(cfg, statistics, torch.device("cpu"))
     source = pretrained_vision_source(cfg, policy)
@@ -240,20 +278,21 @@ def mean_loss(policy, frames: dict, arm: str, rows: np.ndarray | None = None, ba
             idx = rows[start:start + batch]
             current.update(cube=torch.from_numpy(frames["cube"][idx]), goal=torch.from_numpy(frames["goal"][idx]),
                            slots=frames["slots"][idx])
-            loss, _ = policy(as_batch(frames, idx))
+            loss, _ = policy(as_batch(frames, idx, grey(arm)))
             total, count = total + loss.item() * len(idx), count + len(idx)
     policy.train()
     return total / count
 
 
-def as_batch(frames: dict, idx: np.ndarray) -> dict:
+def as_batch(frames: dict, idx: np.ndarray, grey_images: bool = False) -> dict:
     import torch
 
     batch = {"instruction": frames["instruction"][idx].tolist(), "action": torch.from_numpy(frames["action"][idx]),
              "action_mask": torch.from_numpy(frames["action_mask"][idx]), "state": torch.from_numpy(frames["state"][idx])}
     for camera in ("image", "wrist_image"):
         if camera in frames:
-            batch[camera] = torch.from_numpy(frames[camera][idx])
+            images = torch.from_numpy(frames[camera][idx])
+            batch[camera] = torch.full_like(images, GREY) if grey_images else images
     return batch
 
 
@@ -264,7 +303,7 @@ def train_arm(args, arm: str, frames: dict, heldout: dict | None) -> list[dict]:
     from policies import load_pretrained
 
     torch.manual_seed(args.seed)
-    policy = (fresh_policy(args.policy) if args.scratch else load_pretrained(args.policy)).train()
+    policy = (fresh_policy(args.policy, args.policy_set) if args.scratch else load_pretrained(args.policy)).train()
     if policy.object_readout is None:
         raise SystemExit(f"{args.policy}: the policy has no object readout (policy.object_slots=0)")
     trainable = [p for p in policy.parameters() if p.requires_grad]
@@ -279,7 +318,7 @@ def train_arm(args, arm: str, frames: dict, heldout: dict | None) -> list[dict]:
     history, losses, start = [], [], time.perf_counter()
     for step in range(1, args.steps + 1):
         idx = order.integers(0, len(frames["action"]), args.batch)
-        batch = as_batch(frames, idx)
+        batch = as_batch(frames, idx, grey(arm))
         current.update(cube=torch.from_numpy(frames["cube"][idx]), goal=torch.from_numpy(frames["goal"][idx]),
                        slots=frames["slots"][idx])
         with arm_context(policy, arm, current):
@@ -323,12 +362,16 @@ def main() -> None:
                         help="demonstrations from the evaluation's initial states for a held-out loss (0: none)")
     parser.add_argument("--scratch", action="store_true",
                         help="train a new policy (the checkpoint's run config and vision pretraining) instead")
+    parser.add_argument("--policy-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --scratch: a change to the run's policy config (repeatable)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--suite", default="tabletop10")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", help="write the figures as JSON here")
     args = parser.parse_args()
+    if args.policy_set and not args.scratch:
+        parser.error("--policy-set changes the config a new policy is built from: it needs --scratch")
 
     import torch
 
@@ -348,13 +391,15 @@ def main() -> None:
     print(f"{len(frames['action'])} training frames, {0 if heldout is None else len(heldout['action'])} held out, "
           f"in {time.perf_counter() - start:.0f} s")
     del probe
-    results = {arm: train_arm(args, arm, frames, heldout) for arm in args.arms}
+    results = {}
+    for arm in args.arms:
+        results[arm] = train_arm(args, arm, frames, heldout)
+        if args.out:  # after each arm, so that a long run keeps what it finished
+            Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
     print("\n| arm | " + " | ".join(f"step {h['step']}" for h in results[args.arms[0]]) + " |\n|"
           + "---|" * (len(results[args.arms[0]]) + 1))
     for arm, history in results.items():
         print(f"| {arm} | " + " | ".join(f"{100 * h['success']:.0f}%" for h in history) + " |")
-    if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
 
 
 if __name__ == "__main__":
