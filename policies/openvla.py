@@ -119,6 +119,10 @@ class VLAConfig:
     # false: the LLM reads no image patch, only the state, object and named-object tokens (the towers still run,
     # for the object readout); at the tiny scale patches let a policy memorize its demonstrations' frames
     image_patches: bool = True
+    # false: the located objects reach the LLM only through the named-object tokens, not one token per slot
+    # (a slot whose object is not in the scene is located anyway, and its varying reading is one more way to
+    # memorize frames)
+    slot_tokens: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -210,6 +214,9 @@ class VLAConfig:
                              "wrist camera sees with the gripper's pose")
         if self.projector not in PROJECTORS:
             raise ValueError(f"unknown projector {self.projector!r}; valid: {', '.join(PROJECTORS)}")
+        if not self.slot_tokens and not self.named_objects:
+            raise ValueError("slot_tokens=false passes the located objects on only as named-object tokens: it needs "
+                             "named_objects > 0")
         if not self.image_patches and not self.object_slots:
             raise ValueError("image_patches=false leaves the LLM nothing of the images: it needs object_slots > 0 "
                              "(the object readout's tokens are then its view of the scene)")
@@ -516,6 +523,7 @@ class OpenVLAPolicy(nn.Module):
             self.object_readout = ObjectReadout(self.vision.feature_dim, width, self.vision.num_patches,
                                                 config.object_slots, config.projector,
                                                 wrist=config.wrist_image).requires_grad_(False)
+        if config.object_slots and config.slot_tokens:
             self.object_projector = nn.Sequential(nn.Linear(3, width), nn.GELU(), nn.Linear(width, width))
             self.object_embeddings = nn.Embedding(config.object_slots, width)
             nn.init.normal_(self.object_embeddings.weight, std=0.02)
@@ -698,8 +706,9 @@ class OpenVLAPolicy(nn.Module):
                 located = self.object_readout(features.to(self.projector_dtype),
                                               None if wrist is None else wrist.to(self.projector_dtype),
                                               inputs.get("state"))
-            objects = self.object_projector(located) + self.object_embeddings.weight.to(located.dtype)
-            extra.extend(objects.to(text.dtype).unbind(1))
+            if self.object_projector is not None:
+                objects = self.object_projector(located) + self.object_embeddings.weight.to(located.dtype)
+                extra.extend(objects.to(text.dtype).unbind(1))
             if self.grounding is not None:
                 prompt = slice(0, inputs["input_ids"].shape[1] - n)
                 with torch.no_grad():

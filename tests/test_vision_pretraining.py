@@ -339,33 +339,40 @@ def test_named_relations_tokens_train_and_round_trip(tmp_path):
     assert np.array_equal(loaded.predict_actions(obs), policy.predict_actions(obs))
 
 
-def test_policy_without_image_patches_reads_only_tokens(tmp_path):
+@pytest.mark.parametrize("option, requirement", [("image_patches", "object_slots"), ("slot_tokens", "named_objects")])
+def test_policy_options_that_drop_input_tokens(tmp_path, option, requirement):
+    """image_patches=false: no image patch in the LLM's input; slot_tokens=false: no token per located slot.
+    Both leave the named-object tokens, still trained; the policy round-trips."""
     import policies
     from policies.openvla import OpenVLAPolicy
     from policy_helpers import batch, observations, tiny
 
+    with pytest.raises(ValueError, match=f"{option}=false .* needs {requirement}"):
+        tiny(OpenVLAPolicy, **{option: False})
     settings = dict(object_slots=len(SLOTS), named_objects=MAX_NAMED, use_proprio=True, train_vision=False,
                     decoding="parallel", action_chunk=2)
-    with pytest.raises(ValueError, match="image_patches=false .* needs object_slots"):
-        tiny(OpenVLAPolicy, image_patches=False)
     data = batch(size=4, chunk=2, seed=3)
     data["state"] = torch.tensor([[0.45, 0.0, 0.3, 1, 0, 0, 0, 1]] * 4)
     lengths = {}
-    for patches in (True, False):
+    for kept in (True, False):
         torch.manual_seed(0)
-        policy = tiny(OpenVLAPolicy, image_patches=patches, **settings)
+        policy = tiny(OpenVLAPolicy, **{option: kept}, **settings)
         inputs = policy.processor(data["image"], data["instruction"], actions=data["action"], states=data["state"],
                                   decoding="parallel", device=policy.device)
-        lengths[patches] = policy._embed(inputs)[0].shape[1]
-    assert lengths[True] - lengths[False] == policy.vision.num_patches
+        lengths[kept] = policy._embed(inputs)[0].shape[1]
+    dropped = policy.vision.num_patches if option == "image_patches" else len(SLOTS)
+    assert lengths[True] - lengths[False] == dropped
     loss, _ = policy(data)
     loss.backward()
-    assert all(p.grad is None or not p.grad.any() for p in policy.projector.parameters())  # its output is not read
-    assert policy.object_projector[0].weight.grad.abs().sum() > 0
+    assert policy.named_projector[0].weight.grad.abs().sum() > 0
+    if option == "image_patches":  # the projector's output is not read
+        assert all(p.grad is None or not p.grad.any() for p in policy.projector.parameters())
+    else:
+        assert policy.object_projector is None and policy.object_embeddings is None
     obs = [dict(o, state=s.numpy()) for o, s in zip(observations(data), data["state"])]
     policy.save_pretrained(tmp_path / "policy")
     loaded = policies.load_pretrained(tmp_path / "policy")
-    assert loaded.config.image_patches is False
+    assert getattr(loaded.config, option) is False
     assert np.array_equal(loaded.predict_actions(obs), policy.predict_actions(obs))
 
 
