@@ -41,6 +41,7 @@ import json
 import sys
 import time
 from contextlib import ExitStack, contextmanager
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -251,11 +252,9 @@ def fresh_policy(checkpoint: str, settings: list[str]):
         raise SystemExit(f"--scratch builds the policy from its run's config, but {config} does not exist")
     cfg = OmegaConf.load(config)
     cfg.init_from = None
-    for setting in settings:  # KEY=VALUE under the run's policy config
+    for setting in settings:  # KEY=VALUE under the run's policy config (a run older than the key lacks it)
         key, _, value = setting.partition("=")
-        if key not in cfg.policy:
-            raise SystemExit(f"--policy-set {setting}: {config} has no policy.{key}")
-        cfg.policy[key] = yaml.safe_load(value)
+        OmegaConf.update(cfg, f"policy.{key}", yaml.safe_load(value), force_add=True)
     statistics = json.loads((Path(checkpoint) / "dataset_statistics.json").read_text())
     policy = build_policy(cfg, statistics, torch.device("cpu"))
     source = pretrained_vision_source(cfg, policy)
@@ -372,6 +371,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.policy_set and not args.scratch:
         parser.error("--policy-set changes the config a new policy is built from: it needs --scratch")
+    from policies.openvla import VLAConfig
+
+    unknown = [s for s in args.policy_set if s.partition("=")[0] not in {f.name for f in fields(VLAConfig)}]
+    if unknown:
+        parser.error(f"--policy-set {unknown[0]}: the policy config has no such key")
 
     import torch
 
