@@ -275,12 +275,19 @@ def mean_loss(policy, frames: dict, arm: str, rows: np.ndarray | None = None, ba
         rows = np.arange(len(frames["action"])) if rows is None else rows
         for start in range(0, len(rows), batch):
             idx = rows[start:start + batch]
-            current.update(cube=torch.from_numpy(frames["cube"][idx]), goal=torch.from_numpy(frames["goal"][idx]),
-                           slots=frames["slots"][idx])
+            current.update(true_positions(frames, idx))
             loss, _ = policy(as_batch(frames, idx, grey(arm)))
             total, count = total + loss.item() * len(idx), count + len(idx)
     policy.train()
     return total / count
+
+
+def true_positions(frames: dict, idx: np.ndarray) -> dict:
+    """The frames' simulator cube and goal positions and their slots, as positions_from_batch reads them."""
+    import torch
+
+    return {"cube": torch.from_numpy(frames["cube"][idx]), "goal": torch.from_numpy(frames["goal"][idx]),
+            "slots": frames["slots"][idx]}
 
 
 def as_batch(frames: dict, idx: np.ndarray, grey_images: bool = False) -> dict:
@@ -318,8 +325,7 @@ def train_arm(args, arm: str, frames: dict, heldout: dict | None) -> list[dict]:
     for step in range(1, args.steps + 1):
         idx = order.integers(0, len(frames["action"]), args.batch)
         batch = as_batch(frames, idx, grey(arm))
-        current.update(cube=torch.from_numpy(frames["cube"][idx]), goal=torch.from_numpy(frames["goal"][idx]),
-                       slots=frames["slots"][idx])
+        current.update(true_positions(frames, idx))
         with arm_context(policy, arm, current):
             loss, _ = policy(batch)
         optimizer.zero_grad(set_to_none=True)
