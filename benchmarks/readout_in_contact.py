@@ -1,7 +1,9 @@
 """Can the frozen towers place the cube precisely while it is pushed? The object readout, refit on episode frames.
 
-    python benchmarks/readout_in_contact.py --policy runs/default/final --train-episodes 300 --heldout-episodes 30
-    python benchmarks/readout_in_contact.py --policy runs/default/final --other-tasks 30 --save runs/readout_refit
+    python benchmarks/readout_in_contact.py --train-episodes 300 --heldout-episodes 30
+    python benchmarks/readout_in_contact.py --other-tasks 30 --save runs/readout_refit  # tabletop10-tiny-wrist-episodes
+    python benchmarks/readout_in_contact.py --other-tasks 100 --push-share 0.5 --steps 6000 \
+        --compare tabletop10-tiny-wrist-episodes --save runs/readout_balanced
 
 The shipped readout was trained on still layouts (policies/pretrained/tabletop10-tiny-wrist), and places
 PushCube's cube to about 1.9 cm while the expert pushes it, against 1.2 cm in the first frame
@@ -10,13 +12,15 @@ PushCube's cube to about 1.9 cm while the expert pushes it, against 1.2 cm in th
 - it renders the scripted expert's PushCube episodes (DART 1 cm, as the default collects them): training
   episodes from the collection's seed stream (1), held-out ones from the suite's evaluation states (0);
   `--other-tasks N` adds N training and N/3 held-out episodes of every other task of the suite, so that the
-  readout's other objects are refit too (its layers are shared between the objects);
+  readout's other objects are refit too (its layers are shared between the objects); `--task-episodes`
+  gives one task another count, and `--push-share` draws each batch half (say) from push's frames and the
+  rest from the other tasks in equal shares;
 - it keeps each frame's tower features (frozen, computed once), robot state, and the simulator's position
   of every object in the scene (the slots vision pretraining trains);
 - it refits a copy of the policy's readout on the training frames;
 - it reports the held-out x-y errors (cm) before and after: PushCube's cube over every frame and over the
   contact frames (fingers below 4 cm and within 7 cm of the cube, where the push steers by the cube), its
-  goal, and the other tasks' objects.
+  goal, and the other tasks' objects; then per task, x-y and 3-D, with any readouts named by `--compare`.
 
 `--save DIR` writes a vision pretraining (`vision_pretraining.checkpoint=DIR` for `embodied.train`): the
 pretraining the policy was trained from (`--pretraining`), with the refit readout in place of its own.
@@ -45,46 +49,54 @@ def render_episodes(policy, tasks: dict[str, list[int]], image_size: int, action
     state, every slot's true position (readout units) and whether it is in the scene, the PushCube cube and
     goal slots (-1 elsewhere), and whether the fingers are low and near PushCube's cube."""
     import torch
+    from tqdm.auto import tqdm
 
     from embodied.vision_pretraining import CENTRE, SCALE
     from envs.env import TabletopEnv
     from envs.layouts import object_positions, object_slots
 
-    rows = {k: [] for k in ("front", "wrist", "state", "target", "present", "push_slots", "contact")}
+    def encode(images: dict[str, list]) -> None:
+        """The towers' features of an episode's frames (the images themselves are not kept: 75 KB a frame)."""
+        with torch.no_grad():
+            for i in range(0, len(images["front"]), 128):
+                inputs = {key: policy.processor.pixel_values(torch.as_tensor(np.stack(images[camera][i:i + 128])),
+                                                             device=policy.device)
+                          for key, camera in (("pixel_values", "front"), ("wrist_pixel_values", "wrist"))}
+                for camera, features in zip(("front", "wrist"), policy.encode_images(inputs)):
+                    rows[camera].append(features.float().cpu().numpy())
+
+    rows = {k: [] for k in ("front", "wrist", "state", "target", "present", "push_slots", "contact", "task")}
+    progress = tqdm(total=sum(len(s) for s in tasks.values()), desc="render", unit="episode")
     for task, seeds in tasks.items():
         env = TabletopEnv(task, image_size=image_size, wrist_camera=True)
         try:
             for seed in seeds:
                 obs, _ = env.reset(seed=int(seed))
                 slots = object_slots(env)
+                images = {"front": [], "wrist": []}
                 for _ in range(env.max_episode_steps):
                     positions, present = object_positions(env)
-                    rows["front"].append(obs["image"])
-                    rows["wrist"].append(obs["wrist_image"])
+                    images["front"].append(obs["image"])
+                    images["wrist"].append(obs["wrist_image"])
                     rows["state"].append(obs["state"])
                     rows["target"].append((positions - CENTRE) / SCALE)
                     rows["present"].append(present)
                     rows["push_slots"].append([slots["cube"], slots["goal"]] if task == PUSH else [-1, -1])
                     rows["contact"].append(task == PUSH and in_contact(env))
+                    rows["task"].append(task)
                     action = env.expert_action()
                     action[:3] += rng.normal(0.0, action_noise, 3)
                     obs, _, success, _, _ = env.step(action)
                     if success:
                         break
+                encode(images)
+                progress.update()
         finally:
             env.close()
-    data = {k: np.asarray(v) for k, v in rows.items()}
+    progress.close()
+    data = {k: np.concatenate(rows.pop(k)) for k in ("front", "wrist")}
+    data.update({k: np.asarray(v) for k, v in rows.items()})
     data["target"] = data["target"].astype(np.float32)
-    features = {"front": [], "wrist": []}
-    with torch.no_grad():
-        for i in range(0, len(data["state"]), 128):
-            inputs = {key: policy.processor.pixel_values(torch.as_tensor(data[camera][i:i + 128]), device=policy.device)
-                      for key, camera in (("pixel_values", "front"), ("wrist_pixel_values", "wrist"))}
-            front, wrist = policy.encode_images(inputs)
-            features["front"].append(front.float())
-            features["wrist"].append(wrist.float())
-    data["front"] = torch.cat(features["front"]).numpy()
-    data["wrist"] = torch.cat(features["wrist"]).numpy()
     return data
 
 
@@ -95,8 +107,9 @@ def predict(readout, data, idx):
                    torch.from_numpy(data["state"][idx]).float())
 
 
-def errors_cm(readout, data) -> dict[str, float]:
-    """Mean x-y error (cm): PushCube's cube over every frame and in contact, its goal, the other tasks' objects."""
+def errors_cm(readout, data) -> dict:
+    """Mean x-y error (cm): PushCube's cube over every frame and in contact, its goal, the other tasks' objects,
+    and per task over the objects in its scene ([x-y, 3-D]: a reach ends within 3 cm of a ball in the air)."""
     import torch
 
     from embodied.vision_pretraining import SCALE
@@ -110,23 +123,46 @@ def errors_cm(readout, data) -> dict[str, float]:
     cube, goal = xy[rows, data["push_slots"][push, 0]], xy[rows, data["push_slots"][push, 1]]
     contact = data["contact"][push]
     others = xy[~push][data["present"][~push]]
-    return {"cube_all_cm": float(cube.mean()), "cube_contact_cm": float(cube[contact].mean()),
+    xyz = 100 * SCALE * np.linalg.norm(located - data["target"], axis=-1)
+    per_task = {str(task): [float(error[data["task"] == task][data["present"][data["task"] == task]].mean())
+                            for error in (xy, xyz)] for task in dict.fromkeys(data["task"])}
+    return {"per_task_cm": per_task, "cube_all_cm": float(cube.mean()), "cube_contact_cm": float(cube[contact].mean()),
             "goal_all_cm": float(goal.mean()), "other_tasks_cm": float(others.mean()) if len(others) else None,
             "contact_frames": int(contact.sum()), "push_frames": int(push.sum()), "frames": len(xy)}
 
 
-def refit(readout, data, steps: int, lr: float, batch: int, seed: int):
+def frame_sampler(data, push_share: float | None, rng):
+    """Draws a batch's frame indices: uniformly over the frames, or `push_share` of them from PushCube's and
+    the rest from the other tasks in equal shares, so that a task with short episodes (ReachTarget's 60
+    steps) is not outweighed by the long ones."""
+    frames = len(data["state"])
+    if push_share is None:
+        return lambda size: rng.integers(0, frames, size)
+    pools = [np.flatnonzero(data["task"] == task) for task in dict.fromkeys(data["task"]) if task != PUSH]
+    push = np.flatnonzero(data["task"] == PUSH)
+    if not len(push) or not pools:
+        raise SystemExit("--push-share needs PushCube episodes and --other-tasks")
+
+    def draw(size: int) -> np.ndarray:
+        from_push = rng.binomial(size, push_share)
+        task = rng.integers(0, len(pools), size - from_push)
+        return np.concatenate([rng.choice(push, from_push)] + [rng.choice(pools[t], int((task == t).sum()))
+                                                               for t in range(len(pools))])
+    return draw
+
+
+def refit(readout, data, steps: int, lr: float, batch: int, seed: int, push_share: float | None = None):
     import torch
 
     torch.manual_seed(seed)
     readout = copy.deepcopy(readout).train().requires_grad_(True)
     optimizer = torch.optim.AdamW(readout.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps, eta_min=lr * 0.1)
-    rng = np.random.default_rng(seed)
+    draw = frame_sampler(data, push_share, np.random.default_rng(seed))
     target = torch.from_numpy(data["target"])
     present = torch.from_numpy(data["present"]).float()
     for _ in range(steps):
-        idx = rng.integers(0, len(data["state"]), batch)
+        idx = draw(batch)
         # the pretraining's loss: squared distance over the objects in the scene
         loss = (((predict(readout, data, idx) - target[idx]) ** 2).sum(-1) * present[idx]).sum() / present[idx].sum()
         optimizer.zero_grad()
@@ -138,7 +174,8 @@ def refit(readout, data, steps: int, lr: float, batch: int, seed: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--policy", required=True, help="a checkpoint with object tokens and the wrist camera")
+    parser.add_argument("--policy", help="a checkpoint with object tokens and the wrist camera (default: the tiny "
+                                         "policy of the openvla recipe, built around --pretraining's parts)")
     parser.add_argument("--train-episodes", type=int, default=300)
     parser.add_argument("--heldout-episodes", type=int, default=30)
     parser.add_argument("--action-noise", type=float, default=0.01, help="DART std (m), as the default collects")
@@ -147,9 +184,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--other-tasks", type=int, default=0,
                         help="training episodes of every other task too (a third as many held out)")
+    parser.add_argument("--task-episodes", nargs="*", default=[], metavar="TASK=N",
+                        help="training episodes of another task than --other-tasks gives it (ReachTarget=1000: its "
+                             "balls hang anywhere in the air, and 100 episodes are only 100 of its layouts)")
+    parser.add_argument("--push-share", type=float,
+                        help="the fraction of each batch drawn from PushCube's frames, the rest from the other tasks "
+                             "in equal shares (default: uniform over all frames)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pretraining", default="tabletop10-tiny-wrist",
                         help="the vision pretraining the policy was trained from (its readout must be the policy's)")
+    parser.add_argument("--compare", nargs="*", default=[],
+                        help="other vision pretrainings (directories or shipped names) whose readouts to report on "
+                             "the same frames")
     parser.add_argument("--save", help="write that pretraining with the refit readout to this directory")
     parser.add_argument("--out", help="JSON results")
     args = parser.parse_args()
@@ -160,11 +206,25 @@ def main() -> None:
     from envs.suites import get_suite
     from policies import load_pretrained
 
+    if args.push_share is not None and not 0.0 < args.push_share < 1.0:
+        raise SystemExit(f"--push-share {args.push_share}: must lie strictly between 0 and 1")
     torch.set_num_threads(args.threads)
-    policy = load_pretrained(args.policy).eval()
+    pretraining = resolve_checkpoint(args.pretraining)
+    if args.policy is None:
+        from embodied.vision_pretraining import load_pretrained_vision
+        from envs.layouts import MAX_NAMED, SLOTS
+        from policies.openvla import OpenVLAPolicy
+
+        size = int(_read_weights(pretraining)[1].get("observation_image_size", 112))
+        policy = OpenVLAPolicy.from_size("tiny", observation_image_size=size, wrist_image=True, object_slots=len(SLOTS),
+                                         named_objects=MAX_NAMED, use_proprio=True, train_vision=False)
+        load_pretrained_vision(policy, pretraining, announce=False)
+        policy.eval()
+        args.policy = f"tiny, from {args.pretraining}"
+    else:
+        policy = load_pretrained(args.policy).eval()
     if policy.object_readout is None or not policy.config.wrist_image:
         raise SystemExit(f"{args.policy}: needs a policy with an object readout and the wrist camera")
-    pretraining = resolve_checkpoint(args.pretraining)
     saved, metadata = _read_weights(pretraining)
     for key, value in policy.object_readout.state_dict().items():
         if not torch.equal(saved[f"object_readout.{key}"].to(value.dtype), value):
@@ -172,32 +232,55 @@ def main() -> None:
                              f"pass the pretraining it was trained from with --pretraining")
     suite = get_suite("tabletop10")
     others = [t for t in suite.tasks if t != PUSH] if args.other_tasks else []
+    episodes_of = {}
+    for item in args.task_episodes:
+        task, _, count = item.partition("=")
+        if task not in others or not count.isdigit() or int(count) < 1:
+            raise SystemExit(f"--task-episodes {item!r}: expected TASK=N with N >= 1 and TASK one of "
+                             f"{', '.join(others) or '(none: pass --other-tasks)'}")
+        episodes_of[task] = int(count)
 
-    def seeds(n_push: int, n_other: int, stream: int) -> dict[str, list[int]]:
+    def seeds(n_push: int, n_other: int, stream: int, overrides: dict[str, int]) -> dict[str, list[int]]:
         return {PUSH: suite.episode_seeds(PUSH, n_push, seed=stream),
-                **{t: suite.episode_seeds(t, n_other, seed=stream) for t in others}}
+                **{t: suite.episode_seeds(t, overrides.get(t, n_other), seed=stream) for t in others}}
 
     t0 = time.time()
     size = policy.config.observation_image_size
-    train = render_episodes(policy, seeds(args.train_episodes, args.other_tasks, 1), size, args.action_noise,
+    train = render_episodes(policy, seeds(args.train_episodes, args.other_tasks, 1, episodes_of), size, args.action_noise,
                             np.random.default_rng(1))
-    heldout = render_episodes(policy, seeds(args.heldout_episodes, max(1, args.other_tasks // 3), 0), size,
+    heldout = render_episodes(policy, seeds(args.heldout_episodes, max(1, args.other_tasks // 3), 0, {}), size,
                               args.action_noise, np.random.default_rng(2))
     print(f"rendered {len(train['state'])} training and {len(heldout['state'])} held-out frames "
           f"({train['contact'].sum()} and {heldout['contact'].sum()} of PushCube's in contact) in {time.time() - t0:.0f} s")
     before = {"train": errors_cm(policy.object_readout, train), "heldout": errors_cm(policy.object_readout, heldout)}
+    compared = {}
+    for spec in args.compare:
+        readout = copy.deepcopy(policy.object_readout)
+        weights = _read_weights(resolve_checkpoint(spec))[0]
+        readout.load_state_dict({k[len("object_readout."):]: v for k, v in weights.items()
+                                 if k.startswith("object_readout.")})
+        compared[spec] = {"heldout": errors_cm(readout, heldout)}
     t0 = time.time()
-    refitted = refit(policy.object_readout, train, args.steps, args.lr, args.batch, seed=0)
+    refitted = refit(policy.object_readout, train, args.steps, args.lr, args.batch, seed=0, push_share=args.push_share)
     after = {"train": errors_cm(refitted, train), "heldout": errors_cm(refitted, heldout)}
     print(f"refit {args.steps} steps in {time.time() - t0:.0f} s\n")
+    readouts = {"as trained": before, **{f"`{spec}`": r for spec, r in compared.items()},
+                "refit on episode frames": after}
     print("| readout | frames | push cube, all frames (cm) | push cube, in contact (cm) | push goal (cm) | "
           "other tasks' objects (cm) |\n|---|---|---|---|---|---|")
-    for name, result in (("as trained", before), ("refit on episode frames", after)):
+    for name, result in readouts.items():
         for split in ("train", "heldout"):
+            if split not in result:
+                continue
             r = result[split]
             other = "-" if r["other_tasks_cm"] is None else f"{r['other_tasks_cm']:.2f}"
             print(f"| {name} | {split} | {r['cube_all_cm']:.2f} | {r['cube_contact_cm']:.2f} | {r['goal_all_cm']:.2f} "
                   f"| {other} |")
+    tasks = list(before["heldout"]["per_task_cm"])
+    print("\nHeld out, per task: mean x-y / 3-D error (cm) over the objects in its scene\n")
+    print("| readout | " + " | ".join(tasks) + " |\n|---|" + "---|" * len(tasks))
+    for name, result in readouts.items():
+        print(f"| {name} | " + " | ".join("{:.2f} / {:.2f}".format(*result['heldout']['per_task_cm'][t]) for t in tasks) + " |")
     if args.save:
         from safetensors.torch import save_file
 
@@ -207,10 +290,11 @@ def main() -> None:
                                for k, v in refitted.state_dict().items()}}
         save_file(weights, out / WEIGHTS_FILE, metadata=metadata)
         (out / REPORT_FILE).write_text(json.dumps(
-            {"refit_from": str(pretraining), "refit": vars(args), "errors_before": before, "errors_after": after}, indent=2))
+            {"refit_from": args.pretraining, "refit": vars(args), "errors_before": before, "errors_after": after}, indent=2))
         print(f"wrote {out} (vision_pretraining.checkpoint={out})")
     if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "shipped": before, "refit": after}, indent=2))
+        Path(args.out).write_text(json.dumps({"args": vars(args), "shipped": before, "compared": compared,
+                                              "refit": after}, indent=2))
 
 
 if __name__ == "__main__":
