@@ -164,10 +164,14 @@ def _mismatch(policy, shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[s
 
 def shipped_checkpoint(policy) -> Path | None:
     """For `checkpoint=auto`: the pretraining under policies/pretrained/ that fits a policy reading located
-    objects (`object_slots`), or None (no such policy, or no asset with its shapes)."""
+    objects (`object_slots`), or None (no such policy, or no asset with its shapes). An asset derived from
+    another (its report names `refit_from`: a readout refit on episode frames) is chosen only by its name."""
     if getattr(policy, "object_readout", None) is None:
         return None
     for weights in sorted(ASSETS_DIR.glob(f"*/{WEIGHTS_FILE}")):
+        report = weights.parent / REPORT_FILE
+        if report.is_file() and "refit_from" in json.loads(report.read_text()):
+            continue
         if _mismatch(policy, *_read_shapes(weights.parent)) is None:
             return weights.parent
     return None

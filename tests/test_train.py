@@ -109,6 +109,7 @@ def test_the_default_starts_from_the_shipped_pretraining(tmp_path):
     from hydra import initialize_config_dir
 
     from embodied.train import build_policy, pretrained_vision_source
+    from embodied.vision_pretraining import load_pretrained_vision, resolve_checkpoint
 
     def default(*extra):
         with initialize_config_dir(str(ROOT / "embodied" / "conf"), version_base="1.3"):
@@ -126,6 +127,18 @@ def test_the_default_starts_from_the_shipped_pretraining(tmp_path):
     assert cfg.cpu_processes == 2 and cfg.max_steps == 4500  # both cores of a laptop, through torchrun
     # a run that asks for its own pretraining renders and trains one
     assert pretrained_vision_source(default("vision_pretraining.layouts=100"), policy) is None
+    # the named-objects recipe: the openvla recipe, the LLM reading no patch nor slot token, the refit readout
+    # (chosen by its name only: `auto` never picks a derived asset)
+    named = default("recipe=openvla_named_objects")
+    assert not named.policy.image_patches and not named.policy.slot_tokens and named.policy.instruction_clauses
+    assert named.cpu_processes == 2 and named.max_steps == 4500
+    named_policy = build_policy(named, None, torch.device("cpu"))
+    source = resolve_checkpoint(pretrained_vision_source(named, named_policy))
+    assert source.name == "tabletop10-tiny-wrist-episodes"
+    assert load_pretrained_vision(named_policy, source, announce=False)["refit_from"] == "tabletop10-tiny-wrist"
+    refit = {k: v.clone() for k, v in named_policy.object_readout.state_dict().items()}
+    load_pretrained_vision(named_policy, pretrained_vision_source(cfg, policy), announce=False)
+    assert any(not torch.equal(v, named_policy.object_readout.state_dict()[k]) for k, v in refit.items())
     # without located objects nothing is loaded (the plain policy's towers train from their own start)
     plain = default("recipe=none")
     assert not plain.policy.wrist_image and plain.policy.object_slots == 0 and plain.policy.train_vision
