@@ -688,7 +688,9 @@ class OpenVLAPolicy(nn.Module):
         train_vision = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision.parameters())
         with torch.set_grad_enabled(train_vision):
             features, wrist = self.encode_images(inputs)
-        patches = self.projector(features.to(self.projector_dtype)).to(text.dtype)
+        # the primary image's patch tokens; without image_patches only the keyframe head reads them
+        patches = (self.projector(features.to(self.projector_dtype)).to(text.dtype)
+                   if self.config.image_patches or self.keyframe_head is not None else None)
         extra, proprio = [], None
         if self.proprio_projector is not None:
             proprio = self.proprio_projector(inputs["proprio"].to(self.projector_dtype)).to(text.dtype)
@@ -716,12 +718,14 @@ class OpenVLAPolicy(nn.Module):
                 features = named_object_features(logits, located, inputs["state"][:, :3], self.config.named_relations)
                 named = self.named_projector(features.to(self.projector_dtype)) + self.named_embeddings.weight
                 extra.extend(named.to(text.dtype).unbind(1))
-        if wrist is not None:  # as OpenVLA-OFT: the wrist image's patches after the primary's
-            patches = torch.cat([patches, self.projector(wrist.to(self.projector_dtype)).to(text.dtype)], dim=1)
-        if not self.config.image_patches:
-            patches = patches[:, :0]
+        tokens = []
+        if self.config.image_patches:
+            tokens.append(patches)
+            if wrist is not None:  # as OpenVLA-OFT: the wrist image's patches after the primary's
+                tokens.append(self.projector(wrist.to(self.projector_dtype)).to(text.dtype))
         if extra:
-            patches = torch.cat([patches, torch.stack(extra, dim=1)], dim=1)
+            tokens.append(torch.stack(extra, dim=1))
+        patches = torch.cat(tokens, dim=1)
         embeds = torch.cat([text[:, :1], patches, text[:, 1:]], dim=1)
         mask = inputs["attention_mask"]
         valid = torch.cat([mask[:, :1], mask.new_ones(patches.shape[:2]), mask[:, 1:]], dim=1).bool()
