@@ -10,7 +10,9 @@ PushCube's cube to about 1.9 cm while the expert pushes it, against 1.2 cm in th
 (push_failures.py --expert-driven). From state, a push clone needs the cube to about 0.5 cm
 (push_state_bc.py --position-noise). This asks whether the towers' features hold that precision:
 - it renders the scripted expert's PushCube episodes (DART 1 cm, as the default collects them): training
-  episodes from the collection's seed stream (1), held-out ones from the suite's evaluation states (0);
+  episodes from the collection's seed stream (1: the layouts of the policy's own demonstrations, which the
+  refit then places far better than new ones, SortByColor 1.9 against 5.6 cm; that pays, see `--seed-stream`),
+  held-out ones from the suite's evaluation states (0);
   `--other-tasks N` adds N training and N/3 held-out episodes of every other task of the suite, so that the
   readout's other objects are refit too (its layers are shared between the objects); `--task-episodes`
   gives one task another count, and `--push-share` draws each batch half (say) from push's frames and the
@@ -41,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from push_failures import in_contact  # noqa: E402
 
 PUSH = "PushCube"
+STILL = "still layouts"  # vision pretraining's kind of frame, rehearsed by --still-layouts
 
 
 def render_episodes(policy, tasks: dict[str, list[int]], image_size: int, action_noise: float,
@@ -55,17 +58,7 @@ def render_episodes(policy, tasks: dict[str, list[int]], image_size: int, action
     from envs.env import TabletopEnv
     from envs.layouts import object_positions, object_slots
 
-    def encode(images: dict[str, list]) -> None:
-        """The towers' features of an episode's frames (the images themselves are not kept: 75 KB a frame)."""
-        with torch.no_grad():
-            for i in range(0, len(images["front"]), 128):
-                inputs = {key: policy.processor.pixel_values(torch.as_tensor(np.stack(images[camera][i:i + 128])),
-                                                             device=policy.device)
-                          for key, camera in (("pixel_values", "front"), ("wrist_pixel_values", "wrist"))}
-                for camera, features in zip(("front", "wrist"), policy.encode_images(inputs)):
-                    rows[camera].append(features.float().cpu().numpy())
-
-    rows = {k: [] for k in ("front", "wrist", "state", "target", "present", "push_slots", "contact", "task")}
+    rows = {k: [] for k in ("front", "wrist", "state", "target", "present", "push_slots", "contact", "task", "first")}
     progress = tqdm(total=sum(len(s) for s in tasks.values()), desc="render", unit="episode")
     for task, seeds in tasks.items():
         env = TabletopEnv(task, image_size=image_size, wrist_camera=True)
@@ -84,12 +77,14 @@ def render_episodes(policy, tasks: dict[str, list[int]], image_size: int, action
                     rows["push_slots"].append([slots["cube"], slots["goal"]] if task == PUSH else [-1, -1])
                     rows["contact"].append(task == PUSH and in_contact(env))
                     rows["task"].append(task)
+                    rows["first"].append(not images["front"][1:])
                     action = env.expert_action()
                     action[:3] += rng.normal(0.0, action_noise, 3)
                     obs, _, success, _, _ = env.step(action)
                     if success:
                         break
-                encode(images)
+                for camera, features in zip(("front", "wrist"), encode(policy, images["front"], images["wrist"])):
+                    rows[camera].append(features)
                 progress.update()
         finally:
             env.close()
@@ -98,6 +93,43 @@ def render_episodes(policy, tasks: dict[str, list[int]], image_size: int, action
     data.update({k: np.asarray(v) for k, v in rows.items()})
     data["target"] = data["target"].astype(np.float32)
     return data
+
+
+def encode(policy, front: list, wrist: list) -> tuple[np.ndarray, np.ndarray]:
+    """The towers' features of frames (the images themselves are not kept: 75 KB a frame)."""
+    import torch
+
+    out = ([], [])
+    with torch.no_grad():
+        for i in range(0, len(front), 128):
+            inputs = {key: policy.processor.pixel_values(torch.as_tensor(np.stack(images[i:i + 128])),
+                                                         device=policy.device)
+                      for key, images in (("pixel_values", front), ("wrist_pixel_values", wrist))}
+            for kept, features in zip(out, policy.encode_images(inputs)):
+                kept.append(features.float().cpu().numpy())
+    return np.concatenate(out[0]), np.concatenate(out[1])
+
+
+def render_still_layouts(policy, suite, count: int, image_size: int) -> dict[str, np.ndarray]:
+    """`count` layouts spread over the suite's tasks, as vision pretraining renders them (a reset, the arm moved up
+    to 10 random 3 cm steps; its own seed stream), in render_episodes' layout, as the task STILL."""
+    from tqdm.auto import tqdm
+
+    from embodied.vision_pretraining import CENTRE, SCALE, SEED_SALT
+    from envs.layouts import render_layouts
+
+    per_task = -(-count // len(suite.tasks))
+    parts = []
+    for task in tqdm(suite.tasks, desc="still layouts", unit="task"):
+        part = render_layouts(task, suite.episode_seeds(task, per_task, seed=SEED_SALT), image_size=image_size,
+                              wrist_camera=True)
+        front, wrist = encode(policy, list(part["images"]), list(part["wrist_images"]))
+        n = len(front)
+        parts.append({"front": front, "wrist": wrist, "state": part["states"],
+                      "target": ((part["positions"] - CENTRE) / SCALE).astype(np.float32), "present": part["present"],
+                      "push_slots": np.full((n, 2), -1), "contact": np.zeros(n, bool), "task": np.array([STILL] * n),
+                      "first": np.zeros(n, bool)})
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def predict(readout, data, idx):
@@ -109,10 +141,12 @@ def predict(readout, data, idx):
 
 def errors_cm(readout, data) -> dict:
     """Mean x-y error (cm): PushCube's cube over every frame and in contact, its goal, the other tasks' objects,
-    and per task over the objects in its scene ([x-y, 3-D]: a reach ends within 3 cm of a ball in the air)."""
+    per task over the objects in its scene ([x-y, 3-D]: a reach ends within 3 cm of a ball in the air), in each
+    episode's first frame (x-y: where the policy sets off for), and per task and slot (x-y)."""
     import torch
 
     from embodied.vision_pretraining import SCALE
+    from envs.layouts import SLOTS
 
     with torch.no_grad():
         located = np.concatenate([predict(readout, data, np.arange(i, min(i + 256, len(data["state"])))).numpy()
@@ -126,39 +160,59 @@ def errors_cm(readout, data) -> dict:
     xyz = 100 * SCALE * np.linalg.norm(located - data["target"], axis=-1)
     per_task = {str(task): [float(error[data["task"] == task][data["present"][data["task"] == task]].mean())
                             for error in (xy, xyz)] for task in dict.fromkeys(data["task"])}
-    return {"per_task_cm": per_task, "cube_all_cm": float(cube.mean()), "cube_contact_cm": float(cube[contact].mean()),
+    slots = {str(task): {SLOTS[k]: float(xy[data["task"] == task, k][data["present"][data["task"] == task, k]].mean())
+                         for k in range(len(SLOTS)) if data["present"][data["task"] == task, k].any()}
+             for task in dict.fromkeys(data["task"])}
+    first = {}
+    for task in dict.fromkeys(data["task"]):
+        frames = (data["task"] == task) & data["first"]
+        if frames.any():
+            first[str(task)] = float(xy[frames][data["present"][frames]].mean())
+    return {"per_task_cm": per_task, "per_task_first_frame_xy_cm": first, "per_task_slot_xy_cm": slots,
+            "cube_all_cm": float(cube.mean()), "cube_contact_cm": float(cube[contact].mean()),
             "goal_all_cm": float(goal.mean()), "other_tasks_cm": float(others.mean()) if len(others) else None,
             "contact_frames": int(contact.sum()), "push_frames": int(push.sum()), "frames": len(xy)}
 
 
-def frame_sampler(data, push_share: float | None, rng):
-    """Draws a batch's frame indices: uniformly over the frames, or `push_share` of them from PushCube's and
-    the rest from the other tasks in equal shares, so that a task with short episodes (ReachTarget's 60
-    steps) is not outweighed by the long ones."""
-    frames = len(data["state"])
+def frame_sampler(data, push_share: float | None, rng, still_share: float = 0.0):
+    """Draws a batch's frame indices: `still_share` of them from the still layouts (if any), the rest from the
+    episodes' frames, uniformly, or `push_share` of them from PushCube's and the rest from the other tasks in
+    equal shares, so that a task with short episodes (ReachTarget's 60 steps) is not outweighed by the long ones."""
+    still = np.flatnonzero(data["task"] == STILL)
+    episodes = np.flatnonzero(data["task"] != STILL)
     if push_share is None:
-        return lambda size: rng.integers(0, frames, size)
-    pools = [np.flatnonzero(data["task"] == task) for task in dict.fromkeys(data["task"]) if task != PUSH]
-    push = np.flatnonzero(data["task"] == PUSH)
-    if not len(push) or not pools:
-        raise SystemExit("--push-share needs PushCube episodes and --other-tasks")
+        def from_episodes(size: int) -> np.ndarray:
+            return episodes[rng.integers(0, len(episodes), size)]
+    else:
+        pools = [np.flatnonzero(data["task"] == task) for task in dict.fromkeys(data["task"])
+                 if task not in (PUSH, STILL)]
+        push = np.flatnonzero(data["task"] == PUSH)
+        if not len(push) or not pools:
+            raise SystemExit("--push-share needs PushCube episodes and --other-tasks")
+
+        def from_episodes(size: int) -> np.ndarray:
+            from_push = rng.binomial(size, push_share)
+            task = rng.integers(0, len(pools), size - from_push)
+            return np.concatenate([rng.choice(push, from_push)] + [rng.choice(pools[t], int((task == t).sum()))
+                                                                   for t in range(len(pools))])
+    if not len(still):
+        return from_episodes
 
     def draw(size: int) -> np.ndarray:
-        from_push = rng.binomial(size, push_share)
-        task = rng.integers(0, len(pools), size - from_push)
-        return np.concatenate([rng.choice(push, from_push)] + [rng.choice(pools[t], int((task == t).sum()))
-                                                               for t in range(len(pools))])
+        n_still = rng.binomial(size, still_share)
+        return np.concatenate([still[rng.integers(0, len(still), n_still)], from_episodes(size - n_still)])
     return draw
 
 
-def refit(readout, data, steps: int, lr: float, batch: int, seed: int, push_share: float | None = None):
+def refit(readout, data, steps: int, lr: float, batch: int, seed: int, push_share: float | None = None,
+          still_share: float = 0.0):
     import torch
 
     torch.manual_seed(seed)
     readout = copy.deepcopy(readout).train().requires_grad_(True)
     optimizer = torch.optim.AdamW(readout.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps, eta_min=lr * 0.1)
-    draw = frame_sampler(data, push_share, np.random.default_rng(seed))
+    draw = frame_sampler(data, push_share, np.random.default_rng(seed), still_share)
     target = torch.from_numpy(data["target"])
     present = torch.from_numpy(data["present"]).float()
     for _ in range(steps):
@@ -190,6 +244,17 @@ def main() -> None:
     parser.add_argument("--push-share", type=float,
                         help="the fraction of each batch drawn from PushCube's frames, the rest from the other tasks "
                              "in equal shares (default: uniform over all frames)")
+    parser.add_argument("--still-layouts", type=int, default=0,
+                        help="also rehearse this many of vision pretraining's still layouts (over the suite's tasks, "
+                             "its seed stream): a readout refit on episodes alone forgets where the objects stand "
+                             "before the arm moves (SortByColor's cubes in the first frame: 2.7 -> 7.2 cm)")
+    parser.add_argument("--still-share", type=float, default=0.25,
+                        help="with --still-layouts: the fraction of each batch drawn from them")
+    parser.add_argument("--seed-stream", type=int, default=1,
+                        help="episode-seed stream of the training episodes (default 1: the demonstrations' layouts; "
+                             "0, the suite's evaluation states, is refused). A readout refit on a stream of its own "
+                             "(2) places new layouts as well, but the policy trained on its noisier tokens scored "
+                             "59.7%% against 71.3%% (benchmarks/RESULTS.md)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pretraining", default="tabletop10-tiny-wrist",
                         help="the vision pretraining the policy was trained from (its readout must be the policy's)")
@@ -208,6 +273,11 @@ def main() -> None:
 
     if args.push_share is not None and not 0.0 < args.push_share < 1.0:
         raise SystemExit(f"--push-share {args.push_share}: must lie strictly between 0 and 1")
+    if args.still_layouts and not 0.0 < args.still_share < 1.0:
+        raise SystemExit(f"--still-share {args.still_share}: must lie strictly between 0 and 1")
+    if args.seed_stream == 0:
+        raise SystemExit("--seed-stream 0: the suite's evaluation states, where the readout is judged and the policy "
+                         "evaluated; refit on another stream (default 1, the demonstrations')")
     torch.set_num_threads(args.threads)
     pretraining = resolve_checkpoint(args.pretraining)
     if args.policy is None:
@@ -246,8 +316,11 @@ def main() -> None:
 
     t0 = time.time()
     size = policy.config.observation_image_size
-    train = render_episodes(policy, seeds(args.train_episodes, args.other_tasks, 1, episodes_of), size, args.action_noise,
-                            np.random.default_rng(1))
+    train = render_episodes(policy, seeds(args.train_episodes, args.other_tasks, args.seed_stream, episodes_of), size,
+                            args.action_noise, np.random.default_rng(1))
+    if args.still_layouts:
+        still = render_still_layouts(policy, suite, args.still_layouts, size)
+        train = {k: np.concatenate([train[k], still[k]]) for k in train}
     heldout = render_episodes(policy, seeds(args.heldout_episodes, max(1, args.other_tasks // 3), 0, {}), size,
                               args.action_noise, np.random.default_rng(2))
     print(f"rendered {len(train['state'])} training and {len(heldout['state'])} held-out frames "
@@ -261,7 +334,8 @@ def main() -> None:
                                  if k.startswith("object_readout.")})
         compared[spec] = {"heldout": errors_cm(readout, heldout)}
     t0 = time.time()
-    refitted = refit(policy.object_readout, train, args.steps, args.lr, args.batch, seed=0, push_share=args.push_share)
+    refitted = refit(policy.object_readout, train, args.steps, args.lr, args.batch, seed=0, push_share=args.push_share,
+                     still_share=args.still_share if args.still_layouts else 0.0)
     after = {"train": errors_cm(refitted, train), "heldout": errors_cm(refitted, heldout)}
     print(f"refit {args.steps} steps in {time.time() - t0:.0f} s\n")
     readouts = {"as trained": before, **{f"`{spec}`": r for spec, r in compared.items()},
@@ -281,6 +355,11 @@ def main() -> None:
     print("| readout | " + " | ".join(tasks) + " |\n|---|" + "---|" * len(tasks))
     for name, result in readouts.items():
         print(f"| {name} | " + " | ".join("{:.2f} / {:.2f}".format(*result['heldout']['per_task_cm'][t]) for t in tasks) + " |")
+    print("\nHeld out, per task: mean x-y error (cm) in each episode's first frame, before the arm moves\n")
+    print("| readout | " + " | ".join(tasks) + " |\n|---|" + "---|" * len(tasks))
+    for name, result in readouts.items():
+        print(f"| {name} | " + " | ".join(f"{result['heldout']['per_task_first_frame_xy_cm'][t]:.2f}" for t in tasks)
+              + " |")
     if args.save:
         from safetensors.torch import save_file
 
