@@ -2,9 +2,9 @@
 
     python benchmarks/readout_in_contact.py --train-episodes 300 --heldout-episodes 30
     python benchmarks/readout_in_contact.py --other-tasks 30 --task-episodes ReachTarget=1000 SortByColor=300 \
-        --push-share 0.5 --save runs/readout  # policies/pretrained/tabletop10-tiny-wrist-episodes, bit for bit
+        --push-share 0.5 --still-layouts 2000 --save runs/readout  # tabletop10-tiny-wrist-episodes, bit for bit
     python benchmarks/readout_in_contact.py --other-tasks 30 --task-episodes ReachTarget=1000 --push-share 0.5 \
-        --still-layouts 2000 --compare tabletop10-tiny-wrist-episodes
+        --compare tabletop10-tiny-wrist-episodes
 
 The shipped readout was trained on still layouts (policies/pretrained/tabletop10-tiny-wrist), and places
 PushCube's cube to about 1.9 cm while the expert pushes it, against 1.2 cm in the first frame

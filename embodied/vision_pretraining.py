@@ -81,7 +81,8 @@ class VisionPretrainingConfig:
             raise ValueError(f"vision_pretraining.heldout_fraction must be in (0, 1), got {config.heldout_fraction}")
         if config.checkpoint and config.checkpoint != "auto" and config.layouts > 0:
             raise ValueError(f"vision_pretraining.checkpoint={config.checkpoint!r} loads a finished pretraining, and "
-                             f"vision_pretraining.layouts={config.layouts} would run one: set only one of them")
+                             f"vision_pretraining.layouts={config.layouts} would run one: set only one of them "
+                             f"(vision_pretraining.checkpoint=null runs one)")
         return config
 
 

@@ -118,27 +118,32 @@ def test_the_default_starts_from_the_shipped_pretraining(tmp_path):
     cfg = default()
     assert cfg.policy.wrist_image and cfg.policy.object_slots == 10 and not cfg.policy.train_vision
     assert cfg.collect.wrist_camera and cfg.data.wrist_image  # demonstrations and evaluation carry the wrist camera
+    # the LLM reads the instruction, the state and the named objects, no image patch nor per-slot token
+    assert not cfg.policy.image_patches and not cfg.policy.slot_tokens and cfg.policy.named_objects == 4
     policy = build_policy(cfg, None, torch.device("cpu"))
-    assert Path(pretrained_vision_source(cfg, policy)).name == "tabletop10-tiny-wrist"
+    # the readout refit on episode frames (chosen by its name only: `auto` never picks a derived asset)
+    source = resolve_checkpoint(pretrained_vision_source(cfg, policy))
+    assert source.name == "tabletop10-tiny-wrist-episodes"
+    assert load_pretrained_vision(policy, source, announce=False)["refit_from"] == "tabletop10-tiny-wrist"
     # the wrist's yaw is regressed with a squared loss (its turns are rare), the rest with L1
     assert policy.config.regression_losses == ["l1"] * 5 + ["mse", "l1"]
     # multi-step instructions clause by clause, a clause ending at rest or when the fingers let go of what they held
     assert policy.config.instruction_clauses and policy.config.clause_release_opening == 0.1
     assert cfg.cpu_processes == 2 and cfg.max_steps == 4500  # both cores of a laptop, through torchrun
-    # a run that asks for its own pretraining renders and trains one
-    assert pretrained_vision_source(default("vision_pretraining.layouts=100"), policy) is None
-    # the named-objects recipe: the openvla recipe, the LLM reading no patch nor slot token, the refit readout
-    # (chosen by its name only: `auto` never picks a derived asset)
-    named = default("recipe=openvla_named_objects")
-    assert not named.policy.image_patches and not named.policy.slot_tokens and named.policy.instruction_clauses
-    assert named.cpu_processes == 2 and named.max_steps == 4500
-    named_policy = build_policy(named, None, torch.device("cpu"))
-    source = resolve_checkpoint(pretrained_vision_source(named, named_policy))
-    assert source.name == "tabletop10-tiny-wrist-episodes"
-    assert load_pretrained_vision(named_policy, source, announce=False)["refit_from"] == "tabletop10-tiny-wrist"
-    refit = {k: v.clone() for k, v in named_policy.object_readout.state_dict().items()}
-    load_pretrained_vision(named_policy, pretrained_vision_source(cfg, policy), announce=False)
-    assert any(not torch.equal(v, named_policy.object_readout.state_dict()[k]) for k, v in refit.items())
+    # a run that asks for its own pretraining renders and trains one, once the recipe's is no longer named
+    with pytest.raises(ValueError, match="set only one of them .vision_pretraining.checkpoint=null runs one"):
+        pretrained_vision_source(default("vision_pretraining.layouts=100"), policy)
+    assert pretrained_vision_source(default("vision_pretraining.layouts=100", "vision_pretraining.checkpoint=null"),
+                                    policy) is None
+    # the recipe with image patches and slot tokens: the still layouts' readout, which `auto` finds
+    patches = default("recipe=openvla_patches")
+    assert patches.policy.image_patches and patches.policy.slot_tokens and patches.policy.instruction_clauses
+    assert patches.cpu_processes == 2 and patches.max_steps == 4500
+    patches_policy = build_policy(patches, None, torch.device("cpu"))
+    assert Path(pretrained_vision_source(patches, patches_policy)).name == "tabletop10-tiny-wrist"
+    refit = {k: v.clone() for k, v in policy.object_readout.state_dict().items()}
+    load_pretrained_vision(policy, pretrained_vision_source(patches, patches_policy), announce=False)
+    assert any(not torch.equal(v, policy.object_readout.state_dict()[k]) for k, v in refit.items())
     # without located objects nothing is loaded (the plain policy's towers train from their own start)
     plain = default("recipe=none")
     assert not plain.policy.wrist_image and plain.policy.object_slots == 0 and plain.policy.train_vision
@@ -159,7 +164,7 @@ def test_located_objects_without_a_pretraining_that_fits_are_refused(data_dir, t
     from embodied.train import train
 
     # the recipe at another image size: the shipped pretraining was made for 112 px
-    cfg = compose(data_dir, tmp_path, max_steps=1, **{"recipe": "openvla", "data.wrist_image": "false"})
+    cfg = compose(data_dir, tmp_path, max_steps=1, **{"recipe": "openvla_patches", "data.wrist_image": "false"})
     with pytest.raises(ValueError, match=r"none of the shipped pretrainings .* fits this policy.*recipe=none"):
         train(cfg, tmp_path)
 
