@@ -5,6 +5,8 @@
         --push-share 0.5 --still-layouts 2000 --save runs/readout  # tabletop10-tiny-wrist-episodes, bit for bit
     python benchmarks/readout_in_contact.py --other-tasks 30 --task-episodes ReachTarget=1000 --push-share 0.5 \
         --compare tabletop10-tiny-wrist-episodes
+    python benchmarks/readout_in_contact.py --train-episodes 600 --other-tasks 30 --task-episodes ReachTarget=1000 \
+        SortByColor=300 --push-share 0.5 --still-layouts 2000 --steps 6000 --feature-dtype float16  # half the memory
 
 The shipped readout was trained on still layouts (policies/pretrained/tabletop10-tiny-wrist), and places
 PushCube's cube to about 1.9 cm while the expert pushes it, against 1.2 cm in the first frame
@@ -48,7 +50,7 @@ STILL = "still layouts"  # vision pretraining's kind of frame, rehearsed by --st
 
 
 def render_episodes(policy, tasks: dict[str, list[int]], image_size: int, action_noise: float,
-                    rng) -> dict[str, np.ndarray]:
+                    rng, feature_dtype=np.float32) -> dict[str, np.ndarray]:
     """The expert's episodes of each task from its seeds: per frame the towers' features (front, wrist), the
     state, every slot's true position (readout units) and whether it is in the scene, the PushCube cube and
     goal slots (-1 elsewhere), and whether the fingers are low and near PushCube's cube."""
@@ -84,7 +86,8 @@ def render_episodes(policy, tasks: dict[str, list[int]], image_size: int, action
                     obs, _, success, _, _ = env.step(action)
                     if success:
                         break
-                for camera, features in zip(("front", "wrist"), encode(policy, images["front"], images["wrist"])):
+                for camera, features in zip(("front", "wrist"), encode(policy, images["front"], images["wrist"],
+                                                                           feature_dtype)):
                     rows[camera].append(features)
                 progress.update()
         finally:
@@ -96,8 +99,8 @@ def render_episodes(policy, tasks: dict[str, list[int]], image_size: int, action
     return data
 
 
-def encode(policy, front: list, wrist: list) -> tuple[np.ndarray, np.ndarray]:
-    """The towers' features of frames (the images themselves are not kept: 75 KB a frame)."""
+def encode(policy, front: list, wrist: list, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """The towers' features of frames, kept as `dtype` (the images themselves are not kept: 75 KB a frame)."""
     import torch
 
     out = ([], [])
@@ -107,11 +110,12 @@ def encode(policy, front: list, wrist: list) -> tuple[np.ndarray, np.ndarray]:
                                                          device=policy.device)
                       for key, images in (("pixel_values", front), ("wrist_pixel_values", wrist))}
             for kept, features in zip(out, policy.encode_images(inputs)):
-                kept.append(features.float().cpu().numpy())
+                kept.append(features.float().cpu().numpy().astype(dtype, copy=False))
     return np.concatenate(out[0]), np.concatenate(out[1])
 
 
-def render_still_layouts(policy, suite, count: int, image_size: int) -> dict[str, np.ndarray]:
+def render_still_layouts(policy, suite, count: int, image_size: int,
+                         feature_dtype=np.float32) -> dict[str, np.ndarray]:
     """`count` layouts spread over the suite's tasks, as vision pretraining renders them (a reset, the arm moved up
     to 10 random 3 cm steps; its own seed stream), in render_episodes' layout, as the task STILL."""
     from tqdm.auto import tqdm
@@ -124,7 +128,7 @@ def render_still_layouts(policy, suite, count: int, image_size: int) -> dict[str
     for task in tqdm(suite.tasks, desc="still layouts", unit="task"):
         part = render_layouts(task, suite.episode_seeds(task, per_task, seed=SEED_SALT), image_size=image_size,
                               wrist_camera=True)
-        front, wrist = encode(policy, list(part["images"]), list(part["wrist_images"]))
+        front, wrist = encode(policy, list(part["images"]), list(part["wrist_images"]), feature_dtype)
         n = len(front)
         parts.append({"front": front, "wrist": wrist, "state": part["states"],
                       "target": ((part["positions"] - CENTRE) / SCALE).astype(np.float32), "present": part["present"],
@@ -136,7 +140,7 @@ def render_still_layouts(policy, suite, count: int, image_size: int) -> dict[str
 def predict(readout, data, idx):
     import torch
 
-    return readout(torch.from_numpy(data["front"][idx]), torch.from_numpy(data["wrist"][idx]),
+    return readout(torch.from_numpy(data["front"][idx]).float(), torch.from_numpy(data["wrist"][idx]).float(),
                    torch.from_numpy(data["state"][idx]).float())
 
 
@@ -257,6 +261,9 @@ def main() -> None:
                              "(2) places new layouts as well, but the policy trained on its noisier tokens scored "
                              "59.7%% against 71.3%% (benchmarks/RESULTS.md)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--feature-dtype", choices=["float32", "float16"], default="float32",
+                        help="how the frames' tower features are kept: float16 halves the memory (about 22 GB at "
+                             "2,110 episodes in float32), but the refit then differs from float32's")
     parser.add_argument("--pretraining", default="tabletop10-tiny-wrist",
                         help="the vision pretraining the policy was trained from (its readout must be the policy's)")
     parser.add_argument("--compare", nargs="*", default=[],
@@ -317,13 +324,14 @@ def main() -> None:
 
     t0 = time.time()
     size = policy.config.observation_image_size
+    dtype = np.dtype(args.feature_dtype)
     train = render_episodes(policy, seeds(args.train_episodes, args.other_tasks, args.seed_stream, episodes_of), size,
-                            args.action_noise, np.random.default_rng(1))
+                            args.action_noise, np.random.default_rng(1), dtype)
     if args.still_layouts:
-        still = render_still_layouts(policy, suite, args.still_layouts, size)
+        still = render_still_layouts(policy, suite, args.still_layouts, size, dtype)
         train = {k: np.concatenate([train[k], still[k]]) for k in train}
     heldout = render_episodes(policy, seeds(args.heldout_episodes, max(1, args.other_tasks // 3), 0, {}), size,
-                              args.action_noise, np.random.default_rng(2))
+                              args.action_noise, np.random.default_rng(2), dtype)
     print(f"rendered {len(train['state'])} training and {len(heldout['state'])} held-out frames "
           f"({train['contact'].sum()} and {heldout['contact'].sum()} of PushCube's in contact) in {time.time() - t0:.0f} s")
     before = {"train": errors_cm(policy.object_readout, train), "heldout": errors_cm(policy.object_readout, heldout)}
