@@ -137,6 +137,30 @@ def render_still_layouts(policy, suite, count: int, image_size: int,
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
+def cached(directory: str, rendering: dict, render) -> tuple[dict, dict]:
+    """The rendered frames from `directory` if they were rendered with the same arguments (memory-mapped, so
+    that several refits share one rendering), else rendered and written there first."""
+    directory = Path(directory)
+    manifest = directory / "rendering.json"
+    if manifest.exists():
+        made_with = json.loads(manifest.read_text())
+        if made_with != rendering:
+            raise SystemExit(f"--cache {directory}: rendered with {made_with}, not {rendering}; pass another directory")
+        # the features memory-mapped (read-only), the rest (small) in memory
+        splits = tuple({path.name.split(".")[1]: np.load(path, mmap_mode="r" if path.name.split(".")[1] in
+                                                         ("front", "wrist") else None)
+                        for path in directory.glob(f"{split}.*.npy")} for split in ("train", "heldout"))
+        print(f"read the rendered frames from {directory}")
+        return splits
+    splits = render()
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, data in zip(("train", "heldout"), splits):
+        for key, value in data.items():
+            np.save(directory / f"{split}.{key}.npy", value)
+    manifest.write_text(json.dumps(rendering, indent=2))  # last: a cache without it is incomplete
+    return splits
+
+
 def predict(readout, data, idx):
     import torch
 
@@ -212,6 +236,7 @@ def frame_sampler(data, push_share: float | None, rng, still_share: float = 0.0)
 def refit(readout, data, steps: int, lr: float, batch: int, seed: int, push_share: float | None = None,
           still_share: float = 0.0):
     import torch
+    from tqdm.auto import trange
 
     torch.manual_seed(seed)
     readout = copy.deepcopy(readout).train().requires_grad_(True)
@@ -220,7 +245,7 @@ def refit(readout, data, steps: int, lr: float, batch: int, seed: int, push_shar
     draw = frame_sampler(data, push_share, np.random.default_rng(seed), still_share)
     target = torch.from_numpy(data["target"])
     present = torch.from_numpy(data["present"]).float()
-    for _ in range(steps):
+    for _ in trange(steps, desc="refit", unit="step"):
         idx = draw(batch)
         # the pretraining's loss: squared distance over the objects in the scene
         loss = (((predict(readout, data, idx) - target[idx]) ** 2).sum(-1) * present[idx]).sum() / present[idx].sum()
@@ -271,6 +296,8 @@ def main() -> None:
                              "the same frames")
     parser.add_argument("--save", help="write that pretraining with the refit readout to this directory")
     parser.add_argument("--out", help="JSON results")
+    parser.add_argument("--cache", help="keep the rendered frames in this directory, and read them from there when it "
+                                        "holds the same rendering (several refits of one rendering)")
     args = parser.parse_args()
 
     import torch
@@ -325,14 +352,22 @@ def main() -> None:
     t0 = time.time()
     size = policy.config.observation_image_size
     dtype = np.dtype(args.feature_dtype)
-    train = render_episodes(policy, seeds(args.train_episodes, args.other_tasks, args.seed_stream, episodes_of), size,
-                            args.action_noise, np.random.default_rng(1), dtype)
-    if args.still_layouts:
-        still = render_still_layouts(policy, suite, args.still_layouts, size, dtype)
-        train = {k: np.concatenate([train[k], still[k]]) for k in train}
-    heldout = render_episodes(policy, seeds(args.heldout_episodes, max(1, args.other_tasks // 3), 0, {}), size,
-                              args.action_noise, np.random.default_rng(2), dtype)
-    print(f"rendered {len(train['state'])} training and {len(heldout['state'])} held-out frames "
+
+    def render() -> tuple[dict, dict]:
+        train = render_episodes(policy, seeds(args.train_episodes, args.other_tasks, args.seed_stream, episodes_of),
+                                size, args.action_noise, np.random.default_rng(1), dtype)
+        if args.still_layouts:
+            still = render_still_layouts(policy, suite, args.still_layouts, size, dtype)
+            train = {k: np.concatenate([train[k], still[k]]) for k in train}
+        heldout = render_episodes(policy, seeds(args.heldout_episodes, max(1, args.other_tasks // 3), 0, {}), size,
+                                  args.action_noise, np.random.default_rng(2), dtype)
+        return train, heldout
+
+    rendering = {key: getattr(args, key) for key in ("policy", "pretraining", "train_episodes", "heldout_episodes",
+                                                     "action_noise", "other_tasks", "task_episodes", "still_layouts",
+                                                     "seed_stream", "feature_dtype")}
+    train, heldout = cached(args.cache, rendering, render) if args.cache else render()
+    print(f"{len(train['state'])} training and {len(heldout['state'])} held-out frames "
           f"({train['contact'].sum()} and {heldout['contact'].sum()} of PushCube's in contact) in {time.time() - t0:.0f} s")
     before = {"train": errors_cm(policy.object_readout, train), "heldout": errors_cm(policy.object_readout, heldout)}
     compared = {}
