@@ -146,10 +146,11 @@ def cached(directory: str, rendering: dict, render) -> tuple[dict, dict]:
         made_with = json.loads(manifest.read_text())
         if made_with != rendering:
             raise SystemExit(f"--cache {directory}: rendered with {made_with}, not {rendering}; pass another directory")
-        # the features memory-mapped (read-only), the rest (small) in memory
-        splits = tuple({path.name.split(".")[1]: np.load(path, mmap_mode="r" if path.name.split(".")[1] in
-                                                         ("front", "wrist") else None)
-                        for path in directory.glob(f"{split}.*.npy")} for split in ("train", "heldout"))
+        def load(path: Path) -> tuple[str, np.ndarray]:  # the features memory-mapped (read-only), the rest in memory
+            key = path.name.split(".")[1]
+            return key, np.load(path, mmap_mode="r" if key in ("front", "wrist") else None)
+
+        splits = tuple(dict(map(load, directory.glob(f"{split}.*.npy"))) for split in ("train", "heldout"))
         print(f"read the rendered frames from {directory}")
         return splits
     splits = render()
