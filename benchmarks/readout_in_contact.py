@@ -146,6 +146,7 @@ def cached(directory: str, rendering: dict, render) -> tuple[dict, dict]:
         made_with = json.loads(manifest.read_text())
         if made_with != rendering:
             raise SystemExit(f"--cache {directory}: rendered with {made_with}, not {rendering}; pass another directory")
+
         def load(path: Path) -> tuple[str, np.ndarray]:  # the features memory-mapped (read-only), the rest in memory
             key = path.name.split(".")[1]
             return key, np.load(path, mmap_mode="r" if key in ("front", "wrist") else None)
